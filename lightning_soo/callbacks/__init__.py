@@ -1,0 +1,6 @@
+"""Lightning callbacks: thin adapters over the plain-PyTorch manager."""
+
+from lightning_soo.callbacks.base import SecondOrderCallback
+from lightning_soo.callbacks.kfac import KFACCallback
+
+__all__ = ["KFACCallback", "SecondOrderCallback"]

@@ -1,0 +1,74 @@
+"""Damped inverses, eigendecompositions and inverse p-th roots of symmetric PSD matrices, with fallbacks.
+
+Every function returns ``None`` instead of raising when the result cannot be computed or is not finite, so
+callers can keep their last good preconditioner. Fallback order: the input dtype, then float64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _finite(x: Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def symmetrize(m: Tensor) -> Tensor:
+    return 0.5 * (m + m.mT)
+
+
+def add_diagonal(m: Tensor, value: float) -> Tensor:
+    """``m + value * I`` as a new tensor."""
+    out = m.clone()
+    out.diagonal().add_(value)
+    return out
+
+
+def damped_inverse(m: Tensor, damping: float) -> Tensor | None:
+    """``(m + damping * I)^{-1}`` by Cholesky; eigendecomposition with clamping in float64 as fallback."""
+    if not _finite(m):
+        return None
+    a = add_diagonal(symmetrize(m), damping)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        inv = torch.cholesky_inverse(chol)
+        if _finite(inv):
+            return inv
+    eig = eigh(m)
+    if eig is None:
+        return None
+    lam, q = eig
+    inv = (q / (lam.clamp(min=0) + damping)) @ q.mT
+    return inv if _finite(inv) else None
+
+
+def eigh(m: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD matrix; retried in float64."""
+    if not _finite(m):
+        return None
+    a = symmetrize(m)
+    for dtype in (a.dtype, torch.float64):
+        try:
+            lam, q = torch.linalg.eigh(a.to(dtype))
+        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+            continue
+        if _finite(lam) and _finite(q):
+            return lam.clamp(min=0).to(m.dtype), q.to(m.dtype)
+    return None
+
+
+def inverse_root(m: Tensor, damping: float, exponent: float) -> Tensor | None:
+    """``(m + damping * I)^{-exponent}`` by eigendecomposition (for Shampoo's ``-1/4`` roots)."""
+    eig = eigh(m)
+    if eig is None:
+        return None
+    lam, q = eig
+    root = (q * (lam + damping).pow(-exponent)) @ q.mT
+    return root if _finite(root) else None
+
+
+def mean_eigenvalue(m: Tensor) -> float:
+    """``tr(m) / dim``, for dense (2-D) or diagonal (1-D) factors."""
+    d = m.diagonal() if m.dim() == 2 else m
+    return float(d.mean()) if d.numel() else 0.0

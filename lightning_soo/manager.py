@@ -1,0 +1,377 @@
+"""PreconditionerManager: per-layer preconditioners over a model, in plain PyTorch (no Lightning).
+
+One optimizer step with a manager::
+
+    manager.begin_step()          # before the forward pass: statistics are captured if the schedule says so
+    loss.backward()
+    manager.step(optimizer)       # close statistics, refresh when due, p.grad <- P·p.grad
+    optimizer.step()
+
+``begin_step`` may be called once per micro-batch (gradient accumulation): the step stays open until ``step``.
+``step`` may be called several times per step (one call per optimizer, or a closure optimizer calling it per
+closure): statistics are closed and preconditioners refreshed once per layer and step, gradients rewritten at
+every call.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_soo.capture import Capture
+from lightning_soo.damping import Damping, DampingFn
+from lightning_soo.layers import LayerAdapter, UnsupportedLayerError, WeightSharing, make_adapter
+from lightning_soo.preconditioners import get_method
+from lightning_soo.preconditioners.base import Preconditioner
+from lightning_soo.schedule import Schedule
+
+LossReduction = Literal["mean", "sum"]
+Warn = Callable[[str], None]
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+@dataclass
+class Layer:
+    """One managed layer: its module, adapter, preconditioner and bookkeeping."""
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+    preconditioner: Preconditioner
+    failures: int = 0  # consecutive failed refreshes
+    warned: set[str] = field(default_factory=set)
+
+
+class PreconditionerManager:
+    """Owns the per-layer preconditioners, the schedule and the damping, and rewrites gradients.
+
+    Args:
+        model: the model whose supported layers (Linear, Conv1d/2d/3d, Embedding) are preconditioned.
+        method: ``"kfac"`` (more with the other methods) or a ``Preconditioner`` subclass.
+        method_options: keyword arguments for the method's constructor (e.g. ``factor_decay``).
+        damping: constant ``ρ`` or ``fn(step, lr) -> ρ``.
+        statistics_interval: collect statistics every this many steps.
+        preconditioner_interval: refresh preconditioners every this many steps.
+        exclude: module-name patterns (``fnmatch``) left to the plain gradient.
+        weight_sharing: ``"expand"`` or ``"reduce"`` for sequence / spatial dimensions.
+        loss_reduction: ``"mean"`` if the loss averages over examples (the 1/N is undone), ``"sum"`` otherwise.
+        max_failures: consecutive failed refreshes of one layer before an error is raised.
+        warn: where warnings go (the Lightning callbacks pass ``rank_zero_warn``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str | type[Preconditioner] = "kfac",
+        method_options: dict[str, Any] | None = None,
+        *,
+        damping: float | DampingFn = 1e-3,
+        statistics_interval: int = 1,
+        preconditioner_interval: int = 10,
+        exclude: Sequence[str] = (),
+        weight_sharing: WeightSharing = "expand",
+        loss_reduction: LossReduction = "mean",
+        max_failures: int = 5,
+        warn: Warn = _warn,
+    ) -> None:
+        self.method = get_method(method) if isinstance(method, str) else method
+        self.method_options = dict(method_options or {})
+        self.damping = Damping(damping)
+        self.schedule = Schedule(statistics_interval, preconditioner_interval)
+        self.loss_reduction = loss_reduction
+        self.max_failures = max_failures
+        self.warn = warn
+        self.capture = Capture()
+        self.layers: dict[str, Layer] = {}
+        self.skipped: dict[str, str] = {}  # parameter name -> reason it keeps its plain gradient
+        self.steps = 0  # optimizer steps begun so far
+        self.last_damping: float | None = None
+        self.counters = {"refreshes": 0, "failed_refreshes": 0, "skipped_statistics": 0, "nonfinite_updates": 0}
+        self.timings = {"statistics": 0.0, "refresh": 0.0, "precondition": 0.0}  # seconds, cumulative
+        self._cycle = -1  # index of the current (or last) step
+        self._open = False
+        self._collecting = False
+        self._processed: set[str] = set()
+        self._reported = False
+        self._opt_cache: dict[int, tuple[int, list[Layer]]] = {}
+        self._build(model, exclude, weight_sharing)
+
+    # -- construction -------------------------------------------------------------------------------------
+    def _build(self, model: nn.Module, exclude: Sequence[str], weight_sharing: WeightSharing) -> None:
+        owners: dict[int, list[str]] = {}
+        for mname, module in model.named_modules():
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(mname)
+        covered: set[int] = set()
+        for mname, module in model.named_modules():
+            try:
+                adapter = make_adapter(module, weight_sharing)
+            except UnsupportedLayerError as err:
+                self._skip_module(mname, module, str(err))
+                continue
+            if adapter is None:
+                continue
+            if any(fnmatch.fnmatchcase(mname, pat) for pat in exclude):
+                covered.update(id(p) for p in module.parameters(recurse=False))
+                continue
+            params = list(module.parameters(recurse=False))
+            if any(len(owners[id(p)]) > 1 for p in params):
+                self._skip_module(mname, module, "tied to another module")
+                continue
+            if not all(p.requires_grad for p in adapter.params):
+                self._skip_module(mname, module, "frozen (requires_grad=False)")
+                continue
+            covered.update(id(p) for p in params)
+            w = module.weight
+            dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+            pre = self.method.for_layer(adapter, dtype=dtype, device=w.device, **self.method_options)
+            layer = Layer(mname, module, adapter, pre)
+            self.layers[mname] = layer
+            if pre.uses_hooks:
+                self.capture.attach(module, self._input_sink(layer), self._grad_sink(layer))
+        for pname, p in model.named_parameters():
+            if id(p) not in covered and p.requires_grad and pname not in self.skipped:
+                self.skipped[pname] = "not in a supported module"
+
+    def _skip_module(self, mname: str, module: nn.Module, reason: str) -> None:
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                self.skipped[f"{mname}.{pname}" if mname else pname] = reason
+
+    def _input_sink(self, layer: Layer) -> Callable[[Tensor], Any]:
+        adapter, pre = layer.adapter, layer.preconditioner
+
+        def sink(x: Tensor) -> Any:
+            t0 = time.perf_counter()
+            with _no_autocast(x):
+                rows, n = adapter.input_rows(x if not x.is_floating_point() else x.to(pre.dtype))
+                ctx = pre.observe_inputs(rows, n)
+            self.timings["statistics"] += time.perf_counter() - t0
+            return ctx
+
+        return sink
+
+    def _grad_sink(self, layer: Layer) -> Callable[[Tensor, Any], None]:
+        adapter, pre = layer.adapter, layer.preconditioner
+        mean = self.loss_reduction == "mean"
+
+        def sink(g: Tensor, ctx: Any) -> None:
+            t0 = time.perf_counter()
+            with _no_autocast(g):
+                rows, n = adapter.output_rows(g.to(pre.dtype))
+                if mean:
+                    rows = rows * n  # undo the 1/N of a mean loss: per-example output gradients
+                pre.observe_output_grads(rows, n, ctx)
+            self.timings["statistics"] += time.perf_counter() - t0
+
+        return sink
+
+    # -- the step -------------------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Open an optimizer step; idempotent until ``step`` (micro-batches of gradient accumulation)."""
+        if self._open:
+            return
+        self._open = True
+        self._cycle = self.steps
+        self.steps += 1
+        self._processed.clear()
+        self._collecting = self.schedule.collects(self._cycle)
+        self.capture.active = self._collecting and self.capture.attached
+
+    @property
+    def collecting(self) -> bool:
+        """Statistics are being collected in the open step."""
+        return self._open and self._collecting
+
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        grad_scale: float = 1.0,
+        lr: float | None = None,
+    ) -> None:
+        """Close statistics, refresh when due and precondition the gradients of ``optimizer``'s parameters
+        (all managed layers when None).
+
+        ``grad_scale`` maps captured output gradients to the loss's own: ``accumulation / loss_scale``.
+        """
+        if self._open:
+            self._open = False
+            self.capture.active = False
+        if self._cycle < 0:
+            raise RuntimeError("PreconditionerManager.step() called before begin_step()")
+        if lr is None and optimizer is not None and optimizer.param_groups:
+            lr = float(optimizer.param_groups[0]["lr"])
+        layers = self._layers_of(optimizer)
+        fresh = [layer for layer in layers if layer.name not in self._processed]
+        if fresh:
+            self._update(fresh, grad_scale, lr)
+            self._processed.update(layer.name for layer in fresh)
+        t0 = time.perf_counter()
+        for layer in layers:
+            self._precondition(layer)
+        self.timings["precondition"] += time.perf_counter() - t0
+        if not self._reported and self.counters["refreshes"]:
+            self._report_plain()
+
+    def _update(self, layers: list[Layer], grad_scale: float, lr: float | None) -> None:
+        step = self._cycle
+        if self._collecting:
+            t0 = time.perf_counter()
+            for layer in layers:
+                pre = layer.preconditioner
+                if pre.uses_grad:
+                    g = layer.adapter.grad_matrix()
+                    if g is not None:
+                        pre.observe_grad(g.to(pre.dtype))
+                if pre.close_statistics(grad_scale) is False:
+                    self.counters["skipped_statistics"] += 1
+                    self._warn_once(layer, "stats", f"non-finite statistics in layer '{layer.name}' were skipped "
+                                    "(expected now and then under fp16 loss scaling); the last good ones are kept")
+            self.timings["statistics"] += time.perf_counter() - t0
+        else:
+            for layer in layers:
+                layer.preconditioner.discard_statistics()
+        if self.schedule.refreshes(step):
+            t0 = time.perf_counter()
+            damping = self.damping(step, lr)
+            self.last_damping = damping
+            for layer in layers:
+                self._refresh(layer, damping)
+            self.timings["refresh"] += time.perf_counter() - t0
+
+    def _refresh(self, layer: Layer, damping: float) -> None:
+        ok = layer.preconditioner.refresh(damping)
+        if ok is None:
+            return
+        if ok:
+            layer.failures = 0
+            self.counters["refreshes"] += 1
+            return
+        layer.failures += 1
+        self.counters["failed_refreshes"] += 1
+        if layer.failures >= self.max_failures:
+            raise RuntimeError(
+                f"the preconditioner of layer '{layer.name}' failed to refresh {layer.failures} times in a row "
+                "(non-finite statistics or a failed decomposition); increase `damping`, lower the learning rate "
+                "or exclude the layer"
+            )
+        self._warn_once(layer, "refresh", f"refreshing the preconditioner of layer '{layer.name}' failed "
+                        "numerically; the last good preconditioner is kept")
+
+    def _precondition(self, layer: Layer) -> None:
+        pre = layer.preconditioner
+        if not pre.ready:
+            return
+        g = layer.adapter.grad_matrix()
+        if g is None:
+            return
+        out = pre.precondition(g)
+        if not bool(torch.isfinite(out).all()):
+            self.counters["nonfinite_updates"] += 1
+            self._warn_once(layer, "update", f"the preconditioned gradient of layer '{layer.name}' was not finite; "
+                            "its plain gradient was kept")
+            return
+        layer.adapter.set_grad_matrix(out)
+
+    def _layers_of(self, optimizer: torch.optim.Optimizer | None) -> list[Layer]:
+        if optimizer is None:
+            return list(self.layers.values())
+        ids = [id(p) for group in optimizer.param_groups for p in group["params"]]
+        cached = self._opt_cache.get(id(optimizer))
+        if cached is not None and cached[0] == len(ids):
+            return cached[1]
+        idset = set(ids)
+        layers = [lay for lay in self.layers.values() if all(id(p) in idset for p in lay.adapter.params)]
+        self._opt_cache[id(optimizer)] = (len(ids), layers)
+        return layers
+
+    # -- reporting ------------------------------------------------------------------------------------
+    def _warn_once(self, layer: Layer, kind: str, message: str) -> None:
+        if kind not in layer.warned:
+            layer.warned.add(kind)
+            self.warn(message)
+
+    def plain_parameters(self) -> dict[str, str]:
+        """Parameters that keep their plain gradient, with the reason."""
+        plain = dict(self.skipped)
+        for layer in self.layers.values():
+            if not layer.preconditioner.ready:
+                for pname, p in layer.module.named_parameters(recurse=False):
+                    plain[f"{layer.name}.{pname}"] = "no statistics captured (its forward never ran)"
+        return plain
+
+    def _report_plain(self) -> None:
+        self._reported = True
+        plain = self.plain_parameters()
+        if plain:
+            lines = "\n".join(f"  {name}: {why}" for name, why in sorted(plain.items()))
+            self.warn(f"{len(plain)} parameter(s) keep their plain gradient (not preconditioned):\n{lines}")
+
+    def freeze(self) -> None:
+        """Stop collecting statistics and refreshing; remove the hooks. Preconditioning continues."""
+        self.schedule.frozen = True
+        self.capture.detach()
+
+    def remove_hooks(self) -> None:
+        self.capture.detach()
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and numbers (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "steps": self.steps,
+            "last_damping": self.last_damping,
+            "counters": dict(self.counters),
+            "schedule": self.schedule.state_dict(),
+            "layers": {name: layer.preconditioner.state_dict() for name, layer in self.layers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self._cycle = self.steps - 1
+        self.last_damping = state.get("last_damping")
+        self.counters.update(state.get("counters", {}))
+        self.schedule.load_state_dict(state.get("schedule", {}))
+        if self.schedule.frozen:
+            self.capture.detach()
+        missing = [name for name in state["layers"] if name not in self.layers]
+        if missing:
+            self.warn(f"checkpoint has preconditioner state for unknown layers {missing}; it was ignored")
+        for name, layer_state in state["layers"].items():
+            if name in self.layers:
+                self.layers[name].preconditioner.load_state_dict(layer_state)
+        self._reported = self.counters["refreshes"] > 0
+
+
+class _no_autocast:
+    """Disable autocast around statistics (fp32 maths) only when it is on: the check is cheaper than the context."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.device_type = x.device.type
+        self.ctx: Any = None
+
+    def __enter__(self) -> None:
+        if torch.is_autocast_enabled(self.device_type):
+            self.ctx = torch.autocast(self.device_type, enabled=False)
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def managed_parameters(manager: PreconditionerManager) -> Iterable[nn.Parameter]:
+    """Every parameter whose gradient the manager rewrites."""
+    for layer in manager.layers.values():
+        yield from layer.adapter.params

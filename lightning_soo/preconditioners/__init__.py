@@ -1,0 +1,19 @@
+"""Preconditioners, one file per method, all implementing ``Preconditioner``."""
+
+from __future__ import annotations
+
+from lightning_soo.preconditioners.base import Preconditioner
+from lightning_soo.preconditioners.kfac import KFAC
+
+METHODS: dict[str, type[Preconditioner]] = {"kfac": KFAC}
+
+
+def get_method(name: str) -> type[Preconditioner]:
+    """The preconditioner class registered under ``name``."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"method={name!r} is not known; accepted values: {sorted(METHODS)}") from None
+
+
+__all__ = ["KFAC", "METHODS", "Preconditioner", "get_method"]

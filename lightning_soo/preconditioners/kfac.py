@@ -1,0 +1,170 @@
+"""K-FAC: ``C ≈ A ⊗ B`` with ``A = E[h̄ h̄ᵀ]`` (layer inputs) and ``B = E[g gᵀ]`` (per-example output gradients).
+
+Two inverse modes:
+
+* ``"cholesky"`` (default): the factored damping of Martens & Grosse (2015),
+  ``P·G = (B + ρ_B I)^{-1} G (A + ρ_A I)^{-1}`` with ``ρ_A = √ρ·π``, ``ρ_B = √ρ/π`` and
+  ``π = √((tr A / dim A) / (tr B / dim B))``; two matrix products per step.
+* ``"eigen"``: exactly ``(A ⊗ B + ρ I)^{-1}`` through ``A = Q_A Λ_A Q_Aᵀ``, ``B = Q_B Λ_B Q_Bᵀ``:
+  ``P·G = Q_B [(Q_Bᵀ G Q_A) ⊘ (λ_B λ_Aᵀ + ρ)] Q_Aᵀ``; four matrix products per step.
+
+A side wider than ``max_factor_dim`` (or an embedding's one-hot input side) is kept diagonal.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_soo import linalg
+from lightning_soo.layers import EmbeddingAdapter, LayerAdapter, Rows
+from lightning_soo.preconditioners.base import Preconditioner
+from lightning_soo.preconditioners.factor import Factor
+
+InverseMode = Literal["cholesky", "eigen"]
+
+
+def _left(m: Tensor, g: Tensor) -> Tensor:
+    """``M @ G`` for a dense ``M`` or a diagonal stored as a vector."""
+    return m.unsqueeze(1) * g if m.dim() == 1 else m @ g
+
+
+def _right(g: Tensor, m: Tensor) -> Tensor:
+    return g * m if m.dim() == 1 else g @ m
+
+
+def _eig(factor: Tensor) -> tuple[Tensor, Tensor | None] | None:
+    """(eigenvalues, eigenvectors or None for a diagonal factor)."""
+    if factor.dim() == 1:
+        return (factor.clamp(min=0), None) if bool(torch.isfinite(factor).all()) else None
+    return linalg.eigh(factor)
+
+
+class KFAC(Preconditioner):
+    """Kronecker-factored empirical Fisher of one layer."""
+
+    state_tensors = ("a", "b", "a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b")
+    state_numbers = ("damping",)
+
+    def __init__(
+        self,
+        d_out: int,
+        d_in: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        factor_decay: float = 0.95,
+        inverse: InverseMode = "cholesky",
+        max_factor_dim: int = 4096,
+        input_diagonal: bool = False,
+    ) -> None:
+        super().__init__(d_out, d_in, dtype=dtype, device=device)
+        self.factor_decay, self.inverse = factor_decay, inverse
+        self.max_factor_dim = max_factor_dim
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self._a = Factor(d_in, diagonal=input_diagonal or d_in > max_factor_dim, **kw)
+        self._b = Factor(d_out, diagonal=d_out > max_factor_dim, **kw)
+        self.a_inv = self.b_inv = self.lam_a = self.q_a = self.lam_b = self.q_b = None
+        self.damping = 0.0
+
+    @classmethod
+    def for_layer(cls, adapter: LayerAdapter, *, dtype: torch.dtype, device: torch.device, **options: Any) -> KFAC:
+        d_out, d_in = adapter.shape
+        one_hot = isinstance(adapter, EmbeddingAdapter)  # E[h hᵀ] of one-hot rows is exactly diagonal
+        return cls(d_out, d_in, dtype=dtype, device=device, input_diagonal=one_hot, **options)
+
+    # statistics live in the factors; expose the running averages as ``a`` and ``b``
+    @property
+    def a(self) -> Tensor | None:
+        return self._a.value
+
+    @a.setter
+    def a(self, value: Tensor | None) -> None:
+        self._a.value = value
+
+    @property
+    def b(self) -> Tensor | None:
+        return self._b.value
+
+    @b.setter
+    def b(self, value: Tensor | None) -> None:
+        self._b.value = value
+
+    @property
+    def diagonal_sides(self) -> tuple[bool, bool]:
+        """(input side A diagonal, output side B diagonal)."""
+        return self._a.diagonal, self._b.diagonal
+
+    def observe_inputs(self, rows: Rows, n_examples: int) -> None:
+        self._a.add(rows, rows.shape[0])
+
+    def observe_output_grads(self, rows: Tensor, n_examples: int, ctx: Any) -> None:
+        self._b.add(rows, n_examples)
+
+    def close_statistics(self, grad_scale: float) -> bool | None:
+        if not (self._a.pending and self._b.pending):
+            self.discard_statistics()
+            return None
+        a, b = self._a.average(), self._b.average(grad_scale**2)
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            self.discard_statistics()
+            return False
+        self._a.commit(a, self.factor_decay)
+        self._b.commit(b, self.factor_decay)
+        return True
+
+    def discard_statistics(self) -> None:
+        self._a.reset()
+        self._b.reset()
+
+    def refresh(self, damping: float) -> bool | None:
+        a, b = self.a, self.b
+        if a is None or b is None:
+            return None
+        if self.inverse == "eigen":
+            ea, eb = _eig(a), _eig(b)
+            if ea is None or eb is None:
+                return False
+            self.lam_a, self.q_a = ea
+            self.lam_b, self.q_b = eb
+        else:
+            ma, mb = linalg.mean_eigenvalue(a), linalg.mean_eigenvalue(b)
+            pi = math.sqrt(ma / mb) if ma > 0 and mb > 0 else 1.0
+            ra, rb = math.sqrt(damping) * pi, math.sqrt(damping) / pi
+            a_inv = 1.0 / (a + ra) if a.dim() == 1 else linalg.damped_inverse(a, ra)
+            b_inv = 1.0 / (b + rb) if b.dim() == 1 else linalg.damped_inverse(b, rb)
+            if a_inv is None or b_inv is None or not (torch.isfinite(a_inv).all() and torch.isfinite(b_inv).all()):
+                return False
+            self.a_inv, self.b_inv = a_inv, b_inv
+        self.damping = float(damping)
+        self.ready = True
+        self.refreshes += 1
+        return True
+
+    def precondition(self, grad: Tensor) -> Tensor:
+        g = grad.to(self.dtype)
+        if self.inverse == "eigen":
+            v = self._rotate(g, transpose=True)
+            v = v / (torch.outer(self.lam_b, self.lam_a) + self.damping)
+            return self._rotate(v, transpose=False)
+        return _right(_left(self.b_inv, g), self.a_inv)
+
+    def curvature_matvec(self, v: Tensor) -> Tensor:
+        v = v.to(self.dtype)
+        if self.inverse == "eigen":
+            w = self._rotate(v, transpose=True)
+            w = w * (torch.outer(self.lam_b, self.lam_a) + self.damping)
+            return self._rotate(w, transpose=False)
+        left = v / self.b_inv.unsqueeze(1) if self.b_inv.dim() == 1 else torch.linalg.solve(self.b_inv, v)
+        return left / self.a_inv if self.a_inv.dim() == 1 else torch.linalg.solve(self.a_inv, left.mT).mT
+
+    def _rotate(self, g: Tensor, transpose: bool) -> Tensor:
+        """``Q_Bᵀ G Q_A`` (transpose) or ``Q_B G Q_Aᵀ``; diagonal sides have identity eigenvectors."""
+        if self.q_b is not None:
+            g = (self.q_b.mT if transpose else self.q_b) @ g
+        if self.q_a is not None:
+            g = g @ (self.q_a if transpose else self.q_a.mT)
+        return g
