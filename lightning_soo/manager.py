@@ -65,6 +65,8 @@ class PreconditionerManager:
         exclude: module-name patterns (``fnmatch``) left to the plain gradient.
         weight_sharing: ``"expand"`` or ``"reduce"`` for sequence / spatial dimensions.
         loss_reduction: ``"mean"`` if the loss averages over examples (the 1/N is undone), ``"sum"`` otherwise.
+        kl_clip: if set, scale all preconditioned gradients of a step by ``ν = min(1, √(kl_clip / Σ lr²⟨P·G, G⟩))``
+            (the KL-clipping of kfac-pytorch), so a learning rate tuned for SGD cannot produce a huge step.
         max_failures: consecutive failed refreshes of one layer before an error is raised.
         warn: where warnings go (the Lightning callbacks pass ``rank_zero_warn``).
     """
@@ -81,6 +83,7 @@ class PreconditionerManager:
         exclude: Sequence[str] = (),
         weight_sharing: WeightSharing = "expand",
         loss_reduction: LossReduction = "mean",
+        kl_clip: float | None = None,
         max_failures: int = 5,
         warn: Warn = _warn,
     ) -> None:
@@ -90,6 +93,8 @@ class PreconditionerManager:
         self.schedule = Schedule(statistics_interval, preconditioner_interval)
         self.loss_reduction = loss_reduction
         self.max_failures = max_failures
+        self.kl_clip = kl_clip
+        self.last_kl_scale = 1.0
         self.warn = warn
         self.capture = Capture()
         self.layers: dict[str, Layer] = {}
@@ -218,8 +223,7 @@ class PreconditionerManager:
             self._update(fresh, grad_scale, lr)
             self._processed.update(layer.name for layer in fresh)
         t0 = time.perf_counter()
-        for layer in layers:
-            self._precondition(layer)
+        self._precondition(layers, optimizer, lr)
         self.timings["precondition"] += time.perf_counter() - t0
         if not self._reported and self.counters["refreshes"]:
             self._report_plain()
@@ -236,8 +240,12 @@ class PreconditionerManager:
                         pre.observe_grad(g.to(pre.dtype))
                 if pre.close_statistics(grad_scale) is False:
                     self.counters["skipped_statistics"] += 1
-                    self._warn_once(layer, "stats", f"non-finite statistics in layer '{layer.name}' were skipped "
-                                    "(expected now and then under fp16 loss scaling); the last good ones are kept")
+                    self._warn_once(
+                        layer,
+                        "stats",
+                        f"non-finite statistics in layer '{layer.name}' were skipped "
+                        "(expected now and then under fp16 loss scaling); the last good ones are kept",
+                    )
             self.timings["statistics"] += time.perf_counter() - t0
         else:
             for layer in layers:
@@ -266,23 +274,49 @@ class PreconditionerManager:
                 "(non-finite statistics or a failed decomposition); increase `damping`, lower the learning rate "
                 "or exclude the layer"
             )
-        self._warn_once(layer, "refresh", f"refreshing the preconditioner of layer '{layer.name}' failed "
-                        "numerically; the last good preconditioner is kept")
+        self._warn_once(
+            layer,
+            "refresh",
+            f"refreshing the preconditioner of layer '{layer.name}' failed "
+            "numerically; the last good preconditioner is kept",
+        )
 
-    def _precondition(self, layer: Layer) -> None:
-        pre = layer.preconditioner
-        if not pre.ready:
-            return
-        g = layer.adapter.grad_matrix()
-        if g is None:
-            return
-        out = pre.precondition(g)
-        if not bool(torch.isfinite(out).all()):
-            self.counters["nonfinite_updates"] += 1
-            self._warn_once(layer, "update", f"the preconditioned gradient of layer '{layer.name}' was not finite; "
-                            "its plain gradient was kept")
-            return
-        layer.adapter.set_grad_matrix(out)
+    def _precondition(self, layers: list[Layer], optimizer: torch.optim.Optimizer | None, lr: float | None) -> None:
+        updates: list[tuple[Layer, Tensor, Tensor]] = []
+        for layer in layers:
+            pre = layer.preconditioner
+            if not pre.ready:
+                continue
+            g = layer.adapter.grad_matrix()
+            if g is None:
+                continue
+            out = pre.precondition(g)
+            if not bool(torch.isfinite(out).all()):
+                self.counters["nonfinite_updates"] += 1
+                self._warn_once(
+                    layer,
+                    "update",
+                    f"the preconditioned gradient of layer '{layer.name}' was not finite; its plain gradient was kept",
+                )
+                continue
+            updates.append((layer, g, out))
+        scale = self._kl_scale(updates, optimizer, lr) if self.kl_clip is not None and updates else 1.0
+        self.last_kl_scale = scale
+        for layer, _, out in updates:
+            layer.adapter.set_grad_matrix(out if scale == 1.0 else out * scale)
+
+    def _kl_scale(
+        self, updates: list[tuple[Layer, Tensor, Tensor]], optimizer: torch.optim.Optimizer | None, lr: float | None
+    ) -> float:
+        """``min(1, √(kl_clip / Σ_l lr_l² ⟨P·G_l, G_l⟩))`` with each layer's own learning rate."""
+        lrs = _param_lrs(optimizer) if optimizer is not None else {}
+        total = 0.0
+        for layer, g, out in updates:
+            layer_lr = lrs.get(id(layer.adapter.params[0]), lr if lr is not None else 1.0)
+            total += layer_lr**2 * float(torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1)))
+        if not total > 0.0:
+            return 1.0
+        return min(1.0, (self.kl_clip / total) ** 0.5)
 
     def _layers_of(self, optimizer: torch.optim.Optimizer | None) -> list[Layer]:
         if optimizer is None:
@@ -307,7 +341,7 @@ class PreconditionerManager:
         plain = dict(self.skipped)
         for layer in self.layers.values():
             if not layer.preconditioner.ready:
-                for pname, p in layer.module.named_parameters(recurse=False):
+                for pname, _p in layer.module.named_parameters(recurse=False):
                     plain[f"{layer.name}.{pname}"] = "no statistics captured (its forward never ran)"
         return plain
 
@@ -352,6 +386,10 @@ class PreconditionerManager:
             if name in self.layers:
                 self.layers[name].preconditioner.load_state_dict(layer_state)
         self._reported = self.counters["refreshes"] > 0
+
+
+def _param_lrs(optimizer: torch.optim.Optimizer) -> dict[int, float]:
+    return {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
 
 
 class _no_autocast:

@@ -36,6 +36,7 @@ class SecondOrderCallback(Callback):
         weight_sharing: str,
         loss_reduction: str,
         method_options: dict[str, Any],
+        kl_clip: float | None = None,
     ) -> None:
         super().__init__()
         v.check_damping("damping", damping)
@@ -44,6 +45,7 @@ class SecondOrderCallback(Callback):
         v.check_patterns("exclude", exclude)
         v.check_choice("weight_sharing", weight_sharing, ("expand", "reduce"))
         v.check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        v.check_float("kl_clip", kl_clip, 0.0, low_open=True, allow_none=True)
         self.damping = damping
         self.statistics_interval = statistics_interval
         self.preconditioner_interval = preconditioner_interval
@@ -51,6 +53,7 @@ class SecondOrderCallback(Callback):
         self.weight_sharing = weight_sharing
         self.loss_reduction = loss_reduction
         self.method_options = method_options
+        self.kl_clip = kl_clip
         self.manager: PreconditionerManager | None = None
         self._pending_state: dict[str, Any] | None = None
 
@@ -70,6 +73,7 @@ class SecondOrderCallback(Callback):
             exclude=self.exclude,
             weight_sharing=self.weight_sharing,  # type: ignore[arg-type]
             loss_reduction=self.loss_reduction,  # type: ignore[arg-type]
+            kl_clip=self.kl_clip,
             warn=rank_zero_warn,
         )
 
@@ -98,7 +102,9 @@ class SecondOrderCallback(Callback):
             self.manager.load_state_dict(self._pending_state)
             self._pending_state = None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.manager is not None:
             self.manager.begin_step()
 

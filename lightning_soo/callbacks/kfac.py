@@ -25,6 +25,8 @@ class KFACCallback(SecondOrderCallback):
         weight_sharing: ``"expand"`` (every position a row) or ``"reduce"`` (positions averaged) for sequence and
             spatial dimensions.
         loss_reduction: ``"mean"`` if your loss averages over examples, ``"sum"`` if it sums.
+        kl_clip: bound on ``Σ lr²⟨P·G, G⟩`` per step (kfac-pytorch's KL clipping): the preconditioned gradients are
+            scaled down when a step would exceed it, so the learning rate of your SGD setup stays safe. None: off.
     """
 
     method = "kfac"
@@ -40,6 +42,7 @@ class KFACCallback(SecondOrderCallback):
         exclude: Sequence[str] = (),
         weight_sharing: Literal["expand", "reduce"] = "expand",
         loss_reduction: Literal["mean", "sum"] = "mean",
+        kl_clip: Optional[float] = 1e-3,
     ) -> None:
         v.check_float("factor_decay", factor_decay, 0.0, 1.0, high_open=True)
         v.check_choice("inverse", inverse, ("cholesky", "eigen"))
@@ -52,5 +55,6 @@ class KFACCallback(SecondOrderCallback):
             weight_sharing=weight_sharing,
             loss_reduction=loss_reduction,
             method_options={"factor_decay": factor_decay, "inverse": inverse, "max_factor_dim": max_factor_dim},
+            kl_clip=kl_clip,
         )
         self.factor_decay, self.inverse, self.max_factor_dim = factor_decay, inverse, max_factor_dim
