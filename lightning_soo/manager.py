@@ -15,7 +15,6 @@ every call.
 
 from __future__ import annotations
 
-import fnmatch
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -26,11 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_soo.capture import Capture
-from lightning_soo.damping import Damping, DampingFn
-from lightning_soo.layers import LayerAdapter, UnsupportedLayerError, WeightSharing, make_adapter
+from lightning_soo.damping import Damping, DampingFn, make_damping
+from lightning_soo.discovery import discover
+from lightning_soo.layers import LayerAdapter, WeightSharing
 from lightning_soo.preconditioners import get_method
 from lightning_soo.preconditioners.base import Preconditioner
-from lightning_soo.schedule import Schedule
+from lightning_soo.schedule import ChangeMonitor, Schedule
+from lightning_soo.update import kl_scale
 
 LossReduction = Literal["mean", "sum"]
 Warn = Callable[[str], None]
@@ -59,14 +60,18 @@ class PreconditionerManager:
         model: the model whose supported layers (Linear, Conv1d/2d/3d, Embedding) are preconditioned.
         method: ``"kfac"`` (more with the other methods) or a ``Preconditioner`` subclass.
         method_options: keyword arguments for the method's constructor (e.g. ``factor_decay``).
-        damping: constant ``ρ`` or ``fn(step, lr) -> ρ``.
+        damping: constant ``ρ``, ``fn(step, lr) -> ρ`` or a ``Damping`` rule such as ``ScaledDamping``.
         statistics_interval: collect statistics every this many steps.
-        preconditioner_interval: refresh preconditioners every this many steps.
+        preconditioner_interval: refresh preconditioners every this many steps (None: only at step 0, then freeze).
+            ``manager.schedule`` can be replaced by a ``Schedule`` with a frequent phase.
         exclude: module-name patterns (``fnmatch``) left to the plain gradient.
         weight_sharing: ``"expand"`` or ``"reduce"`` for sequence / spatial dimensions.
         loss_reduction: ``"mean"`` if the loss averages over examples (the 1/N is undone), ``"sum"`` otherwise.
         kl_clip: if set, scale all preconditioned gradients of a step by ``ν = min(1, √(kl_clip / Σ lr²⟨P·G, G⟩))``
             (the KL-clipping of kfac-pytorch), so a learning rate tuned for SGD cannot produce a huge step.
+        freeze_tolerance: adaptive freeze: when the curvature statistics change by less than this (relative, between
+            consecutive refreshes) ``freeze_patience`` refreshes in a row, the curvature is frozen. None: off.
+        freeze_patience: see ``freeze_tolerance``.
         max_failures: consecutive failed refreshes of one layer before an error is raised.
         warn: where warnings go (the Lightning callbacks pass ``rank_zero_warn``).
     """
@@ -77,23 +82,26 @@ class PreconditionerManager:
         method: str | type[Preconditioner] = "kfac",
         method_options: dict[str, Any] | None = None,
         *,
-        damping: float | DampingFn = 1e-3,
+        damping: float | DampingFn | Damping = 1e-3,
         statistics_interval: int = 1,
-        preconditioner_interval: int = 10,
+        preconditioner_interval: int | None = 10,
         exclude: Sequence[str] = (),
         weight_sharing: WeightSharing = "expand",
         loss_reduction: LossReduction = "mean",
         kl_clip: float | None = None,
+        freeze_tolerance: float | None = None,
+        freeze_patience: int = 3,
         max_failures: int = 5,
         warn: Warn = _warn,
     ) -> None:
         self.method = get_method(method) if isinstance(method, str) else method
         self.method_options = dict(method_options or {})
-        self.damping = Damping(damping)
+        self.damping = make_damping(damping)
         self.schedule = Schedule(statistics_interval, preconditioner_interval)
         self.loss_reduction = loss_reduction
         self.max_failures = max_failures
         self.kl_clip = kl_clip
+        self.monitor = ChangeMonitor(freeze_tolerance, freeze_patience) if freeze_tolerance is not None else None
         self.last_kl_scale = 1.0
         self.warn = warn
         self.capture = Capture()
@@ -101,6 +109,7 @@ class PreconditionerManager:
         self.skipped: dict[str, str] = {}  # parameter name -> reason it keeps its plain gradient
         self.steps = 0  # optimizer steps begun so far
         self.last_damping: float | None = None
+        self.batch_size: int | None = None
         self.counters = {"refreshes": 0, "failed_refreshes": 0, "skipped_statistics": 0, "nonfinite_updates": 0}
         self.timings = {"statistics": 0.0, "refresh": 0.0, "precondition": 0.0}  # seconds, cumulative
         self._cycle = -1  # index of the current (or last) step
@@ -113,45 +122,15 @@ class PreconditionerManager:
 
     # -- construction -------------------------------------------------------------------------------------
     def _build(self, model: nn.Module, exclude: Sequence[str], weight_sharing: WeightSharing) -> None:
-        owners: dict[int, list[str]] = {}
-        for mname, module in model.named_modules():
-            for p in module.parameters(recurse=False):
-                owners.setdefault(id(p), []).append(mname)
-        covered: set[int] = set()
-        for mname, module in model.named_modules():
-            try:
-                adapter = make_adapter(module, weight_sharing)
-            except UnsupportedLayerError as err:
-                self._skip_module(mname, module, str(err))
-                continue
-            if adapter is None:
-                continue
-            if any(fnmatch.fnmatchcase(mname, pat) for pat in exclude):
-                covered.update(id(p) for p in module.parameters(recurse=False))
-                continue
-            params = list(module.parameters(recurse=False))
-            if any(len(owners[id(p)]) > 1 for p in params):
-                self._skip_module(mname, module, "tied to another module")
-                continue
-            if not all(p.requires_grad for p in adapter.params):
-                self._skip_module(mname, module, "frozen (requires_grad=False)")
-                continue
-            covered.update(id(p) for p in params)
-            w = module.weight
+        adapters, self.skipped = discover(model, exclude, weight_sharing)
+        for name, adapter in adapters.items():
+            w = adapter.module.weight
             dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
             pre = self.method.for_layer(adapter, dtype=dtype, device=w.device, **self.method_options)
-            layer = Layer(mname, module, adapter, pre)
-            self.layers[mname] = layer
+            layer = Layer(name, adapter.module, adapter, pre)
+            self.layers[name] = layer
             if pre.uses_hooks:
-                self.capture.attach(module, self._input_sink(layer), self._grad_sink(layer))
-        for pname, p in model.named_parameters():
-            if id(p) not in covered and p.requires_grad and pname not in self.skipped:
-                self.skipped[pname] = "not in a supported module"
-
-    def _skip_module(self, mname: str, module: nn.Module, reason: str) -> None:
-        for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                self.skipped[f"{mname}.{pname}" if mname else pname] = reason
+                self.capture.attach(adapter.module, self._input_sink(layer), self._grad_sink(layer))
 
     def _input_sink(self, layer: Layer) -> Callable[[Tensor], Any]:
         adapter, pre = layer.adapter, layer.preconditioner
@@ -182,14 +161,20 @@ class PreconditionerManager:
         return sink
 
     # -- the step -------------------------------------------------------------------------------------
-    def begin_step(self) -> None:
-        """Open an optimizer step; idempotent until ``step`` (micro-batches of gradient accumulation)."""
+    def begin_step(self, batch_size: int | None = None) -> None:
+        """Open an optimizer step; idempotent until ``step`` (micro-batches of gradient accumulation, whose
+        ``batch_size`` values add up; the damping rule may use it)."""
         if self._open:
+            if batch_size is not None:
+                self.batch_size = (self.batch_size or 0) + batch_size
             return
         self._open = True
+        self.batch_size = batch_size
         self._cycle = self.steps
         self.steps += 1
         self._processed.clear()
+        if self.schedule.freezes(self._cycle) and not self.schedule.frozen:
+            self.freeze()
         self._collecting = self.schedule.collects(self._cycle)
         self.capture.active = self._collecting and self.capture.attached
 
@@ -252,11 +237,20 @@ class PreconditionerManager:
                 layer.preconditioner.discard_statistics()
         if self.schedule.refreshes(step):
             t0 = time.perf_counter()
-            damping = self.damping(step, lr)
+            damping = self.damping(step, lr, self.batch_size)
             self.last_damping = damping
             for layer in layers:
                 self._refresh(layer, damping)
+            if self.monitor is not None:
+                self._watch_change(layers)
             self.timings["refresh"] += time.perf_counter() - t0
+
+    def _watch_change(self, layers: list[Layer]) -> None:
+        """Adaptive freeze: freeze once the curvature stopped changing."""
+        assert self.monitor is not None
+        states = {layer.name: layer.preconditioner.curvature_state() for layer in layers}
+        if self.monitor.observe(states):
+            self.freeze()
 
     def _refresh(self, layer: Layer, damping: float) -> None:
         ok = layer.preconditioner.refresh(damping)
@@ -282,15 +276,14 @@ class PreconditionerManager:
         )
 
     def _precondition(self, layers: list[Layer], optimizer: torch.optim.Optimizer | None, lr: float | None) -> None:
-        updates: list[tuple[Layer, Tensor, Tensor]] = []
+        updates = []
         for layer in layers:
-            pre = layer.preconditioner
-            if not pre.ready:
+            if not layer.preconditioner.ready:
                 continue
             g = layer.adapter.grad_matrix()
             if g is None:
                 continue
-            out = pre.precondition(g)
+            out = layer.preconditioner.precondition(g)
             if not bool(torch.isfinite(out).all()):
                 self.counters["nonfinite_updates"] += 1
                 self._warn_once(
@@ -299,24 +292,10 @@ class PreconditionerManager:
                     f"the preconditioned gradient of layer '{layer.name}' was not finite; its plain gradient was kept",
                 )
                 continue
-            updates.append((layer, g, out))
-        scale = self._kl_scale(updates, optimizer, lr) if self.kl_clip is not None and updates else 1.0
-        self.last_kl_scale = scale
-        for layer, _, out in updates:
-            layer.adapter.set_grad_matrix(out if scale == 1.0 else out * scale)
-
-    def _kl_scale(
-        self, updates: list[tuple[Layer, Tensor, Tensor]], optimizer: torch.optim.Optimizer | None, lr: float | None
-    ) -> float:
-        """``min(1, √(kl_clip / Σ_l lr_l² ⟨P·G_l, G_l⟩))`` with each layer's own learning rate."""
-        lrs = _param_lrs(optimizer) if optimizer is not None else {}
-        total = 0.0
-        for layer, g, out in updates:
-            layer_lr = lrs.get(id(layer.adapter.params[0]), lr if lr is not None else 1.0)
-            total += layer_lr**2 * float(torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1)))
-        if not total > 0.0:
-            return 1.0
-        return min(1.0, (self.kl_clip / total) ** 0.5)
+            updates.append((layer.adapter, g, out))
+        self.last_kl_scale = kl_scale(updates, self.kl_clip, optimizer, lr) if self.kl_clip and updates else 1.0
+        for adapter, _, out in updates:
+            adapter.set_grad_matrix(out if self.last_kl_scale == 1.0 else out * self.last_kl_scale)
 
     def _layers_of(self, optimizer: torch.optim.Optimizer | None) -> list[Layer]:
         if optimizer is None:
@@ -354,8 +333,14 @@ class PreconditionerManager:
 
     def freeze(self) -> None:
         """Stop collecting statistics and refreshing; remove the hooks. Preconditioning continues."""
-        self.schedule.frozen = True
+        self.schedule.freeze(max(self._cycle, 0))
         self.capture.detach()
+        for layer in self.layers.values():
+            layer.preconditioner.discard_statistics()
+
+    @property
+    def frozen(self) -> bool:
+        return self.schedule.frozen
 
     def remove_hooks(self) -> None:
         self.capture.detach()
@@ -368,6 +353,7 @@ class PreconditionerManager:
             "last_damping": self.last_damping,
             "counters": dict(self.counters),
             "schedule": self.schedule.state_dict(),
+            "monitor": self.monitor.state_dict() if self.monitor is not None else {},
             "layers": {name: layer.preconditioner.state_dict() for name, layer in self.layers.items()},
         }
 
@@ -377,6 +363,8 @@ class PreconditionerManager:
         self.last_damping = state.get("last_damping")
         self.counters.update(state.get("counters", {}))
         self.schedule.load_state_dict(state.get("schedule", {}))
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state.get("monitor", {}))
         if self.schedule.frozen:
             self.capture.detach()
         missing = [name for name in state["layers"] if name not in self.layers]
@@ -386,10 +374,6 @@ class PreconditionerManager:
             if name in self.layers:
                 self.layers[name].preconditioner.load_state_dict(layer_state)
         self._reported = self.counters["refreshes"] > 0
-
-
-def _param_lrs(optimizer: torch.optim.Optimizer) -> dict[int, float]:
-    return {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
 
 
 class _no_autocast:

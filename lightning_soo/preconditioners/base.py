@@ -82,6 +82,11 @@ class Preconditioner:
         """``P^{-1} · V``, the curvature the preconditioner stands for (used by the quality criterion)."""
         raise NotImplementedError
 
+    def curvature_state(self) -> list[Tensor]:
+        """The tensors the preconditioner is computed from; their relative change between refreshes drives the
+        adaptive freeze."""
+        return list(self._tensors().values())
+
     def factor_numel(self) -> int:
         """Number of stored statistic and preconditioner entries (memory reporting)."""
         return sum(t.numel() for t in self._tensors().values())

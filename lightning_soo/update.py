@@ -1,0 +1,33 @@
+"""Post-processing of the preconditioned gradients of one step: KL clipping (kfac-pytorch's form)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_soo.layers import LayerAdapter
+
+Update = tuple[LayerAdapter, Tensor, Tensor]  # (adapter, plain gradient G, preconditioned P·G)
+
+
+def kl_scale(
+    updates: Sequence[Update], kl_clip: float, optimizer: torch.optim.Optimizer | None, lr: float | None
+) -> float:
+    """``ν = min(1, √(kl_clip / Σ_l lr_l² ⟨P·G_l, G_l⟩))`` with each layer's own learning rate.
+
+    Scaling every preconditioned gradient by ν bounds the second-order model's predicted change
+    (the KL divergence for a Fisher) of the step, so a learning rate tuned for SGD cannot blow up.
+    """
+    lrs: dict[int, float] = {}
+    if optimizer is not None:
+        lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+    default = lr if lr is not None else 1.0
+    total = 0.0
+    for adapter, g, out in updates:
+        layer_lr = lrs.get(id(adapter.params[0]), default)
+        total += layer_lr**2 * float(torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1)))
+    if not total > 0.0:
+        return 1.0
+    return min(1.0, (kl_clip / total) ** 0.5)
