@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -11,10 +11,24 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_soo import validation as v
+from lightning_soo.callbacks.telemetry import ProgressBarState, add_layout, log_histograms, log_scalars
 from lightning_soo.damping import DampingFn
+from lightning_soo.dashboard import StepTimer, manager_metrics, spectra
 from lightning_soo.manager import PreconditionerManager
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def _batch_size(batch: Any) -> int | None:
+    """Length of the first tensor found in the batch (None if there is none); used by the damping rule."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        size = _batch_size(item)
+        if size is not None:
+            return size
+    return None
 
 
 class SecondOrderCallback(Callback):
@@ -56,6 +70,9 @@ class SecondOrderCallback(Callback):
         self.kl_clip = kl_clip
         self.manager: PreconditionerManager | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._timer = StepTimer()
+        self._bar = ProgressBarState("soo", self._state_label)
+        self._last_logged_refreshes = -1
 
     @property
     def state_key(self) -> str:
@@ -101,12 +118,31 @@ class SecondOrderCallback(Callback):
         if self._pending_state is not None:
             self.manager.load_state_dict(self._pending_state)
             self._pending_state = None
+        add_layout(trainer)
+        self._bar.attach(trainer)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.manager is not None:
-            self.manager.begin_step()
+            self.manager.begin_step(batch_size=_batch_size(batch))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        manager = self.manager
+        if manager is None or manager._open:  # mid accumulation window: no step yet
+            return
+        if manager.steps % trainer.log_every_n_steps == 0:
+            log_scalars(trainer, {**manager_metrics(manager), **self._timer.report(manager)})
+        if manager.counters["refreshes"] != self._last_logged_refreshes and manager.steps % 10 == 1:
+            self._last_logged_refreshes = manager.counters["refreshes"]
+            log_histograms(trainer, spectra(manager))
+
+    def _state_label(self) -> str | None:
+        if self.manager is None:
+            return None
+        return "frozen" if self.manager.frozen else "refreshing"
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -125,6 +161,7 @@ class SecondOrderCallback(Callback):
             self._pending_state = self.manager.state_dict()
             self.manager.remove_hooks()
             self.manager = None
+        self._bar.detach()
 
     # -- persistence ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -82,6 +82,10 @@ class Preconditioner:
         """``P^{-1} · V``, the curvature the preconditioner stands for (used by the quality criterion)."""
         raise NotImplementedError
 
+    def spectrum(self) -> Tensor | None:
+        """Eigenvalues of the damped curvature when the method has them at hand (None otherwise)."""
+        return None
+
     def curvature_state(self) -> list[Tensor]:
         """The tensors the preconditioner is computed from; their relative change between refreshes drives the
         adaptive freeze."""

@@ -47,7 +47,7 @@ class KFAC(Preconditioner):
     """Kronecker-factored empirical Fisher of one layer."""
 
     state_tensors = ("a", "b", "a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b")
-    state_numbers = ("damping",)
+    state_numbers = ("damping", "rho_a", "rho_b")
 
     def __init__(
         self,
@@ -68,7 +68,8 @@ class KFAC(Preconditioner):
         self._a = Factor(d_in, diagonal=input_diagonal or d_in > max_factor_dim, **kw)
         self._b = Factor(d_out, diagonal=d_out > max_factor_dim, **kw)
         self.a_inv = self.b_inv = self.lam_a = self.q_a = self.lam_b = self.q_b = None
-        self.damping = 0.0
+        self.damping = self.rho_a = self.rho_b = 0.0
+        self._spectrum: Tensor | None = None  # cache, cleared at refresh
 
     @classmethod
     def for_layer(cls, adapter: LayerAdapter, *, dtype: torch.dtype, device: torch.device, **options: Any) -> KFAC:
@@ -139,7 +140,9 @@ class KFAC(Preconditioner):
             if a_inv is None or b_inv is None or not (torch.isfinite(a_inv).all() and torch.isfinite(b_inv).all()):
                 return False
             self.a_inv, self.b_inv = a_inv, b_inv
+            self.rho_a, self.rho_b = ra, rb
         self.damping = float(damping)
+        self._spectrum = None
         self.ready = True
         self.refreshes += 1
         return True
@@ -160,6 +163,19 @@ class KFAC(Preconditioner):
             return self._rotate(w, transpose=False)
         left = v / self.b_inv.unsqueeze(1) if self.b_inv.dim() == 1 else torch.linalg.solve(self.b_inv, v)
         return left / self.a_inv if self.a_inv.dim() == 1 else torch.linalg.solve(self.a_inv, left.mT).mT
+
+    def spectrum(self) -> Tensor | None:
+        """Eigenvalues of the damped curvature (factored damping: (λ_B+ρ_B)(λ_A+ρ_A)); computed on demand."""
+        if not self.ready:
+            return None
+        if self._spectrum is None:
+            if self.inverse == "eigen":
+                self._spectrum = (torch.outer(self.lam_b, self.lam_a) + self.damping).reshape(-1)
+            else:  # eigenvalues of the damped factors from their inverses (dense: eigvalsh; diagonal: as is)
+                ea = 1.0 / (self.a_inv if self.a_inv.dim() == 1 else torch.linalg.eigvalsh(self.a_inv))
+                eb = 1.0 / (self.b_inv if self.b_inv.dim() == 1 else torch.linalg.eigvalsh(self.b_inv))
+                self._spectrum = torch.outer(eb, ea).reshape(-1)
+        return self._spectrum
 
     def _rotate(self, g: Tensor, transpose: bool) -> Tensor:
         """``Q_Bᵀ G Q_A`` (transpose) or ``Q_B G Q_Aᵀ``; diagonal sides have identity eigenvectors."""
