@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from lightning_soo.capture import Capture
 from lightning_soo.damping import Damping, DampingFn, make_damping
 from lightning_soo.discovery import discover
+from lightning_soo.distributed import all_reduce_sum, world_size
 from lightning_soo.layers import LayerAdapter, WeightSharing
 from lightning_soo.preconditioners import get_method
 from lightning_soo.preconditioners.base import Preconditioner
@@ -217,6 +218,8 @@ class PreconditionerManager:
         step = self._cycle
         if self._collecting:
             t0 = time.perf_counter()
+            if world_size() > 1:
+                self._reduce_statistics(layers)
             for layer in layers:
                 pre = layer.preconditioner
                 if pre.uses_grad:
@@ -244,6 +247,22 @@ class PreconditionerManager:
             if self.monitor is not None:
                 self._watch_change(layers)
             self.timings["refresh"] += time.perf_counter() - t0
+
+    def _reduce_statistics(self, layers: list[Layer]) -> None:
+        tensors: list[Tensor] = []
+        for layer in layers:
+            pre = layer.preconditioner
+            if pre.uses_grad and not pre.uses_hooks:
+                continue  # statistics from the all-reduced gradient are already global
+            stats = pre.statistics_tensors()
+            if stats is None:
+                raise RuntimeError(
+                    f"{type(pre).__name__} cannot reduce its statistics across processes (layer '{layer.name}'); "
+                    "run it on a single process"
+                )
+            tensors.extend(stats)
+        if tensors:
+            self.counters["bytes_reduced"] = self.counters.get("bytes_reduced", 0) + all_reduce_sum(tensors)
 
     def _watch_change(self, layers: list[Layer]) -> None:
         """Adaptive freeze: freeze once the curvature stopped changing."""

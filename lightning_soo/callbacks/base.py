@@ -102,11 +102,6 @@ class SecondOrderCallback(Callback):
                 f"{type(self).__name__} does not support {name}: sharded parameters and gradients would be "
                 "preconditioned shard by shard, which is wrong. Use a single device or the DDP strategy."
             )
-        if trainer.world_size > 1:
-            raise RuntimeError(
-                f"{type(self).__name__} does not yet reduce statistics across {trainer.world_size} processes; "
-                "run on a single process (distributed support is planned)."
-            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.manager is None:

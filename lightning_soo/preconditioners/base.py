@@ -65,6 +65,12 @@ class Preconditioner:
         """
         return None
 
+    def statistics_tensors(self) -> list[Tensor] | None:
+        """This step's statistics as tensors to be summed in place across ranks before ``close_statistics``
+        (data parallelism); ``[]`` when every rank already has the same statistics (e.g. from the all-reduced
+        gradient), None when the method cannot be distributed."""
+        return None
+
     def discard_statistics(self) -> None:
         """Drop this step's partial sums (a skipped or failed step)."""
 

@@ -18,12 +18,16 @@ class Factor:
         self.dim, self.diagonal = dim, diagonal
         shape = (dim,) if diagonal else (dim, dim)
         self._sum = torch.zeros(shape, dtype=dtype, device=device)
-        self._count = 0
+        self._count = torch.zeros((), dtype=dtype, device=device)  # a tensor so ranks can sum it with the sums
         self.value: Tensor | None = None
 
     @property
     def pending(self) -> bool:
-        return self._count > 0
+        return bool(self._count > 0)
+
+    def statistics_tensors(self) -> list[Tensor]:
+        """This step's sums and count, to be summed in place across ranks."""
+        return [self._sum, self._count]
 
     def add(self, rows: Rows, count: int, scale: float = 1.0) -> None:
         if isinstance(rows, IndexRows):
@@ -36,13 +40,13 @@ class Factor:
             self._sum.add_(rows.square().sum(0), alpha=scale)
         else:
             self._sum.addmm_(rows.mT, rows, alpha=scale)
-        self._count += count
+        self._count.add_(count)
 
     def average(self, scale: float = 1.0) -> Tensor | None:
         """This step's mean times ``scale``; None when nothing was added."""
-        if not self._count:
+        if not self.pending:
             return None
-        return self._sum * (scale / self._count)
+        return self._sum * (scale / float(self._count))
 
     def commit(self, batch: Tensor, decay: float) -> None:
         if self.value is None or decay == 0.0:
@@ -53,4 +57,4 @@ class Factor:
 
     def reset(self) -> None:
         self._sum.zero_()
-        self._count = 0
+        self._count.zero_()

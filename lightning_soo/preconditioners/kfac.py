@@ -117,6 +117,9 @@ class KFAC(Preconditioner):
         self._b.commit(b, self.factor_decay)
         return True
 
+    def statistics_tensors(self) -> list[Tensor]:
+        return self._a.statistics_tensors() + self._b.statistics_tensors()
+
     def discard_statistics(self) -> None:
         self._a.reset()
         self._b.reset()

@@ -1,0 +1,63 @@
+"""Run by tests/test_distributed.py in a subprocess: trains the test MLP on 1 or 2 CPU processes (DDP, gloo) and
+saves the final parameters and the callback state (rank 0)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_soo import KFACCallback  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
+
+from tests.lightning_models import MLP, classification_data, trainer  # noqa: E402
+
+
+class ShardedMLP(MLP):
+    """Rank r takes examples r, r+W, r+2W, ... so the W ranks' batches of a step together are the single-process
+    batch of that step."""
+
+    def train_dataloader(self) -> DataLoader:
+        data = classification_data()
+        if self.trainer.world_size == 1:
+            return DataLoader(data, batch_size=self.batch_size, shuffle=False)
+        sampler = DistributedSampler(data, shuffle=False)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ckpt-in", default=None)
+    parser.add_argument("--ckpt-out", default=None)
+    parser.add_argument("--plain", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    per_rank = 32 // args.devices  # the global batch is 32 either way
+    model = ShardedMLP(batch_size=per_rank).double()
+    cb = KFACCallback(preconditioner_interval=2, kl_clip=None)
+    cbs = [] if "--plain" in sys.argv else [cb]
+    kwargs = {"strategy": "ddp", "devices": args.devices} if args.devices > 1 else {"devices": 1}
+    t = trainer(
+        max_steps=args.steps,
+        callbacks=cbs,
+        precision="64-true",
+        accelerator="cpu",
+        use_distributed_sampler=False,
+        **kwargs,
+    )
+    t.fit(model, ckpt_path=args.ckpt_in, weights_only=True if args.ckpt_in else None)
+    if args.ckpt_out:
+        t.save_checkpoint(args.ckpt_out)
+    if t.is_global_zero:
+        torch.save({"params": [p.detach() for p in model.parameters()], "state": cb.state_dict()}, args.out)
+
+
+if __name__ == "__main__":
+    main()
