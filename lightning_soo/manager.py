@@ -111,7 +111,13 @@ class PreconditionerManager:
         self.steps = 0  # optimizer steps begun so far
         self.last_damping: float | None = None
         self.batch_size: int | None = None
-        self.counters = {"refreshes": 0, "failed_refreshes": 0, "skipped_statistics": 0, "nonfinite_updates": 0}
+        self.counters = {
+            "refreshes": 0,
+            "failed_refreshes": 0,
+            "skipped_statistics": 0,
+            "nonfinite_updates": 0,
+            "preconditioned_steps": 0,  # steps (optimizer calls) in which at least one gradient was rewritten
+        }
         self.timings = {"statistics": 0.0, "refresh": 0.0, "precondition": 0.0}  # seconds, cumulative
         self._cycle = -1  # index of the current (or last) step
         self._open = False
@@ -313,6 +319,7 @@ class PreconditionerManager:
                 continue
             updates.append((layer.adapter, g, out))
         self.last_kl_scale = kl_scale(updates, self.kl_clip, optimizer, lr) if self.kl_clip and updates else 1.0
+        self.counters["preconditioned_steps"] += bool(updates)
         for adapter, _, out in updates:
             adapter.set_grad_matrix(out if self.last_kl_scale == 1.0 else out * self.last_kl_scale)
 

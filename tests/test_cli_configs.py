@@ -1,0 +1,45 @@
+"""Every drop-in config in callbacks/ works with an unmodified LightningCLI project, next to the user's callbacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = ROOT / "tests" / "cli_project"
+CONFIGS = sorted((ROOT / "callbacks").glob("*.yaml"))
+
+
+def _class_names(config: Path) -> list[str]:
+    entries = yaml.safe_load(config.read_text())["trainer"]["callbacks+"]
+    return [entry["class_path"].rsplit(".", 1)[-1] for entry in entries]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_appends_active_callback(config: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, str(PROJECT / "train.py"), "fit",
+        "--config", str(PROJECT / "user.yaml"),
+        "--config", str(config),
+        "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = list(tmp_path.rglob("*.ckpt"))
+    assert len(ckpts) == 1
+    state = torch.load(ckpts[0], weights_only=True)["callbacks"]
+    assert state["CountSteps"] == {"steps": 8}  # the user's own callback is still there
+    for name in _class_names(config):
+        if "counters" in state.get(name, {}):  # preconditioner callbacks: the gradients were rewritten every step
+            assert state[name]["counters"]["preconditioned_steps"] == 8
+        else:
+            assert name in state
+
+
+def test_every_method_has_a_config() -> None:
+    assert {p.stem for p in CONFIGS} >= {"kfac"}
