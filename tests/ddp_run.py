@@ -11,10 +11,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_soo import KFACCallback  # noqa: E402
-from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
+from torch.utils.data import DataLoader, DistributedSampler
 
-from tests.lightning_models import MLP, classification_data, trainer  # noqa: E402
+from lightning_soo import KFACCallback
+from tests.lightning_models import MLP, classification_data, trainer
 
 
 class ShardedMLP(MLP):
