@@ -44,7 +44,9 @@ class Schedule:
     def refreshes(self, step: int) -> bool:
         """The preconditioner is recomputed at ``step``."""
         if self.frozen or self.freezes(step):
-            return step == 0 and not self.frozen
+            return False
+        if step == 0:
+            return True
         if step < self.frequent_steps:
             return step % self.frequent_interval == 0
         interval = self.preconditioner_interval
