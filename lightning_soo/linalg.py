@@ -10,8 +10,13 @@ import torch
 from torch import Tensor
 
 
-def _finite(x: Tensor) -> bool:
-    return bool(torch.isfinite(x).all())
+def all_finite(*tensors: Tensor) -> bool:
+    """No NaN or Inf in any tensor. One reduction pass each (NaN and Inf propagate into the sum), cheaper than
+    ``isfinite(x).all()``; a finite tensor whose sum overflows counts as non-finite, which is the safe side."""
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+_finite = all_finite
 
 
 def symmetrize(m: Tensor) -> Tensor:
@@ -29,7 +34,8 @@ def damped_inverse(m: Tensor, damping: float) -> Tensor | None:
     """``(m + damping * I)^{-1}`` by Cholesky; eigendecomposition with clamping in float64 as fallback."""
     if not _finite(m):
         return None
-    a = add_diagonal(symmetrize(m), damping)
+    a = m + m.mT
+    a.mul_(0.5).diagonal().add_(damping)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         inv = torch.cholesky_inverse(chol)

@@ -29,6 +29,7 @@ from lightning_soo.damping import Damping, DampingFn, make_damping
 from lightning_soo.discovery import discover
 from lightning_soo.distributed import all_reduce_sum, world_size
 from lightning_soo.layers import LayerAdapter, WeightSharing
+from lightning_soo.linalg import all_finite
 from lightning_soo.preconditioners import get_method
 from lightning_soo.preconditioners.base import Preconditioner
 from lightning_soo.schedule import ChangeMonitor, Schedule
@@ -309,7 +310,7 @@ class PreconditionerManager:
             if g is None:
                 continue
             out = layer.preconditioner.precondition(g)
-            if not bool(torch.isfinite(out).all()):
+            if not all_finite(out):
                 self.counters["nonfinite_updates"] += 1
                 self._warn_once(
                     layer,

@@ -55,6 +55,20 @@ class Factor:
             self.value.mul_(decay).add_(batch, alpha=1.0 - decay)
         self.reset()
 
+    def fold(self, decay: float, scale: float = 1.0) -> None:
+        """Fold this step's mean times ``scale`` into the running average in place (no temporary)."""
+        weight = scale / float(self._count)
+        if self.value is None or decay == 0.0:
+            self.value = self._sum * weight
+        else:
+            self.value.mul_(decay).add_(self._sum, alpha=(1.0 - decay) * weight)
+        self.reset()
+
+    @property
+    def step_sum(self) -> Tensor:
+        """This step's unnormalised sum (for finiteness checks)."""
+        return self._sum
+
     def reset(self) -> None:
         self._sum.zero_()
         self._count.zero_()

@@ -39,7 +39,7 @@ def _right(g: Tensor, m: Tensor) -> Tensor:
 def _eig(factor: Tensor) -> tuple[Tensor, Tensor | None] | None:
     """(eigenvalues, eigenvectors or None for a diagonal factor)."""
     if factor.dim() == 1:
-        return (factor.clamp(min=0), None) if bool(torch.isfinite(factor).all()) else None
+        return (factor.clamp(min=0), None) if linalg.all_finite(factor) else None
     return linalg.eigh(factor)
 
 
@@ -109,12 +109,11 @@ class KFAC(Preconditioner):
         if not (self._a.pending and self._b.pending):
             self.discard_statistics()
             return None
-        a, b = self._a.average(), self._b.average(grad_scale**2)
-        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        if not linalg.all_finite(self._a.step_sum, self._b.step_sum):
             self.discard_statistics()
             return False
-        self._a.commit(a, self.factor_decay)
-        self._b.commit(b, self.factor_decay)
+        self._a.fold(self.factor_decay)
+        self._b.fold(self.factor_decay, grad_scale**2)
         return True
 
     def statistics_tensors(self) -> list[Tensor]:
@@ -140,7 +139,7 @@ class KFAC(Preconditioner):
             ra, rb = math.sqrt(damping) * pi, math.sqrt(damping) / pi
             a_inv = 1.0 / (a + ra) if a.dim() == 1 else linalg.damped_inverse(a, ra)
             b_inv = 1.0 / (b + rb) if b.dim() == 1 else linalg.damped_inverse(b, rb)
-            if a_inv is None or b_inv is None or not (torch.isfinite(a_inv).all() and torch.isfinite(b_inv).all()):
+            if a_inv is None or b_inv is None or not linalg.all_finite(a_inv, b_inv):
                 return False
             self.a_inv, self.b_inv = a_inv, b_inv
             self.rho_a, self.rho_b = ra, rb
