@@ -77,25 +77,28 @@ class LayerAdapter:
     def output_rows(self, g: Tensor) -> tuple[Tensor, int]:
         raise NotImplementedError
 
+    def to_matrix(self, tensors: list[Tensor]) -> Tensor:
+        """Parameter-shaped tensors (weight, bias) as one ``d_out x d_in`` matrix."""
+        m = tensors[0].reshape(tensors[0].shape[0], -1)
+        return torch.cat([m, tensors[1].unsqueeze(1)], dim=1) if self.has_bias else m
+
+    def from_matrix(self, m: Tensor) -> list[Tensor]:
+        """The inverse of ``to_matrix``: views shaped like the parameters."""
+        w = self.module.weight
+        if self.has_bias:
+            return [m[:, :-1].reshape(w.shape), m[:, -1]]
+        return [m.reshape(w.shape)]
+
     def grad_matrix(self) -> Tensor | None:
         """The parameters' gradient as one ``d_out x d_in`` matrix, or None when a part has no gradient."""
-        w = self.module.weight
-        if w.grad is None:
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):
             return None
-        g = w.grad.reshape(w.shape[0], -1)
-        if self.has_bias:
-            b = self.module.bias.grad
-            if b is None:
-                return None
-            g = torch.cat([g, b.unsqueeze(1)], dim=1)
-        return g
+        return self.to_matrix(grads)  # type: ignore[arg-type]
 
     def set_grad_matrix(self, g: Tensor) -> None:
-        w = self.module.weight
-        if self.has_bias:
-            self.module.bias.grad.copy_(g[:, -1])
-            g = g[:, :-1]
-        w.grad.copy_(g.reshape(w.shape))
+        for p, part in zip(self.params, self.from_matrix(g), strict=True):
+            p.grad.copy_(part)
 
 
 def _with_ones(h: Tensor) -> Tensor:
@@ -199,14 +202,17 @@ class EmbeddingAdapter(LayerAdapter):
         d = g.reshape(-1, g.shape[-1])
         return d, d.shape[0]
 
+    def to_matrix(self, tensors: list[Tensor]) -> Tensor:
+        return tensors[0].t()
+
+    def from_matrix(self, m: Tensor) -> list[Tensor]:
+        return [m.t()]
+
     def grad_matrix(self) -> Tensor | None:
         g = self.module.weight.grad
         if g is None or g.is_sparse:
             return None
         return g.t()
-
-    def set_grad_matrix(self, g: Tensor) -> None:
-        self.module.weight.grad.copy_(g.t())
 
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -15,6 +15,7 @@ every call.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -29,11 +30,10 @@ from lightning_soo.damping import Damping, DampingFn, make_damping
 from lightning_soo.discovery import discover
 from lightning_soo.distributed import all_reduce_sum, world_size
 from lightning_soo.layers import LayerAdapter, WeightSharing
-from lightning_soo.linalg import all_finite
 from lightning_soo.preconditioners import get_method
 from lightning_soo.preconditioners.base import Preconditioner
 from lightning_soo.schedule import ChangeMonitor, Schedule
-from lightning_soo.update import kl_scale
+from lightning_soo.update import Update, kl_scale
 
 LossReduction = Literal["mean", "sum"]
 Warn = Callable[[str], None]
@@ -84,7 +84,7 @@ class PreconditionerManager:
         method: str | type[Preconditioner] = "kfac",
         method_options: dict[str, Any] | None = None,
         *,
-        damping: float | DampingFn | Damping = 1e-3,
+        damping: float | DampingFn | Damping = 1e-2,
         statistics_interval: int = 1,
         preconditioner_interval: int | None = 10,
         exclude: Sequence[str] = (),
@@ -302,7 +302,7 @@ class PreconditionerManager:
         )
 
     def _precondition(self, layers: list[Layer], optimizer: torch.optim.Optimizer | None, lr: float | None) -> None:
-        updates = []
+        updates: list[Update] = []
         for layer in layers:
             if not layer.preconditioner.ready:
                 continue
@@ -310,7 +310,9 @@ class PreconditionerManager:
             if g is None:
                 continue
             out = layer.preconditioner.precondition(g)
-            if not all_finite(out):
+            # ⟨P·G, G⟩ is non-finite whenever P·G is: one pass serves as the finiteness check and the KL-clip term
+            dot = float(torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1)))
+            if not math.isfinite(dot):
                 self.counters["nonfinite_updates"] += 1
                 self._warn_once(
                     layer,
@@ -318,7 +320,7 @@ class PreconditionerManager:
                     f"the preconditioned gradient of layer '{layer.name}' was not finite; its plain gradient was kept",
                 )
                 continue
-            updates.append((layer.adapter, g, out))
+            updates.append((layer.adapter, dot, out))
         self.last_kl_scale = kl_scale(updates, self.kl_clip, optimizer, lr) if self.kl_clip and updates else 1.0
         self.counters["preconditioned_steps"] += bool(updates)
         for adapter, _, out in updates:

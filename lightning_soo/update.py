@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_soo.layers import LayerAdapter
 
-Update = tuple[LayerAdapter, Tensor, Tensor]  # (adapter, plain gradient G, preconditioned P·G)
+Update = tuple[LayerAdapter, float, Tensor]  # (adapter, ⟨P·G, G⟩, preconditioned P·G)
 
 
 def kl_scale(
@@ -25,9 +25,8 @@ def kl_scale(
         lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
     default = lr if lr is not None else 1.0
     total = 0.0
-    for adapter, g, out in updates:
-        layer_lr = lrs.get(id(adapter.params[0]), default)
-        total += layer_lr**2 * float(torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1)))
+    for adapter, dot, _ in updates:
+        total += lrs.get(id(adapter.params[0]), default) ** 2 * dot
     if not total > 0.0:
         return 1.0
     return min(1.0, (kl_clip / total) ** 0.5)

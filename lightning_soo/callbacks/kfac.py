@@ -33,7 +33,7 @@ class KFACCallback(SecondOrderCallback):
 
     def __init__(
         self,
-        damping: Union[float, Callable[[int, Optional[float]], float]] = 1e-3,
+        damping: Union[float, Callable[[int, Optional[float]], float]] = 1e-2,
         factor_decay: float = 0.95,
         statistics_interval: int = 1,
         preconditioner_interval: int = 10,

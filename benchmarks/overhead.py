@@ -1,0 +1,183 @@
+"""Step-time overhead of the preconditioners over plain SGD, beside the FLOP floor computed from the layer shapes.
+
+MLP 784-512-512-10 on random data, SGD with momentum 0.9, two settings:
+batch 256 with statistics every step and inverses every 10 steps; batch 2048 with statistics every 10 and
+inverses every 100. Ratios are measured in one process, interleaved, as medians over blocks of a whole refresh
+period after warm-up.
+
+    python benchmarks/overhead.py [--quick] [--profile] [--out benchmarks/results/overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.common import forward_backward_flops, interleaved, linear_shapes, machine, make_step, mlp
+from lightning_soo import PreconditionerManager
+
+
+@dataclass
+class Setting:
+    batch: int
+    statistics_interval: int
+    preconditioner_interval: int
+
+
+SETTINGS = {"256": Setting(256, 1, 10), "2048": Setting(2048, 10, 100)}
+TARGETS = {("kfac", "256"): 4.0, ("kfac", "2048"): 1.5, ("kfac-frozen", "2048"): 1.3}
+
+
+# -- FLOP models of the extra work (matrix products only) --------------------------------------------------------
+def kfac_flops(shapes: list[tuple[int, int]], s: Setting, products: int = 2, inverse_cost: float = 1.0) -> float:
+    """Statistics 2·N·d² per factor per statistics step; ``products`` (2 Cholesky, 4 eigen) preconditioning products
+    per step; ``inverse_cost``·n³ per factor per refresh."""
+    stats = sum(2 * s.batch * (i * i + o * o) for o, i in shapes) / s.statistics_interval
+    pre = sum(o * o * i + o * i * i for o, i in shapes) * products
+    inv = sum(inverse_cost * (i**3 + o**3) for o, i in shapes) / s.preconditioner_interval
+    return stats + pre + inv
+
+
+def frozen_flops(shapes: list[tuple[int, int]], s: Setting) -> float:
+    return sum(2 * (o * o * i + o * i * i) for o, i in shapes)
+
+
+Factory = Callable[[nn.Module, Setting], PreconditionerManager]
+
+
+def _kfac(inverse: str) -> Factory:
+    def build(model: nn.Module, s: Setting) -> PreconditionerManager:
+        return PreconditionerManager(
+            model,
+            "kfac",
+            {"inverse": inverse},
+            statistics_interval=s.statistics_interval,
+            preconditioner_interval=s.preconditioner_interval,
+            kl_clip=1e-3,  # KFACCallback's default; keeps the run finite so the timings are of real numbers
+        )
+
+    return build
+
+
+def _kfac_frozen(model: nn.Module, s: Setting) -> PreconditionerManager:
+    """K-FAC after one refresh on a batch like the benchmark's, then frozen: only the products remain."""
+    manager = _kfac("cholesky")(model, s)
+    x, y = torch.randn(s.batch, 784), torch.randint(0, 10, (s.batch,))
+    manager.begin_step()
+    nn.functional.cross_entropy(model(x), y).backward()
+    manager.step()
+    model.zero_grad()
+    manager.freeze()
+    return manager
+
+
+# name -> (manager factory, FLOP model of the extra work); add a row per method here
+METHODS: dict[str, tuple[Factory, Callable[[list[tuple[int, int]], Setting], float]]] = {
+    "kfac": (_kfac("cholesky"), kfac_flops),
+    "kfac-eigen": (_kfac("eigen"), lambda sh, s: kfac_flops(sh, s, products=4, inverse_cost=9.0)),
+    "kfac-frozen": (_kfac_frozen, frozen_flops),
+}
+
+
+def measure(name: str, key: str, blocks: int, quick: bool) -> dict[str, object]:
+    s = SETTINGS[key]
+    if quick:
+        s = Setting(min(s.batch, 64), s.statistics_interval, min(s.preconditioner_interval, 10))
+    factory, flops = METHODS[name]
+    torch.manual_seed(0)
+    x, y = torch.randn(s.batch, 784), torch.randint(0, 10, (s.batch,))
+    sgd_model, model = mlp(), mlp()
+    manager = factory(model, s)
+    timing = interleaved(
+        make_step(sgd_model, None, x, y), make_step(model, manager, x, y), s.preconditioner_interval, blocks
+    )
+    shapes = linear_shapes(model)
+    floor = 1 + flops(shapes, s) / forward_backward_flops(model, s.batch)
+    return {
+        "method": name,
+        "setting": key,
+        "batch": s.batch,
+        "statistics_interval": s.statistics_interval,
+        "preconditioner_interval": s.preconditioner_interval,
+        "sgd_ms": round(timing.sgd_ms, 3),
+        "method_ms": round(timing.method_ms, 3),
+        "ratio": round(timing.ratio, 3),
+        "flop_floor": round(floor, 3),
+        "ratio_over_floor": round(timing.ratio / floor, 3),
+        "target": TARGETS.get((name, key)),
+        "manager_seconds": {k: round(v, 4) for k, v in manager.timings.items()},
+        "steps": manager.steps,
+    }
+
+
+def profile(key: str) -> None:
+    """Where the time of a K-FAC step goes (torch.profiler, self CPU time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    s = SETTINGS[key]
+    model = mlp()
+    manager = _kfac("cholesky")(model, s)
+    x, y = torch.randn(s.batch, 784), torch.randint(0, 10, (s.batch,))
+    step = make_step(model, manager, x, y)
+    for _ in range(s.preconditioner_interval):
+        step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(s.preconditioner_interval * 2):
+            step()
+    print(f"\nprofile, batch {s.batch} ({2 * s.preconditioner_interval} steps):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    total = sum(manager.timings.values())
+    print("manager sections (s):", {k: round(v, 3) for k, v in manager.timings.items()}, f"total {total:.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--blocks", type=int, default=None, help="timed blocks per row (default: >= 30 steps)")
+    parser.add_argument("--quick", action="store_true", help="tiny run for a smoke test")
+    parser.add_argument("--profile", action="store_true", help="print where the time of a K-FAC step goes")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
+    args = parser.parse_args(argv)
+    rows = []
+    t0 = time.perf_counter()
+    for key in args.settings:
+        for name in args.methods:
+            s = SETTINGS[key]
+            blocks = args.blocks or (2 if args.quick else max(5, -(-30 // s.preconditioner_interval) + 2))
+            rows.append(measure(name, key, blocks, args.quick))
+            r = rows[-1]
+            print(
+                f"{r['method']:<12} batch {r['batch']:>5}  stats/{r['statistics_interval']:<3}"
+                f" inv/{r['preconditioner_interval']:<4}  SGD {r['sgd_ms']:8.2f} ms"
+                f"  method {r['method_ms']:8.2f} ms  ratio {r['ratio']:5.2f}x"
+                f"  floor {r['flop_floor']:5.2f}x  target {r['target'] or '-'}",
+                flush=True,
+            )
+    result = {
+        "benchmark": "overhead",
+        "machine": machine(),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    if args.profile:
+        for key in args.settings:
+            profile(key)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""One training run on the digits: the model a user would write, a method name, a result. Shared by ``demo`` and
+``compare``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_soo.app.data import digits
+
+
+class DigitsMLP(L.LightningModule):
+    """A plain MLP classifier trained with SGD and momentum, as anyone would write it."""
+
+    def __init__(self, hidden: int = 128, lr: float = 0.1, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+        )
+        self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test_acc", self.test_acc)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+
+
+class _Curve(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+@dataclass
+class RunResult:
+    method: str
+    batch_size: int
+    lr: float
+    epochs: int
+    final_train_loss: float
+    test_acc: float
+    seconds: float
+    curve: list[float] = field(default_factory=list)
+
+
+def make_callback(method: str, **options: Any) -> Callback | None:
+    """The library callback for ``method`` (None for plain SGD)."""
+    if method == "sgd":
+        return None
+    import lightning_soo.callbacks as cbs
+
+    classes = {
+        "kfac": "KFACCallback",
+        "shampoo": "ShampooCallback",
+        "gauss_newton": "GaussNewtonCallback",
+        "psgd": "PSGDCallback",
+    }
+    if method not in classes or not hasattr(cbs, classes[method]):
+        raise SystemExit(f"unknown or unavailable method {method!r}")
+    return getattr(cbs, classes[method])(**options)
+
+
+def train(
+    method: str,
+    *,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    seed: int = 0,
+    log_dir: Path | None = None,
+    data: tuple[TensorDataset, TensorDataset] | None = None,
+    **options: Any,
+) -> RunResult:
+    """Train ``DigitsMLP`` with SGD (+ the method's callback) and evaluate test accuracy."""
+    L.seed_everything(seed, verbose=False)
+    train_set, test_set = data or digits(seed=0)
+    model = DigitsMLP(lr=lr)
+    curve = _Curve()
+    callbacks = [curve]
+    extra = make_callback(method, **options)
+    if extra is not None:
+        callbacks.append(extra)
+    logger = TensorBoardLogger(str(log_dir), name="", version=method) if log_dir is not None else False
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    trainer.fit(model, loader)
+    seconds = time.perf_counter() - t0
+    test = trainer.test(model, DataLoader(test_set, batch_size=512), verbose=False)[0]
+    tail = curve.losses[-max(1, len(train_set) // batch_size) :]  # the last epoch's steps
+    return RunResult(
+        method, batch_size, lr, epochs, sum(tail) / len(tail), float(test["test_acc"]), seconds, curve.losses
+    )
