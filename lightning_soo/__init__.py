@@ -1,16 +1,35 @@
 """lightning-soo: second-order optimization for PyTorch Lightning, as callbacks."""
 
+from lightning_soo.damping import Damping, ScaledDamping
 from lightning_soo.manager import PreconditionerManager
 from lightning_soo.preconditioners import KFAC, Preconditioner
+from lightning_soo.quality import Quality, QualityReport, measure_quality
+from lightning_soo.schedule import Schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["KFAC", "KFACCallback", "Preconditioner", "PreconditionerManager", "SecondOrderCallback", "__version__"]
+_CALLBACKS = ("KFACCallback", "CurvatureScheduler", "SecondOrderCallback")
+
+__all__ = [
+    "KFAC",
+    "CurvatureScheduler",
+    "Damping",
+    "KFACCallback",
+    "Preconditioner",
+    "PreconditionerManager",
+    "Quality",
+    "QualityReport",
+    "ScaledDamping",
+    "Schedule",
+    "SecondOrderCallback",
+    "__version__",
+    "measure_quality",
+]
 
 
 def __getattr__(name: str) -> object:
     # the callbacks import Lightning; keep `import lightning_soo` free of it for plain-PyTorch users
-    if name in ("KFACCallback", "SecondOrderCallback"):
+    if name in _CALLBACKS:
         from lightning_soo import callbacks
 
         return getattr(callbacks, name)

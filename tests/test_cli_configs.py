@@ -20,12 +20,20 @@ def _class_names(config: Path) -> list[str]:
     return [entry["class_path"].rsplit(".", 1)[-1] for entry in entries]
 
 
+PRECONDITIONERS = [p for p in CONFIGS if p.stem != "curvature"]
+
+
+def _with_preconditioner(config: Path) -> list[Path]:
+    """The curvature config schedules a preconditioner callback: pair it with K-FAC's."""
+    return [ROOT / "callbacks" / "kfac.yaml", config] if config.stem == "curvature" else [config]
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_config_appends_active_callback(config: Path, tmp_path: Path) -> None:
+    configs = [arg for c in _with_preconditioner(config) for arg in ("--config", str(c))]
     cmd = [
         sys.executable, str(PROJECT / "train.py"), "fit",
-        "--config", str(PROJECT / "user.yaml"),
-        "--config", str(config),
+        "--config", str(PROJECT / "user.yaml"), *configs,
         "--trainer.default_root_dir", str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -34,7 +42,7 @@ def test_config_appends_active_callback(config: Path, tmp_path: Path) -> None:
     assert len(ckpts) == 1
     state = torch.load(ckpts[0], weights_only=True)["callbacks"]
     assert state["CountSteps"] == {"steps": 8}  # the user's own callback is still there
-    for name in _class_names(config):
+    for name in [n for c in _with_preconditioner(config) for n in _class_names(c)]:
         if "counters" in state.get(name, {}):  # preconditioner callbacks: the gradients were rewritten every step
             assert state[name]["counters"]["preconditioned_steps"] == 8
         else:
@@ -42,4 +50,4 @@ def test_config_appends_active_callback(config: Path, tmp_path: Path) -> None:
 
 
 def test_every_method_has_a_config() -> None:
-    assert {p.stem for p in CONFIGS} >= {"kfac"}
+    assert {p.stem for p in CONFIGS} >= {"kfac", "curvature"}

@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters over the plain-PyTorch manager."""
 
 from lightning_soo.callbacks.base import SecondOrderCallback
+from lightning_soo.callbacks.curvature import CurvatureScheduler
 from lightning_soo.callbacks.kfac import KFACCallback
 
-__all__ = ["KFACCallback", "SecondOrderCallback"]
+__all__ = ["CurvatureScheduler", "KFACCallback", "SecondOrderCallback"]

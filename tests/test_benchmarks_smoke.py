@@ -1,0 +1,21 @@
+"""The overhead benchmark runs (tiny settings) and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overhead_quick(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} >= {"kfac", "kfac-eigen", "kfac-frozen"}
+    assert all(r["ratio"] > 0 and r["flop_floor"] >= 1 for r in rows)
+    assert "ratio" in proc.stdout

@@ -1,0 +1,28 @@
+"""The examples run (quick mode) and learn."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from types import ModuleType
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plain_pytorch_example() -> None:
+    losses = _load("plain_pytorch").main(["--quick"])
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_existing_project_example() -> None:
+    metrics = _load("existing_project").main(["--quick"])
+    assert metrics["val_acc"] > 0.5 and math.isfinite(metrics["train_loss_epoch"])
