@@ -26,3 +26,8 @@ def test_plain_pytorch_example() -> None:
 def test_existing_project_example() -> None:
     metrics = _load("existing_project").main(["--quick"])
     assert metrics["val_acc"] > 0.5 and math.isfinite(metrics["train_loss_epoch"])
+
+
+def test_dashboard_example(tmp_path: Path) -> None:
+    pngs = _load("dashboard").main(["--quick", "--out", str(tmp_path)])
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000
