@@ -16,7 +16,8 @@ def discover(
     """(module name -> adapter for every preconditionable layer, parameter name -> reason it stays plain).
 
     Layers whose name matches an ``exclude`` pattern (``fnmatch``) are left out silently; tied parameters (one
-    tensor in several modules), frozen ones and refused configurations are listed with their reason.
+    tensor in several modules) and refused configurations are listed with their reason; frozen layers are managed
+    (and listed): they cost nothing while frozen and are preconditioned once unfrozen (fine-tuning).
     """
     owners: dict[int, int] = {}
     for module in model.modules():
@@ -27,9 +28,8 @@ def discover(
     covered: set[int] = set()
 
     def skip(mname: str, module: nn.Module, reason: str) -> None:
-        for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                plain[f"{mname}.{pname}" if mname else pname] = reason
+        for pname, _ in module.named_parameters(recurse=False):
+            plain[f"{mname}.{pname}" if mname else pname] = reason
 
     for mname, module in model.named_modules():
         try:
@@ -44,9 +44,9 @@ def discover(
             covered.update(id(p) for p in params)
         elif any(owners[id(p)] > 1 for p in params):
             skip(mname, module, "tied to another module")
-        elif not all(p.requires_grad for p in adapter.params):
-            skip(mname, module, "frozen (requires_grad=False)")
         else:
+            if not all(p.requires_grad for p in adapter.params):  # managed, so it is preconditioned once unfrozen
+                skip(mname, module, "frozen (requires_grad=False); preconditioned once unfrozen")
             covered.update(id(p) for p in params)
             adapters[mname] = adapter
     for pname, p in model.named_parameters():

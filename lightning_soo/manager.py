@@ -143,7 +143,11 @@ class PreconditionerManager:
     def _input_sink(self, layer: Layer) -> Callable[[Tensor], Any]:
         adapter, pre = layer.adapter, layer.preconditioner
 
+        weight = adapter.module.weight
+
         def sink(x: Tensor) -> Any:
+            if not weight.requires_grad:  # frozen (fine-tuning): no statistics
+                return _FROZEN
             t0 = time.perf_counter()
             with _no_autocast(x):
                 rows, n = adapter.input_rows(x if not x.is_floating_point() else x.to(pre.dtype))
@@ -158,6 +162,8 @@ class PreconditionerManager:
         mean = self.loss_reduction == "mean"
 
         def sink(g: Tensor, ctx: Any) -> None:
+            if ctx is _FROZEN:
+                return
             t0 = time.perf_counter()
             with _no_autocast(g):
                 rows, n = adapter.output_rows(g.to(pre.dtype))
@@ -403,6 +409,9 @@ class PreconditionerManager:
             if name in self.layers:
                 self.layers[name].preconditioner.load_state_dict(layer_state)
         self._reported = self.counters["refreshes"] > 0
+
+
+_FROZEN = object()  # forward-hook context of a frozen layer: its output gradient is not folded either
 
 
 class _no_autocast:
