@@ -155,7 +155,7 @@ class PreconditionerManager:
             self.timings["statistics"] += time.perf_counter() - t0
             return ctx
 
-        return sink
+        return torch.compiler.disable(sink)  # under torch.compile: run as plain Python, never traced
 
     def _grad_sink(self, layer: Layer) -> Callable[[Tensor, Any], None]:
         adapter, pre = layer.adapter, layer.preconditioner
@@ -172,7 +172,7 @@ class PreconditionerManager:
                 pre.observe_output_grads(rows, n, ctx)
             self.timings["statistics"] += time.perf_counter() - t0
 
-        return sink
+        return torch.compiler.disable(sink)
 
     # -- the step -------------------------------------------------------------------------------------
     def begin_step(self, batch_size: int | None = None) -> None:
