@@ -38,8 +38,9 @@ def check_float(
 
 
 def check_choice(name: str, value: Any, choices: Collection[Any]) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {sorted(map(repr, choices))}, got {value!r}")
+    if isinstance(value, (list, dict, set)) or value not in choices:
+        accepted = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"`{name}` must be one of {accepted}; got {value!r}")
 
 
 def check_damping(name: str, value: Any) -> None:

@@ -1,0 +1,94 @@
+"""Every public constructor argument is validated at construction, with a message naming it (property-based)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_soo import CurvatureScheduler, KFACCallback, PreconditionerManager
+
+BAD_INTS = st.one_of(st.integers(max_value=0), st.floats(allow_nan=True), st.text(max_size=3), st.booleans())
+BAD_FLOATS = st.one_of(st.just(math.nan), st.just(math.inf), st.text(min_size=1, max_size=3), st.just(None))
+
+KFAC_BAD = {
+    "damping": st.one_of(st.floats(max_value=-1e-9), st.just(math.nan), st.just(math.inf), st.text(max_size=3)),
+    "factor_decay": st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-9), BAD_FLOATS),
+    "statistics_interval": BAD_INTS,
+    "preconditioner_interval": BAD_INTS,
+    "inverse": st.text(max_size=8).filter(lambda s: s not in ("cholesky", "eigen")),
+    "max_factor_dim": BAD_INTS,
+    "exclude": st.one_of(st.text(min_size=1, max_size=3), st.lists(st.integers(), min_size=1, max_size=2)),
+    "weight_sharing": st.text(max_size=8).filter(lambda s: s not in ("expand", "reduce")),
+    "loss_reduction": st.text(max_size=8).filter(lambda s: s not in ("mean", "sum")),
+    "kl_clip": st.one_of(st.floats(max_value=0.0), st.just(math.nan), st.text(min_size=1, max_size=3)),
+}
+
+KFAC_GOOD = st.fixed_dictionaries(
+    {},
+    optional={
+        "damping": st.floats(0.0, 10.0),
+        "factor_decay": st.floats(0.0, 0.999),
+        "statistics_interval": st.integers(1, 100),
+        "preconditioner_interval": st.integers(1, 1000),
+        "inverse": st.sampled_from(["cholesky", "eigen"]),
+        "max_factor_dim": st.integers(1, 10_000),
+        "exclude": st.lists(st.text(max_size=5), max_size=3),
+        "weight_sharing": st.sampled_from(["expand", "reduce"]),
+        "loss_reduction": st.sampled_from(["mean", "sum"]),
+        "kl_clip": st.one_of(st.none(), st.floats(1e-6, 1.0)),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), name=st.sampled_from(sorted(KFAC_BAD)))
+def test_kfac_rejects_bad_values(data: st.DataObject, name: str) -> None:
+    value = data.draw(KFAC_BAD[name])
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        KFACCallback(**{name: value})
+
+
+@settings(max_examples=40, deadline=None)
+@given(kwargs=KFAC_GOOD)
+def test_kfac_accepts_good_values(kwargs: dict) -> None:
+    KFACCallback(**kwargs)
+
+
+CURVATURE_BAD = {
+    "frequent_fraction": st.one_of(st.floats(min_value=1.0001), st.floats(max_value=-1e-9), BAD_FLOATS),
+    "frequent_interval": BAD_INTS,
+    "interval": st.one_of(st.integers(max_value=0), st.text(min_size=1, max_size=3)),
+    "statistics_interval": st.one_of(st.integers(max_value=0), st.floats(allow_nan=True)),
+    "tolerance": st.one_of(st.floats(max_value=0.0), BAD_FLOATS),
+    "patience": BAD_INTS,
+    "quality_every_n_steps": st.one_of(st.integers(max_value=0), st.floats(allow_nan=True)),
+    "num_probes": BAD_INTS,
+    "quality_patience": st.one_of(st.integers(max_value=0), st.text(min_size=1, max_size=3)),
+    "quality_tolerance": st.one_of(st.floats(max_value=-1e-9), BAD_FLOATS),
+    "adaptive": st.one_of(st.integers(2, 5), st.text(min_size=1, max_size=3)),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), name=st.sampled_from(sorted(CURVATURE_BAD)))
+def test_curvature_scheduler_rejects_bad_values(data: st.DataObject, name: str) -> None:
+    value = data.draw(CURVATURE_BAD[name])
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        CurvatureScheduler(**{name: value})
+
+
+def test_messages_name_value_and_accepted() -> None:
+    with pytest.raises(ValueError, match=r"`inverse` must be one of 'cholesky', 'eigen'; got 'lu'"):
+        KFACCallback(inverse="lu")
+    with pytest.raises(ValueError, match=r"`factor_decay` must be a finite number in \[0, 1\), got 1.5"):
+        KFACCallback(factor_decay=1.5)
+
+
+def test_manager_rejects_unknown_method() -> None:
+    import torch
+
+    with pytest.raises(ValueError, match="method='adam' is not known"):
+        PreconditionerManager(torch.nn.Linear(2, 2), "adam")
