@@ -1,22 +1,39 @@
-"""torch.distributed support: statistics summed across ranks in one bucketed all-reduce.
+"""torch.distributed support (DDP): statistics summed across ranks, inverse work split across ranks.
 
-Every rank then holds the factors of the global batch. (Splitting the inverse work across ranks is planned;
-until then each rank refreshes every layer, which gives identical preconditioners on every rank.)
+* Statistics: one bucketed all-reduce per statistics step, so every rank holds the factors of the global batch.
+* Inverses: each layer has an owner, assigned once by cost (the n³ of its factors, greedy on the least-loaded
+  rank); only the owner refreshes it. Then, as in KAISA (Pauloski et al., 2021), ``grad_worker_fraction`` chooses:
+  1.0 — the owner broadcasts the new preconditioner and every rank preconditions its own (identical) gradient
+  (communication at refreshes only, every rank holds every preconditioner); 1/world_size — the owner alone
+  preconditions and broadcasts ``P·G`` every step (less memory, communication every step). Fractions in between
+  are rounded to the nearer of the two.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_soo.manager import Layer
 
 
 def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def _flat_copy(tensors: Sequence[Tensor], flat: Tensor) -> None:
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
 
 
 def all_reduce_sum(tensors: Sequence[Tensor]) -> int:
@@ -28,10 +45,97 @@ def all_reduce_sum(tensors: Sequence[Tensor]) -> int:
     for group in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in group])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for t in group:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
-            offset += n
+        _flat_copy(group, flat)
         sent += flat.numel() * flat.element_size()
     return sent
+
+
+def reduce_statistics(layers: Sequence[Layer]) -> int:
+    """Sum this step's statistics of ``layers`` across ranks; returns the bytes sent."""
+    tensors: list[Tensor] = []
+    for layer in layers:
+        pre = layer.preconditioner
+        if pre.uses_grad and not pre.uses_hooks:
+            continue  # statistics from the all-reduced gradient are already global
+        stats = pre.statistics_tensors()
+        if stats is None:
+            raise RuntimeError(
+                f"{type(pre).__name__} cannot reduce its statistics across processes (layer '{layer.name}'); "
+                "run it on a single process"
+            )
+        tensors.extend(stats)
+    return all_reduce_sum(tensors) if tensors else 0
+
+
+def broadcast_buckets(buckets: dict[int, list[Tensor]]) -> int:
+    """For every rank r, broadcast the tensors of ``buckets[r]`` from r into the same-shaped tensors of the other
+    ranks (one collective per rank and dtype); returns the bytes moved."""
+    moved = 0
+    for src in range(world_size()):
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in buckets.get(src, []):
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for dtype in sorted(by_dtype, key=str):
+            group = by_dtype[dtype]
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.broadcast(flat, src=src)
+            _flat_copy(group, flat)
+            moved += flat.numel() * flat.element_size()
+    return moved
+
+
+def assign_owners(costs: dict[str, float], ranks: int) -> dict[str, int]:
+    """Greedy longest-processing-time assignment: the costliest layer goes to the least-loaded rank."""
+    load = [0.0] * ranks
+    owners = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += costs[name]
+    return owners
+
+
+class DistributedPlan:
+    """Who refreshes which layer, and how the results reach the other ranks."""
+
+    def __init__(self, layers: Sequence[Layer], grad_worker_fraction: float = 1.0) -> None:
+        self.world, self.rank = world_size(), dist.get_rank()
+        costs = {layer.name: layer.preconditioner.refresh_cost() for layer in layers}
+        self.owners = assign_owners(costs, self.world)
+        workers = min(self.world, max(1, round(grad_worker_fraction * self.world)))
+        self.broadcast_gradients = workers * 2 <= self.world  # nearer to 1/world than to 1
+        self.bytes = 0
+
+    def owns(self, layer: Layer) -> bool:
+        return self.owners[layer.name] == self.rank
+
+    def refresh(self, layers: Sequence[Layer], refresh: Callable[[Layer], None]) -> None:
+        """Owners refresh; in inverse-broadcast mode the new preconditioners are then sent to every rank."""
+        for layer in layers:
+            if self.owns(layer):
+                refresh(layer)
+        if self.broadcast_gradients:
+            return
+        buckets: dict[int, list[Tensor]] = {}
+        for layer in layers:
+            buckets.setdefault(self.owners[layer.name], []).extend(layer.preconditioner.inverse_tensors())
+        self.bytes += broadcast_buckets(buckets)
+        for layer in layers:
+            if not self.owns(layer):
+                layer.preconditioner.inverse_tensors_loaded()
+
+    def precondition(self, items: Sequence[tuple[Layer, Tensor]]) -> list[Tensor]:
+        """Gradient-broadcast mode: the owner of each layer computes ``P·G`` (or keeps G if it has no
+        preconditioner yet) and broadcasts it; returns the result for every item."""
+        outs: list[Tensor] = []
+        buckets: dict[int, list[Tensor]] = {}
+        for layer, g in items:
+            pre = layer.preconditioner
+            if self.owns(layer):
+                out = pre.precondition(g) if pre.ready else g.to(pre.dtype).clone()
+            else:
+                out = torch.empty(g.shape, dtype=pre.dtype, device=g.device)
+            outs.append(out)
+            buckets.setdefault(self.owners[layer.name], []).append(out)
+        self.bytes += broadcast_buckets(buckets)
+        return outs

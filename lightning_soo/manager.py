@@ -28,11 +28,12 @@ from torch import Tensor, nn
 from lightning_soo.capture import Capture
 from lightning_soo.damping import Damping, DampingFn, make_damping
 from lightning_soo.discovery import discover
-from lightning_soo.distributed import all_reduce_sum, world_size
+from lightning_soo.distributed import DistributedPlan, reduce_statistics, world_size
 from lightning_soo.layers import LayerAdapter, WeightSharing
 from lightning_soo.preconditioners import get_method
 from lightning_soo.preconditioners.base import Preconditioner
 from lightning_soo.schedule import ChangeMonitor, Schedule
+from lightning_soo.sinks import grad_sink, input_sink
 from lightning_soo.update import Update, kl_scale
 
 LossReduction = Literal["mean", "sum"]
@@ -71,6 +72,8 @@ class PreconditionerManager:
         loss_reduction: ``"mean"`` if the loss averages over examples (the 1/N is undone), ``"sum"`` otherwise.
         kl_clip: if set, scale all preconditioned gradients of a step by ``ν = min(1, √(kl_clip / Σ lr²⟨P·G, G⟩))``
             (the KL-clipping of kfac-pytorch), so a learning rate tuned for SGD cannot produce a huge step.
+        grad_worker_fraction: under DDP, 1.0 broadcasts each refreshed preconditioner from its owner rank to all;
+            1/world_size lets the owner alone precondition and broadcast ``P·G`` every step (see ``distributed``).
         freeze_tolerance: adaptive freeze: when the curvature statistics change by less than this (relative, between
             consecutive refreshes) ``freeze_patience`` refreshes in a row, the curvature is frozen. None: off.
         freeze_patience: see ``freeze_tolerance``.
@@ -91,6 +94,7 @@ class PreconditionerManager:
         weight_sharing: WeightSharing = "expand",
         loss_reduction: LossReduction = "mean",
         kl_clip: float | None = None,
+        grad_worker_fraction: float = 1.0,
         freeze_tolerance: float | None = None,
         freeze_patience: int = 3,
         max_failures: int = 5,
@@ -103,6 +107,8 @@ class PreconditionerManager:
         self.loss_reduction = loss_reduction
         self.max_failures = max_failures
         self.kl_clip = kl_clip
+        self.grad_worker_fraction = grad_worker_fraction
+        self.plan: DistributedPlan | None = None  # built at the first refresh under torch.distributed
         self.monitor = ChangeMonitor(freeze_tolerance, freeze_patience) if freeze_tolerance is not None else None
         self.last_kl_scale = 1.0
         self.warn = warn
@@ -138,41 +144,11 @@ class PreconditionerManager:
             layer = Layer(name, adapter.module, adapter, pre)
             self.layers[name] = layer
             if pre.uses_hooks:
-                self.capture.attach(adapter.module, self._input_sink(layer), self._grad_sink(layer))
-
-    def _input_sink(self, layer: Layer) -> Callable[[Tensor], Any]:
-        adapter, pre = layer.adapter, layer.preconditioner
-
-        weight = adapter.module.weight
-
-        def sink(x: Tensor) -> Any:
-            if not weight.requires_grad:  # frozen (fine-tuning): no statistics
-                return _FROZEN
-            t0 = time.perf_counter()
-            with _no_autocast(x):
-                rows, n = adapter.input_rows(x if not x.is_floating_point() else x.to(pre.dtype))
-                ctx = pre.observe_inputs(rows, n)
-            self.timings["statistics"] += time.perf_counter() - t0
-            return ctx
-
-        return torch.compiler.disable(sink)  # under torch.compile: run as plain Python, never traced
-
-    def _grad_sink(self, layer: Layer) -> Callable[[Tensor, Any], None]:
-        adapter, pre = layer.adapter, layer.preconditioner
-        mean = self.loss_reduction == "mean"
-
-        def sink(g: Tensor, ctx: Any) -> None:
-            if ctx is _FROZEN:
-                return
-            t0 = time.perf_counter()
-            with _no_autocast(g):
-                rows, n = adapter.output_rows(g.to(pre.dtype))
-                if mean:
-                    rows = rows * n  # undo the 1/N of a mean loss: per-example output gradients
-                pre.observe_output_grads(rows, n, ctx)
-            self.timings["statistics"] += time.perf_counter() - t0
-
-        return torch.compiler.disable(sink)
+                self.capture.attach(
+                    adapter.module,
+                    input_sink(adapter, pre, self.timings),
+                    grad_sink(adapter, pre, self.timings, self.loss_reduction == "mean"),
+                )
 
     # -- the step -------------------------------------------------------------------------------------
     def begin_step(self, batch_size: int | None = None) -> None:
@@ -232,7 +208,7 @@ class PreconditionerManager:
         if self._collecting:
             t0 = time.perf_counter()
             if world_size() > 1:
-                self._reduce_statistics(layers)
+                self.counters["bytes_reduced"] = self.counters.get("bytes_reduced", 0) + reduce_statistics(layers)
             for layer in layers:
                 pre = layer.preconditioner
                 if pre.uses_grad:
@@ -255,27 +231,17 @@ class PreconditionerManager:
             t0 = time.perf_counter()
             damping = self.damping(step, lr, self.batch_size)
             self.last_damping = damping
-            for layer in layers:
-                self._refresh(layer, damping)
+            if world_size() > 1:  # each layer refreshed by its owner rank only
+                if self.plan is None:
+                    self.plan = DistributedPlan(list(self.layers.values()), self.grad_worker_fraction)
+                self.plan.refresh(layers, lambda layer: self._refresh(layer, damping))
+                self.counters["bytes_broadcast"] = self.plan.bytes
+            else:
+                for layer in layers:
+                    self._refresh(layer, damping)
             if self.monitor is not None:
                 self._watch_change(layers)
             self.timings["refresh"] += time.perf_counter() - t0
-
-    def _reduce_statistics(self, layers: list[Layer]) -> None:
-        tensors: list[Tensor] = []
-        for layer in layers:
-            pre = layer.preconditioner
-            if pre.uses_grad and not pre.uses_hooks:
-                continue  # statistics from the all-reduced gradient are already global
-            stats = pre.statistics_tensors()
-            if stats is None:
-                raise RuntimeError(
-                    f"{type(pre).__name__} cannot reduce its statistics across processes (layer '{layer.name}'); "
-                    "run it on a single process"
-                )
-            tensors.extend(stats)
-        if tensors:
-            self.counters["bytes_reduced"] = self.counters.get("bytes_reduced", 0) + all_reduce_sum(tensors)
 
     def _watch_change(self, layers: list[Layer]) -> None:
         """Adaptive freeze: freeze once the curvature stopped changing."""
@@ -307,15 +273,18 @@ class PreconditionerManager:
             "numerically; the last good preconditioner is kept",
         )
 
+    def _preconditioned(self, layers: list[Layer]) -> list[tuple[Layer, Tensor, Tensor]]:
+        """(layer, G, P·G) for every layer with a gradient and a preconditioner (here or on its owner rank)."""
+        items = [(layer, g) for layer in layers if (g := layer.adapter.grad_matrix()) is not None]
+        if self.plan is not None and self.plan.broadcast_gradients:
+            outs = self.plan.precondition(items)
+            self.counters["bytes_broadcast"] = self.plan.bytes
+            return [(layer, g, out) for (layer, g), out in zip(items, outs, strict=True)]
+        return [(layer, g, layer.preconditioner.precondition(g)) for layer, g in items if layer.preconditioner.ready]
+
     def _precondition(self, layers: list[Layer], optimizer: torch.optim.Optimizer | None, lr: float | None) -> None:
         updates: list[Update] = []
-        for layer in layers:
-            if not layer.preconditioner.ready:
-                continue
-            g = layer.adapter.grad_matrix()
-            if g is None:
-                continue
-            out = layer.preconditioner.precondition(g)
+        for layer, g, out in self._preconditioned(layers):
             # ⟨P·G, G⟩ is non-finite whenever P·G is: one pass serves as the finiteness check and the KL-clip term
             dot = float(torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1)))
             if not math.isfinite(dot):
@@ -354,7 +323,8 @@ class PreconditionerManager:
         """Parameters that keep their plain gradient, with the reason."""
         plain = dict(self.skipped)
         for layer in self.layers.values():
-            if not layer.preconditioner.ready:
+            elsewhere = self.plan is not None and self.plan.broadcast_gradients and not self.plan.owns(layer)
+            if not layer.preconditioner.ready and not elsewhere:
                 for pname, _p in layer.module.named_parameters(recurse=False):
                     plain[f"{layer.name}.{pname}"] = "no statistics captured (its forward never ran)"
         return plain
@@ -407,28 +377,11 @@ class PreconditionerManager:
             self.warn(f"checkpoint has preconditioner state for unknown layers {missing}; it was ignored")
         for name, layer_state in state["layers"].items():
             if name in self.layers:
-                self.layers[name].preconditioner.load_state_dict(layer_state)
+                pre = self.layers[name].preconditioner
+                pre.load_state_dict(layer_state)
+                if not pre.ready and self.last_damping is not None:
+                    pre.refresh(self.last_damping)  # saved by a rank that did not own this layer: rebuild it
         self._reported = self.counters["refreshes"] > 0
-
-
-_FROZEN = object()  # forward-hook context of a frozen layer: its output gradient is not folded either
-
-
-class _no_autocast:
-    """Disable autocast around statistics (fp32 maths) only when it is on: the check is cheaper than the context."""
-
-    def __init__(self, x: Tensor) -> None:
-        self.device_type = x.device.type
-        self.ctx: Any = None
-
-    def __enter__(self) -> None:
-        if torch.is_autocast_enabled(self.device_type):
-            self.ctx = torch.autocast(self.device_type, enabled=False)
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def managed_parameters(manager: PreconditionerManager) -> Iterable[nn.Parameter]:

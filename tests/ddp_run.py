@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -15,6 +16,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_soo import KFACCallback
 from tests.lightning_models import MLP, classification_data, trainer
+
+
+class LastGrads(L.Callback):
+    """Placed after the K-FAC callback: records the preconditioned gradients of the last step."""
+
+    def __init__(self) -> None:
+        self.grads: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads = [p.grad.detach().clone() for p in pl_module.parameters()]
 
 
 class ShardedMLP(MLP):
@@ -37,12 +48,14 @@ def main() -> None:
     parser.add_argument("--ckpt-in", default=None)
     parser.add_argument("--ckpt-out", default=None)
     parser.add_argument("--plain", action="store_true")
+    parser.add_argument("--fraction", type=float, default=1.0, help="grad_worker_fraction")
     args = parser.parse_args()
     torch.manual_seed(0)
     per_rank = 32 // args.devices  # the global batch is 32 either way
     model = ShardedMLP(batch_size=per_rank).double()
-    cb = KFACCallback(preconditioner_interval=2, kl_clip=None)
-    cbs = [] if "--plain" in sys.argv else [cb]
+    cb = KFACCallback(preconditioner_interval=2, kl_clip=None, grad_worker_fraction=args.fraction)
+    last = LastGrads()
+    cbs = [last] if "--plain" in sys.argv else [cb, last]
     kwargs = {"strategy": "ddp", "devices": args.devices} if args.devices > 1 else {"devices": 1}
     t = trainer(
         max_steps=args.steps,
@@ -55,8 +68,15 @@ def main() -> None:
     t.fit(model, ckpt_path=args.ckpt_in, weights_only=True if args.ckpt_in else None)
     if args.ckpt_out:
         t.save_checkpoint(args.ckpt_out)
+    result = {
+        "params": [p.detach() for p in model.parameters()],
+        "grads": last.grads,
+        "state": cb.state_dict(),
+    }
     if t.is_global_zero:
-        torch.save({"params": [p.detach() for p in model.parameters()], "state": cb.state_dict()}, args.out)
+        torch.save(result, args.out)
+    elif t.world_size > 1:
+        torch.save(result, f"{args.out}.rank{t.global_rank}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Data parallelism: 2-process DDP (gloo, CPU) with half the batch per rank equals one process on the whole batch."""
+"""Data parallelism: 2-process DDP (gloo, CPU) with half the batch per rank equals one process on the whole batch;
+the inverse work is split between the ranks; checkpoints resume on 1 and 2 processes."""
 
 from __future__ import annotations
 
@@ -13,39 +14,54 @@ import torch
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-def _run(tmp_path: Path, devices: int, name: str, *extra: str) -> dict:
+def _run(tmp_path: Path, devices: int, name: str, *extra: str) -> list[dict]:
+    """Rank results (rank 0 first)."""
     out = tmp_path / f"{name}.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(SCRIPT), "--devices", str(devices), "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    files = [out] + [Path(f"{out}.rank{r}") for r in range(1, devices)]
+    return [torch.load(f, weights_only=True) for f in files]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     tmp = tmp_path_factory.mktemp("ddp")
     ckpt = str(tmp / "ddp.ckpt")
     return {
         "single": _run(tmp, 1, "single", "--steps", "5"),
         "ddp": _run(tmp, 2, "ddp", "--ckpt-out", ckpt, "--steps", "5"),
+        "ddp_grad": _run(tmp, 2, "ddp_grad", "--steps", "5", "--fraction", "0.5"),
         "resume1": _run(tmp, 1, "resume1", "--ckpt-in", ckpt, "--steps", "8"),
         "resume2": _run(tmp, 2, "resume2", "--ckpt-in", ckpt, "--steps", "8"),
         "straight": _run(tmp, 1, "straight", "--steps", "8"),
     }
 
 
-def test_ddp_equals_single_process(runs: dict[str, dict]) -> None:
-    for a, b in zip(runs["single"]["params"], runs["ddp"]["params"], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
-    single, ddp = runs["single"]["state"]["layers"], runs["ddp"]["state"]["layers"]
-    for name in single:
-        torch.testing.assert_close(single[name]["a"], ddp[name]["a"], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(single[name]["b"], ddp[name]["b"], rtol=1e-10, atol=1e-12)
-    assert runs["ddp"]["state"]["counters"]["bytes_reduced"] > 0
+@pytest.mark.parametrize("mode", ["ddp", "ddp_grad"])
+def test_ddp_equals_single_process(runs: dict[str, list[dict]], mode: str) -> None:
+    single = runs["single"][0]
+    for rank in runs[mode]:
+        for a, b in zip(single["params"], rank["params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+        for name, layer in single["state"]["layers"].items():  # every rank has the global-batch factors
+            torch.testing.assert_close(layer["a"], rank["state"]["layers"][name]["a"], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(layer["b"], rank["state"]["layers"][name]["b"], rtol=1e-10, atol=1e-12)
+        assert rank["state"]["counters"]["bytes_reduced"] > 0 and rank["state"]["counters"]["bytes_broadcast"] > 0
 
 
-def test_ddp_checkpoint_resumes_on_one_and_two_processes(runs: dict[str, dict]) -> None:
+@pytest.mark.parametrize("mode", ["ddp", "ddp_grad"])
+def test_inverse_work_is_split_and_gradients_agree(runs: dict[str, list[dict]], mode: str) -> None:
+    total = runs["single"][0]["state"]["counters"]["refreshes"]
+    per_rank = [r["state"]["counters"]["refreshes"] for r in runs[mode]]
+    assert sum(per_rank) == total and all(0 < n < total for n in per_rank)
+    rank0, rank1 = runs[mode]
+    for g0, g1 in zip(rank0["grads"], rank1["grads"], strict=True):  # the preconditioned gradients of the last step
+        assert torch.equal(g0, g1)
+
+
+def test_ddp_checkpoint_resumes_on_one_and_two_processes(runs: dict[str, list[dict]]) -> None:
     for key in ("resume1", "resume2"):
-        for a, b in zip(runs["straight"]["params"], runs[key]["params"], strict=True):
+        for a, b in zip(runs["straight"][0]["params"], runs[key][0]["params"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)

@@ -51,6 +51,7 @@ class SecondOrderCallback(Callback):
         loss_reduction: str,
         method_options: dict[str, Any],
         kl_clip: float | None = None,
+        grad_worker_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         v.check_damping("damping", damping)
@@ -60,6 +61,7 @@ class SecondOrderCallback(Callback):
         v.check_choice("weight_sharing", weight_sharing, ("expand", "reduce"))
         v.check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         v.check_float("kl_clip", kl_clip, 0.0, low_open=True, allow_none=True)
+        v.check_float("grad_worker_fraction", grad_worker_fraction, 0.0, 1.0, low_open=True)
         self.damping = damping
         self.statistics_interval = statistics_interval
         self.preconditioner_interval = preconditioner_interval
@@ -68,6 +70,7 @@ class SecondOrderCallback(Callback):
         self.loss_reduction = loss_reduction
         self.method_options = method_options
         self.kl_clip = kl_clip
+        self.grad_worker_fraction = grad_worker_fraction
         self.manager: PreconditionerManager | None = None
         self._pending_state: dict[str, Any] | None = None
         self._timer = StepTimer()
@@ -91,6 +94,7 @@ class SecondOrderCallback(Callback):
             weight_sharing=self.weight_sharing,  # type: ignore[arg-type]
             loss_reduction=self.loss_reduction,  # type: ignore[arg-type]
             kl_clip=self.kl_clip,
+            grad_worker_fraction=self.grad_worker_fraction,
             warn=rank_zero_warn,
         )
 

@@ -27,6 +27,8 @@ class KFACCallback(SecondOrderCallback):
         loss_reduction: ``"mean"`` if your loss averages over examples, ``"sum"`` if it sums.
         kl_clip: bound on ``Σ lr²⟨P·G, G⟩`` per step (kfac-pytorch's KL clipping): the preconditioned gradients are
             scaled down when a step would exceed it, so the learning rate of your SGD setup stays safe. None: off.
+        grad_worker_fraction: under DDP each layer's inverse is computed by one owner rank; 1.0 broadcasts the
+            inverses at refreshes, 1/world_size lets the owner precondition and broadcast the gradient every step.
     """
 
     method = "kfac"
@@ -43,6 +45,7 @@ class KFACCallback(SecondOrderCallback):
         weight_sharing: Literal["expand", "reduce"] = "expand",
         loss_reduction: Literal["mean", "sum"] = "mean",
         kl_clip: Optional[float] = 1e-3,
+        grad_worker_fraction: float = 1.0,
     ) -> None:
         v.check_float("factor_decay", factor_decay, 0.0, 1.0, high_open=True)
         v.check_choice("inverse", inverse, ("cholesky", "eigen"))
@@ -56,5 +59,6 @@ class KFACCallback(SecondOrderCallback):
             loss_reduction=loss_reduction,
             method_options={"factor_decay": factor_decay, "inverse": inverse, "max_factor_dim": max_factor_dim},
             kl_clip=kl_clip,
+            grad_worker_fraction=grad_worker_fraction,
         )
         self.factor_decay, self.inverse, self.max_factor_dim = factor_decay, inverse, max_factor_dim

@@ -88,6 +88,19 @@ class Preconditioner:
         """``P^{-1} · V``, the curvature the preconditioner stands for (used by the quality criterion)."""
         raise NotImplementedError
 
+    def refresh_cost(self) -> float:
+        """Relative cost of a refresh (the n³ of dense factors), used to split inverse work across ranks."""
+        return float(self.d_in**3 + self.d_out**3)
+
+    def inverse_tensors(self) -> list[Tensor]:
+        """The tensors that define the current preconditioner (allocated with their shapes if there is none yet),
+        which a layer's owner rank broadcasts after a refresh; ``inverse_tensors_loaded`` is called once they
+        were overwritten in place."""
+        raise NotImplementedError(f"{type(self).__name__} cannot share its preconditioner across ranks")
+
+    def inverse_tensors_loaded(self) -> None:
+        """Hook after ``inverse_tensors`` were received from the owner rank."""
+
     def spectrum(self) -> Tensor | None:
         """Eigenvalues of the damped curvature when the method has them at hand (None otherwise)."""
         return None

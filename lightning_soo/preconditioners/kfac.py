@@ -166,6 +166,36 @@ class KFAC(Preconditioner):
         left = v / self.b_inv.unsqueeze(1) if self.b_inv.dim() == 1 else torch.linalg.solve(self.b_inv, v)
         return left / self.a_inv if self.a_inv.dim() == 1 else torch.linalg.solve(self.a_inv, left.mT).mT
 
+    def refresh_cost(self) -> float:
+        a_diag, b_diag = self.diagonal_sides
+        return float((0 if a_diag else self.d_in**3) + (0 if b_diag else self.d_out**3)) + 1.0
+
+    def inverse_tensors(self) -> list[Tensor]:
+        a_diag, b_diag = self.diagonal_sides
+        da, db = self.d_in, self.d_out
+        if self.inverse == "eigen":
+            spec = [("lam_a", (da,)), ("q_a", None if a_diag else (da, da)), ("lam_b", (db,))]
+            spec.append(("q_b", None if b_diag else (db, db)))
+        else:
+            spec = [("a_inv", (da,) if a_diag else (da, da)), ("b_inv", (db,) if b_diag else (db, db))]
+        header = torch.tensor([float(self.ready), self.damping, self.rho_a, self.rho_b], dtype=self.dtype)
+        self._header = header.to(self.device)
+        out = [self._header]
+        for name, shape in spec:
+            if shape is None:
+                continue
+            t = getattr(self, name)
+            # the same memory layout on every rank, so the products of P·G round identically everywhere
+            t = torch.zeros(shape, dtype=self.dtype, device=self.device) if t is None else t.contiguous()
+            setattr(self, name, t)
+            out.append(t)
+        return out
+
+    def inverse_tensors_loaded(self) -> None:
+        ready, self.damping, self.rho_a, self.rho_b = (float(v) for v in self._header)
+        self.ready = ready > 0.5
+        self._spectrum = None
+
     def spectrum(self) -> Tensor | None:
         """Eigenvalues of the damped curvature (factored damping: (λ_B+ρ_B)(λ_A+ρ_A)); computed on demand."""
         if not self.ready:
