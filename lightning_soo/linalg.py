@@ -50,18 +50,28 @@ def damped_inverse(m: Tensor, damping: float) -> Tensor | None:
 
 
 def eigh(m: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD matrix; retried in float64."""
+    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD matrix.
+
+    Retried in float64, then in float64 with a diagonal shift (``1e-6`` of the mean eigenvalue, removed from the
+    eigenvalues afterwards), which helps LAPACK converge on nearly degenerate spectra; None if all fail.
+    """
     if not _finite(m):
         return None
     a = symmetrize(m)
-    for dtype in (a.dtype, torch.float64):
+    shift = 1e-6 * max(mean_eigenvalue(a), 1e-30)
+    for dtype, jitter in ((a.dtype, 0.0), (torch.float64, 0.0), (torch.float64, shift)):
         try:
-            lam, q = torch.linalg.eigh(a.to(dtype))
+            lam, q = _eigh(add_diagonal(a.to(dtype), jitter) if jitter else a.to(dtype))
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             continue
         if _finite(lam) and _finite(q):
-            return lam.clamp(min=0).to(m.dtype), q.to(m.dtype)
+            return (lam - jitter).clamp(min=0).to(m.dtype), q.to(m.dtype)
     return None
+
+
+def _eigh(a: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh``; a separate name so fault-injection tests can make it fail."""
+    return torch.linalg.eigh(a)
 
 
 def inverse_root(m: Tensor, damping: float, exponent: float) -> Tensor | None:

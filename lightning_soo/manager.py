@@ -74,6 +74,8 @@ class PreconditionerManager:
             (the KL-clipping of kfac-pytorch), so a learning rate tuned for SGD cannot produce a huge step.
         grad_worker_fraction: under DDP, 1.0 broadcasts each refreshed preconditioner from its owner rank to all;
             1/world_size lets the owner alone precondition and broadcast ``P·G`` every step (see ``distributed``).
+        max_update_norm: if set, each layer's preconditioned gradient is scaled down to at most this Frobenius norm
+            (after KL clipping): a per-layer cap on exploding preconditioned steps.
         freeze_tolerance: adaptive freeze: when the curvature statistics change by less than this (relative, between
             consecutive refreshes) ``freeze_patience`` refreshes in a row, the curvature is frozen. None: off.
         freeze_patience: see ``freeze_tolerance``.
@@ -95,6 +97,7 @@ class PreconditionerManager:
         loss_reduction: LossReduction = "mean",
         kl_clip: float | None = None,
         grad_worker_fraction: float = 1.0,
+        max_update_norm: float | None = None,
         freeze_tolerance: float | None = None,
         freeze_patience: int = 3,
         max_failures: int = 5,
@@ -108,6 +111,7 @@ class PreconditionerManager:
         self.max_failures = max_failures
         self.kl_clip = kl_clip
         self.grad_worker_fraction = grad_worker_fraction
+        self.max_update_norm = max_update_norm
         self.plan: DistributedPlan | None = None  # built at the first refresh under torch.distributed
         self.monitor = ChangeMonitor(freeze_tolerance, freeze_patience) if freeze_tolerance is not None else None
         self.last_kl_scale = 1.0
@@ -137,6 +141,7 @@ class PreconditionerManager:
     # -- construction -------------------------------------------------------------------------------------
     def _build(self, model: nn.Module, exclude: Sequence[str], weight_sharing: WeightSharing) -> None:
         adapters, self.skipped = discover(model, exclude, weight_sharing)
+        self._known_params = {id(p) for p in model.parameters()}
         for name, adapter in adapters.items():
             w = adapter.module.weight
             dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
@@ -299,7 +304,13 @@ class PreconditionerManager:
         self.last_kl_scale = kl_scale(updates, self.kl_clip, optimizer, lr) if self.kl_clip and updates else 1.0
         self.counters["preconditioned_steps"] += bool(updates)
         for adapter, _, out in updates:
-            adapter.set_grad_matrix(out if self.last_kl_scale == 1.0 else out * self.last_kl_scale)
+            scale = self.last_kl_scale
+            if self.max_update_norm is not None:
+                norm = float(out.norm()) * scale
+                if norm > self.max_update_norm:
+                    scale *= self.max_update_norm / norm
+                    self.counters["capped_updates"] = self.counters.get("capped_updates", 0) + 1
+            adapter.set_grad_matrix(out if scale == 1.0 else out * scale)
 
     def _layers_of(self, optimizer: torch.optim.Optimizer | None) -> list[Layer]:
         if optimizer is None:
@@ -309,6 +320,13 @@ class PreconditionerManager:
         if cached is not None and cached[0] == len(ids):
             return cached[1]
         idset = set(ids)
+        unknown = idset - self._known_params
+        if unknown:
+            self._known_params |= unknown
+            self.warn(
+                f"{len(unknown)} parameter tensor(s) of the optimizer were not in the model when the preconditioner "
+                "was set up (modules added later); they keep their plain gradient"
+            )
         layers = [lay for lay in self.layers.values() if all(id(p) in idset for p in lay.adapter.params)]
         self._opt_cache[id(optimizer)] = (len(ids), layers)
         return layers

@@ -105,3 +105,30 @@ def test_linear_rows_fuzz(lead: list[int], bias: bool) -> None:
     assert n == expected.shape[0]
     d, m = LinearAdapter(lin).output_rows(torch.randn(*lead, 2))
     assert d.shape == (n, 2) and m == n
+
+
+def test_eigh_retries_in_float64_then_with_a_shift(monkeypatch) -> None:
+    m = _spd(5, 4).float()
+    calls: list[tuple[torch.dtype, bool]] = []
+    original = linalg._eigh
+
+    def flaky(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shifted = len(calls) == 2
+        calls.append((a.dtype, shifted))
+        if len(calls) < 3:
+            raise torch.linalg.LinAlgError("forced failure")
+        return original(a)
+
+    monkeypatch.setattr(linalg, "_eigh", flaky)
+    lam, q = linalg.eigh(m)
+    assert [c[0] for c in calls] == [torch.float32, torch.float64, torch.float64]
+    torch.testing.assert_close((q * lam) @ q.T, m, rtol=1e-4, atol=1e-3)
+
+
+def test_eigh_gives_up_with_none(monkeypatch) -> None:
+    def broken(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise torch.linalg.LinAlgError("forced failure")
+
+    monkeypatch.setattr(linalg, "_eigh", broken)
+    assert linalg.eigh(_spd(4, 5)) is None
+    assert linalg.inverse_root(_spd(4, 5), 0.1, 0.25) is None

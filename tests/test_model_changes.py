@@ -34,3 +34,25 @@ def test_frozen_layer_is_preconditioned_once_unfrozen() -> None:
     _train(manager, model, opt, 4)
     pre = manager.layers["0"].preconditioner
     assert pre.ready and pre.a is not None and manager.counters["preconditioned_steps"] == before + 4
+
+
+def test_modules_added_after_setup_are_named_and_left_plain() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    messages: list[str] = []
+    manager = PreconditionerManager(model, warn=messages.append)
+    model.append(nn.Linear(3, 3))  # a head added after the manager was built
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train(manager, model, opt, 2)
+    assert any("not in the model when the preconditioner was set up" in m for m in messages)
+    assert list(manager.layers) == ["0", "2"]
+
+
+def test_update_norm_cap() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    manager = PreconditionerManager(model, damping=1e-4, max_update_norm=1e-3, preconditioner_interval=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train(manager, model, opt, 2)
+    for layer in manager.layers.values():
+        assert float(layer.adapter.grad_matrix().norm()) <= 1e-3 * (1 + 1e-5)
+    assert manager.counters["capped_updates"] > 0

@@ -24,6 +24,8 @@ KFAC_BAD = {
     "weight_sharing": st.text(max_size=8).filter(lambda s: s not in ("expand", "reduce")),
     "loss_reduction": st.text(max_size=8).filter(lambda s: s not in ("mean", "sum")),
     "kl_clip": st.one_of(st.floats(max_value=0.0), st.just(math.nan), st.text(min_size=1, max_size=3)),
+    "grad_worker_fraction": st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0001), BAD_FLOATS),
+    "max_update_norm": st.one_of(st.floats(max_value=0.0), st.just(math.nan), st.text(min_size=1, max_size=3)),
 }
 
 KFAC_GOOD = st.fixed_dictionaries(
@@ -39,6 +41,8 @@ KFAC_GOOD = st.fixed_dictionaries(
         "weight_sharing": st.sampled_from(["expand", "reduce"]),
         "loss_reduction": st.sampled_from(["mean", "sum"]),
         "kl_clip": st.one_of(st.none(), st.floats(1e-6, 1.0)),
+        "grad_worker_fraction": st.floats(0.01, 1.0),
+        "max_update_norm": st.one_of(st.none(), st.floats(1e-6, 1e3)),
     },
 )
 

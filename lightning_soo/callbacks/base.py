@@ -52,6 +52,7 @@ class SecondOrderCallback(Callback):
         method_options: dict[str, Any],
         kl_clip: float | None = None,
         grad_worker_fraction: float = 1.0,
+        max_update_norm: float | None = None,
     ) -> None:
         super().__init__()
         v.check_damping("damping", damping)
@@ -62,6 +63,7 @@ class SecondOrderCallback(Callback):
         v.check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
         v.check_float("kl_clip", kl_clip, 0.0, low_open=True, allow_none=True)
         v.check_float("grad_worker_fraction", grad_worker_fraction, 0.0, 1.0, low_open=True)
+        v.check_float("max_update_norm", max_update_norm, 0.0, low_open=True, allow_none=True)
         self.damping = damping
         self.statistics_interval = statistics_interval
         self.preconditioner_interval = preconditioner_interval
@@ -71,6 +73,7 @@ class SecondOrderCallback(Callback):
         self.method_options = method_options
         self.kl_clip = kl_clip
         self.grad_worker_fraction = grad_worker_fraction
+        self.max_update_norm = max_update_norm
         self.manager: PreconditionerManager | None = None
         self._pending_state: dict[str, Any] | None = None
         self._timer = StepTimer()
@@ -95,6 +98,7 @@ class SecondOrderCallback(Callback):
             loss_reduction=self.loss_reduction,  # type: ignore[arg-type]
             kl_clip=self.kl_clip,
             grad_worker_fraction=self.grad_worker_fraction,
+            max_update_norm=self.max_update_norm,
             warn=rank_zero_warn,
         )
 

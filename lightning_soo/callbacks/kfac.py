@@ -29,6 +29,7 @@ class KFACCallback(SecondOrderCallback):
             scaled down when a step would exceed it, so the learning rate of your SGD setup stays safe. None: off.
         grad_worker_fraction: under DDP each layer's inverse is computed by one owner rank; 1.0 broadcasts the
             inverses at refreshes, 1/world_size lets the owner precondition and broadcast the gradient every step.
+        max_update_norm: cap on the Frobenius norm of each layer's preconditioned gradient (None: no cap).
     """
 
     method = "kfac"
@@ -46,6 +47,7 @@ class KFACCallback(SecondOrderCallback):
         loss_reduction: Literal["mean", "sum"] = "mean",
         kl_clip: Optional[float] = 1e-3,
         grad_worker_fraction: float = 1.0,
+        max_update_norm: Optional[float] = None,
     ) -> None:
         v.check_float("factor_decay", factor_decay, 0.0, 1.0, high_open=True)
         v.check_choice("inverse", inverse, ("cholesky", "eigen"))
@@ -60,5 +62,6 @@ class KFACCallback(SecondOrderCallback):
             method_options={"factor_decay": factor_decay, "inverse": inverse, "max_factor_dim": max_factor_dim},
             kl_clip=kl_clip,
             grad_worker_fraction=grad_worker_fraction,
+            max_update_norm=max_update_norm,
         )
         self.factor_decay, self.inverse, self.max_factor_dim = factor_decay, inverse, max_factor_dim
