@@ -15,7 +15,6 @@ import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -25,7 +24,7 @@ from lightning_soo.callbacks.quality_pass import training_loss_fn
 from lightning_soo.callbacks.telemetry import log_scalars
 from lightning_soo.dashboard import PREFIX
 from lightning_soo.manager import PreconditionerManager
-from lightning_soo.quality import measure_quality
+from lightning_soo.quality import QualityReport, measure_quality
 from lightning_soo.schedule import ChangeMonitor
 
 
@@ -85,7 +84,6 @@ class CurvatureScheduler(Callback):
         self._target: SecondOrderCallback | None = None
         self._configured: PreconditionerManager | None = None
         self._warned_manual = False
-        self._generator = torch.Generator().manual_seed(0)
 
     @property
     def state_key(self) -> str:
@@ -148,26 +146,20 @@ class CurvatureScheduler(Callback):
             return
         loss_fn = training_loss_fn(trainer, pl_module, batch, batch_idx)
         report = measure_quality(
-            manager, loss_fn, num_probes=self.num_probes, generator=self._generator, model=pl_module
+            manager,
+            loss_fn,
+            num_probes=self.num_probes,
+            model=pl_module,  # the same probes every time
         )
         metrics = self._metrics(report, trainer)
         self.last_quality = metrics
         log_scalars(trainer, metrics)
         self._watch_quality(report.model.index, manager)
 
-    def _metrics(self, report: Any, trainer: pl.Trainer) -> dict[str, float]:
-        p = PREFIX
-        out = {
-            f"{p}/quality_index/model": report.model.index,
-            f"{p}/criterion/model": report.model.criterion,
-            f"{p}/alpha_star/model": report.model.alpha_star,
-            f"{p}/quality_ms": 1e3 * report.seconds,
-        }
-        for name, q in report.layers.items():
-            out[f"{p}/quality_index/{name}"] = q.index
-            out[f"{p}/criterion/{name}"] = q.criterion
+    def _metrics(self, report: QualityReport, trainer: pl.Trainer) -> dict[str, float]:
+        out = report.scalars(PREFIX)
         if trainer.optimizers:
-            out[f"{p}/lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+            out[f"{PREFIX}/lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
         return out
 
     def _watch_quality(self, index: float, manager: PreconditionerManager) -> None:
