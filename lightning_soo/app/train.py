@@ -23,7 +23,7 @@ from lightning_soo.app.data import digits
 class DigitsMLP(L.LightningModule):
     """A plain MLP classifier trained with SGD and momentum, as anyone would write it."""
 
-    def __init__(self, hidden: int = 128, lr: float = 0.1, momentum: float = 0.9) -> None:
+    def __init__(self, hidden: int = 128, lr: float = 0.1, momentum: float = 0.9, optimizer: str = "sgd") -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
@@ -46,6 +46,8 @@ class DigitsMLP(L.LightningModule):
         self.log("test_acc", self.test_acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.hparams.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
 
 
@@ -70,8 +72,8 @@ class RunResult:
 
 
 def make_callback(method: str, **options: Any) -> Callback | None:
-    """The library callback for ``method`` (None for plain SGD)."""
-    if method == "sgd":
+    """The library callback for ``method`` (None for the plain optimizers ``sgd`` and ``adamw``)."""
+    if method in ("sgd", "adamw"):
         return None
     import lightning_soo.callbacks as cbs
 
@@ -95,17 +97,18 @@ def train(
     seed: int = 0,
     log_dir: Path | None = None,
     data: tuple[TensorDataset, TensorDataset] | None = None,
+    extra_callbacks: list[Callback] | None = None,
     **options: Any,
 ) -> RunResult:
     """Train ``DigitsMLP`` with SGD (+ the method's callback) and evaluate test accuracy."""
     L.seed_everything(seed, verbose=False)
     train_set, test_set = data or digits(seed=0)
-    model = DigitsMLP(lr=lr)
+    model = DigitsMLP(lr=lr, optimizer="adamw" if method == "adamw" else "sgd")
     curve = _Curve()
-    callbacks = [curve]
+    callbacks: list[Callback] = [curve, *(extra_callbacks or [])]
     extra = make_callback(method, **options)
     if extra is not None:
-        callbacks.append(extra)
+        callbacks.insert(1, extra)
     logger = TensorBoardLogger(str(log_dir), name="", version=method) if log_dir is not None else False
     trainer = L.Trainer(
         max_epochs=epochs,

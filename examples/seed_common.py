@@ -1,0 +1,42 @@
+"""Shared pieces of the seed-figure scripts: quiet Lightning, results files, verdict lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def quiet() -> None:
+    """Silence Lightning's per-run banners (hundreds of short runs)."""
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def save(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
+    out = out or RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=float))
+    return path
+
+
+def verdict(claim: str, held: bool, detail: str) -> str:
+    line = f"VERDICT [{'REPRODUCED' if held else 'NOT REPRODUCED'}] {claim} — {detail}"
+    print(line, flush=True)
+    return line
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.t0, 1)
