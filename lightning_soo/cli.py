@@ -13,6 +13,19 @@ def _demo(args: argparse.Namespace) -> None:
     run(args.out, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, quick=args.quick)
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from lightning_soo.app.compare import run
+
+    run(args.methods, args.batch_sizes, args.epochs, args.out, seed=args.seed, quick=args.quick)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from lightning_soo.app.report import report
+
+    if not report(args.logdir, args.out):
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-soo", description="Second-order optimization for PyTorch Lightning: demos and tools."
@@ -30,6 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--quick", action="store_true", help="a few epochs only (smoke test)")
     demo.set_defaults(func=_demo)
+
+    compare = sub.add_parser(
+        "compare",
+        help="methods x batch sizes on the bundled digits: a table and a PNG",
+        description="Train the digits MLP with each method at each batch size for a fixed number of epochs; print a "
+        "table (final train loss, test accuracy, seconds) and write compare.png and compare.json.",
+    )
+    compare.add_argument("--methods", nargs="+", default=["sgd", "adamw", "kfac"], help="default: sgd adamw kfac")
+    compare.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[32, 128, 512, 1438], help="default: 32 128 512 1438"
+    )
+    compare.add_argument("--epochs", type=int, default=10, help="epochs per run (default: 10)")
+    compare.add_argument("--out", type=Path, default=Path("soo_compare"), help="output folder (default: ./soo_compare)")
+    compare.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    compare.add_argument("--quick", action="store_true", help="two batch sizes, two epochs (smoke test)")
+    compare.set_defaults(func=_compare)
+
+    report = sub.add_parser(
+        "report",
+        help="PNG plots from the TensorBoard logs of a run (quality, damping, refresh timeline)",
+        description="Read the lightning-soo scalars from every run under LOGDIR and write one PNG per run: quality "
+        "index and criterion per layer, damping with the refresh count and the freeze, time per step.",
+    )
+    report.add_argument("logdir", type=Path, help="a TensorBoard log folder (searched recursively)")
+    report.add_argument("--out", type=Path, default=None, help="where the PNGs go (default: LOGDIR)")
+    report.set_defaults(func=_report)
     return parser
 
 

@@ -1,0 +1,70 @@
+"""``lightning-soo compare``: methods x batch sizes on the bundled digits; a table and a PNG."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from lightning_soo.app.data import digits, require
+from lightning_soo.app.train import RunResult, train
+
+# per-method learning rates (the plain optimizers') on this bundled problem
+DEFAULT_LR = {"sgd": 0.2, "adamw": 3e-3, "kfac": 0.2, "shampoo": 0.2, "gauss_newton": 0.2, "psgd": 0.2}
+
+
+def run(
+    methods: list[str], batch_sizes: list[int], epochs: int, out: Path, seed: int = 0, quick: bool = False
+) -> list[RunResult]:
+    require("matplotlib")
+    out.mkdir(parents=True, exist_ok=True)
+    data = digits()
+    if quick:
+        epochs, batch_sizes = min(epochs, 2), batch_sizes[:2]
+    results = []
+    total = len(methods) * len(batch_sizes)
+    for i, (batch, method) in enumerate(((b, m) for b in batch_sizes for m in methods), start=1):
+        print(f"[{i}/{total}] {method} at batch {batch} ...", flush=True)
+        results.append(
+            train(method, batch_size=batch, epochs=epochs, lr=DEFAULT_LR.get(method, 0.1), seed=seed, data=data)
+        )
+    print(table(results))
+    png = out / "compare.png"
+    plot(results, methods, batch_sizes, png, len(data[0]), epochs)
+    (out / "compare.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    print(f"table and curves: {out / 'compare.json'}, {png}")
+    return results
+
+
+def table(results: list[RunResult]) -> str:
+    lines = [f"{'method':<13} {'batch':>6} {'lr':>7} {'final train loss':>17} {'test acc':>9} {'seconds':>8}", "-" * 64]
+    for r in results:
+        lines.append(
+            f"{r.method:<13} {r.batch_size:>6} {r.lr:>7g} {r.final_train_loss:>17.4f} "
+            f"{r.test_acc:>9.3f} {r.seconds:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[RunResult], methods: list[str], batches: list[int], path: Path, n: int, epochs: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for method in methods:
+        rows = [r for r in results if r.method == method]
+        axes[0].plot([r.batch_size for r in rows], [r.final_train_loss for r in rows], marker="o", label=method)
+        axes[1].plot([r.batch_size for r in rows], [r.test_acc for r in rows], marker="o", label=method)
+    for ax, label in zip(axes, ("final training loss", "test accuracy"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_yscale("log")
+    fig.suptitle(f"digits ({n} training examples), {epochs} epochs")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
