@@ -344,7 +344,7 @@ class PreconditionerManager:
             elsewhere = self.plan is not None and self.plan.broadcast_gradients and not self.plan.owns(layer)
             if not layer.preconditioner.ready and not elsewhere:
                 for pname, _p in layer.module.named_parameters(recurse=False):
-                    plain[f"{layer.name}.{pname}"] = "no statistics captured (its forward never ran)"
+                    plain.setdefault(f"{layer.name}.{pname}", "no statistics captured (its forward never ran)")
         return plain
 
     def _report_plain(self) -> None:
