@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -71,18 +72,23 @@ def _run(rank: int, world: int, mode: str, steps: int, result_file: str) -> None
         }
         Path(result_file).write_text(json.dumps(result))
     if world > 1:
+        dist.barrier()  # nobody tears gloo down while a peer is still sending
         dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def measure(mode: str, world: int, steps: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
-        if world == 1:
-            _run(0, 1, mode, steps, out)
-        else:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
-            mp.spawn(_run, args=(world, mode, steps, out), nprocs=world, join=True)
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())  # a fresh rendezvous per run
+        # the single-process run is spawned too, so both sides start from the same fresh process state
+        mp.spawn(_run, args=(world, mode, steps, out), nprocs=world, join=True)
         return json.loads(Path(out).read_text())
 
 

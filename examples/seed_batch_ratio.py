@@ -12,7 +12,6 @@ Criterion (stated before running): in both arms the gain's Spearman rank correla
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seed_common import Clock, quiet, save, verdict
+from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, verdict
 from seed_damping import spearman
 
 from lightning_soo.app.data import digits
@@ -40,11 +39,9 @@ def best_loss(method: str, grid: list[dict], **kwargs: object) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 x 2 grid, tiny budgets")
+    parser = base_parser(__doc__, "2 x 2 grid, tiny budgets")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     quiet()
     clock = Clock()
@@ -92,16 +89,12 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": clock.seconds,
     }
     save("batch_ratio_quick" if args.quick else "batch_ratio", payload, args.out)
-    plot(cells, sizes, batches, (args.out or Path(__file__).parent / "results") / "batch_ratio.png")
+    plot(cells, sizes, batches, out_dir(args.out) / "batch_ratio.png")
     return payload
 
 
 def plot(cells: list[dict], sizes: list[int], batches: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for ax, arm in zip(axes, ("fixed_epochs", "fixed_steps"), strict=True):
         grid = [[math.nan] * len(batches) for _ in sizes]

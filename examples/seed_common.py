@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -10,6 +11,28 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def base_parser(doc: str | None, quick_help: str) -> argparse.ArgumentParser:
+    """``--quick`` (a smoke run in seconds) and ``--out`` (where JSON and PNG go), shared by every script."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: examples/results)")
+    return parser
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def out_dir(out: Path | None) -> Path:
+    return out or RESULTS
 
 
 def quiet() -> None:

@@ -12,14 +12,13 @@ Criterion (stated before running): both rank correlations are positive (> 0.3).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seed_common import Clock, quiet, save, verdict
+from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, verdict
 
 from lightning_soo.app.data import digits
 from lightning_soo.app.train import train
@@ -50,10 +49,8 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a 2 x 2 x 2 grid, 2 epochs")
+    parser = base_parser(__doc__, "a 2 x 2 x 2 grid, 2 epochs")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     quiet()
     clock = Clock()
@@ -94,16 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": clock.seconds,
     }
     save("damping_quick" if args.quick else "damping", payload, args.out)
-    plot(best, lrs, batches, (args.out or Path(__file__).parent / "results") / "damping.png")
+    plot(best, lrs, batches, out_dir(args.out) / "damping.png")
     return payload
 
 
 def plot(best: list[dict], lrs: list[float], batches: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for lr in lrs:
         rows = [b for b in best if b["lr"] == lr]

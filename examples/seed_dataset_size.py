@@ -13,7 +13,6 @@ than on the large one, by at least a factor 2.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seed_common import Clock, quiet, save, verdict
+from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, verdict
 
 from lightning_soo import KFACCallback
 
@@ -110,11 +109,9 @@ def run(method: str, text: torch.Tensor, held_out: torch.Tensor, steps: int, bat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny corpora, 20 steps")
+    parser = base_parser(__doc__, "tiny corpora, 20 steps")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     quiet()
     clock = Clock()
@@ -148,16 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": clock.seconds,
     }
     save("dataset_size_quick" if args.quick else "dataset_size", payload, args.out)
-    plot(results, (args.out or Path(__file__).parent / "results") / "dataset_size.png")
+    plot(results, out_dir(args.out) / "dataset_size.png")
     return payload
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     names = list(results)
     for i, method in enumerate(("adamw", "kfac")):

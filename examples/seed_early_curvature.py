@@ -12,13 +12,12 @@ included) reaches a test accuracy within 1 point of refreshing every 10 steps th
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seed_common import Clock, quiet, save, verdict
+from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, verdict
 
 from lightning_soo import CurvatureScheduler
 from lightning_soo.app.data import digits
@@ -26,10 +25,8 @@ from lightning_soo.app.train import train
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a 2 x 2 table, 6 epochs")
+    parser = base_parser(__doc__, "a 2 x 2 table, 6 epochs")
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     quiet()
     clock = Clock()
@@ -82,16 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": clock.seconds,
     }
     save("early_curvature_quick" if args.quick else "early_curvature", payload, args.out)
-    plot(table, fractions, (args.out or Path(__file__).parent / "results") / "early_curvature.png")
+    plot(table, fractions, out_dir(args.out) / "early_curvature.png")
     return payload
 
 
 def plot(table: dict, fractions: list[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = [f"{f:.0%}" for f in fractions]
     values = [[table[k][c]["test_acc"] for c in cols] for k in table]
     fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2, 0.6 * len(table) + 1.5), dpi=110)

@@ -13,13 +13,12 @@ first-order loss; at the smallest batch the methods are within a factor 3 of eac
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seed_common import Clock, quiet, save, verdict
+from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, verdict
 
 from lightning_soo.app.data import digits
 from lightning_soo.app.train import train
@@ -33,10 +32,8 @@ QUICK_GRIDS = {"sgd": [{"lr": 0.2}], "adamw": [{"lr": 3e-3}], "kfac": [{"lr": 0.
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="two batch sizes, one setting each, 3 epochs")
+    parser = base_parser(__doc__, "two batch sizes, one setting each, 3 epochs")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     quiet()
     clock = Clock()
@@ -77,16 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": clock.seconds,
     }
     save("large_batch_quick" if args.quick else "large_batch", payload, args.out)
-    plot(best, batches, n, (args.out or Path(__file__).parent / "results") / "large_batch.png")
+    plot(best, batches, n, out_dir(args.out) / "large_batch.png")
     return payload
 
 
 def plot(best: dict, batches: list[int], n: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for method, rows in best.items():
         ax.plot(batches, [rows[b]["loss"] for b in batches], marker="o", label=method)

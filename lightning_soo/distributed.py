@@ -36,16 +36,39 @@ def _flat_copy(tensors: Sequence[Tensor], flat: Tensor) -> None:
         offset += n
 
 
-def all_reduce_sum(tensors: Sequence[Tensor]) -> int:
-    """Sum ``tensors`` in place across ranks with one all-reduce per dtype; returns the bytes sent per rank."""
+def _pack(t: Tensor, symmetric: bool) -> Tensor:
+    """A symmetric square matrix travels as its upper triangle (about half the bytes)."""
+    if symmetric and t.dim() == 2 and t.shape[0] == t.shape[1] and t.shape[0] > 1:
+        i, j = torch.triu_indices(t.shape[0], t.shape[1], device=t.device)
+        return t[i, j]
+    return t.reshape(-1)
+
+
+def _unpack(t: Tensor, packed: Tensor, symmetric: bool) -> None:
+    if symmetric and t.dim() == 2 and t.shape[0] == t.shape[1] and t.shape[0] > 1:
+        i, j = torch.triu_indices(t.shape[0], t.shape[1], device=t.device)
+        t[i, j] = packed
+        t[j, i] = packed
+    else:
+        t.copy_(packed.view_as(t))
+
+
+def all_reduce_sum(tensors: Sequence[Tensor], symmetric: Sequence[bool] | None = None) -> int:
+    """Sum ``tensors`` in place across ranks with one all-reduce per dtype; tensors flagged ``symmetric`` are sent
+    as their upper triangle. Returns the bytes sent per rank."""
+    flags = list(symmetric) if symmetric is not None else [False] * len(tensors)
     sent = 0
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for k, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(k)
     for group in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group])
+        parts = [_pack(tensors[k], flags[k]) for k in group]
+        flat = torch.cat(parts)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        _flat_copy(group, flat)
+        offset = 0
+        for k, part in zip(group, parts, strict=True):
+            _unpack(tensors[k], flat[offset : offset + part.numel()], flags[k])
+            offset += part.numel()
         sent += flat.numel() * flat.element_size()
     return sent
 
@@ -53,6 +76,7 @@ def all_reduce_sum(tensors: Sequence[Tensor]) -> int:
 def reduce_statistics(layers: Sequence[Layer]) -> int:
     """Sum this step's statistics of ``layers`` across ranks; returns the bytes sent."""
     tensors: list[Tensor] = []
+    symmetric: list[bool] = []
     for layer in layers:
         pre = layer.preconditioner
         if pre.uses_grad and not pre.uses_hooks:
@@ -64,7 +88,8 @@ def reduce_statistics(layers: Sequence[Layer]) -> int:
                 "run it on a single process"
             )
         tensors.extend(stats)
-    return all_reduce_sum(tensors) if tensors else 0
+        symmetric.extend([pre.symmetric_statistics] * len(stats))
+    return all_reduce_sum(tensors, symmetric) if tensors else 0
 
 
 def broadcast_buckets(buckets: dict[int, list[Tensor]]) -> int:

@@ -28,6 +28,8 @@ class Preconditioner:
     uses_hooks: bool = True
     #: the method wants the mini-batch gradient on statistics steps
     uses_grad: bool = False
+    #: every square matrix among ``statistics_tensors`` is symmetric (sent as its upper triangle under DDP)
+    symmetric_statistics: bool = False
     #: tensor attributes persisted by ``state_dict`` (None values are skipped)
     state_tensors: tuple[str, ...] = ()
     #: plain-number attributes persisted by ``state_dict``

@@ -47,6 +47,7 @@ class KFAC(Preconditioner):
     """Kronecker-factored empirical Fisher of one layer."""
 
     state_tensors = ("a", "b", "a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b")
+    symmetric_statistics = True  # Σ h̄h̄ᵀ and Σ ggᵀ
     state_numbers = ("damping", "rho_a", "rho_b")
 
     def __init__(
