@@ -59,6 +59,8 @@ def plot(results: list[RunResult], methods: list[str], batches: list[int], path:
         axes[1].plot([r.batch_size for r in rows], [r.test_acc for r in rows], marker="o", label=method)
     for ax, label in zip(axes, ("final training loss", "test accuracy"), strict=True):
         ax.set_xscale("log")
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
         ax.set_xlabel("batch size")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
