@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -122,13 +122,9 @@ class PreconditionerManager:
         self.steps = 0  # optimizer steps begun so far
         self.last_damping: float | None = None
         self.batch_size: int | None = None
-        self.counters = {
-            "refreshes": 0,
-            "failed_refreshes": 0,
-            "skipped_statistics": 0,
-            "nonfinite_updates": 0,
-            "preconditioned_steps": 0,  # steps (optimizer calls) in which at least one gradient was rewritten
-        }
+        # preconditioned_steps: steps (optimizer calls) in which at least one gradient was rewritten
+        names = ("refreshes", "failed_refreshes", "skipped_statistics", "nonfinite_updates", "preconditioned_steps")
+        self.counters = dict.fromkeys(names, 0)
         self.timings = {"statistics": 0.0, "refresh": 0.0, "precondition": 0.0}  # seconds, cumulative
         self._cycle = -1  # index of the current (or last) step
         self._open = False
@@ -400,9 +396,3 @@ class PreconditionerManager:
                 if not pre.ready and self.last_damping is not None:
                     pre.refresh(self.last_damping)  # saved by a rank that did not own this layer: rebuild it
         self._reported = self.counters["refreshes"] > 0
-
-
-def managed_parameters(manager: PreconditionerManager) -> Iterable[nn.Parameter]:
-    """Every parameter whose gradient the manager rewrites."""
-    for layer in manager.layers.values():
-        yield from layer.adapter.params
