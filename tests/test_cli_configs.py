@@ -51,3 +51,18 @@ def test_config_appends_active_callback(config: Path, tmp_path: Path) -> None:
 
 def test_every_method_has_a_config() -> None:
     assert {p.stem for p in CONFIGS} >= {"kfac", "curvature"}
+
+
+@pytest.mark.parametrize("name", ["KFACCallback", "CurvatureScheduler"])
+def test_cli_help_shows_every_argument(name: str) -> None:
+    import inspect
+
+    import lightning_soo
+
+    cls = getattr(lightning_soo, name)
+    cmd = [sys.executable, str(PROJECT / "train.py"), "fit", "--trainer.callbacks.help", f"lightning_soo.{name}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for arg in inspect.signature(cls.__init__).parameters:
+        if arg != "self":
+            assert f"--trainer.callbacks.{arg}" in proc.stdout
