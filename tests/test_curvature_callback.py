@@ -65,13 +65,14 @@ def test_quality_has_no_side_effects_and_reaches_tensorboard(tmp_path: Path) -> 
         assert torch.equal(a, b)
     assert logged_a.keys() == logged_b.keys() and all(torch.equal(logged_a[k], logged_b[k]) for k in logged_a)
 
-    events = EventAccumulator(str(tmp_path / "run" / "2"), size_guidance={"tensors": 0, "scalars": 0})
+    events = EventAccumulator(str(tmp_path / "run" / "2"), size_guidance={"tensors": 0, "scalars": 0, "histograms": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"soo/quality_index/model", "soo/criterion/model", "soo/alpha_star/model", "soo/lr"} <= tags
     assert {"soo/quality_index/net.0", "soo/damping", "soo/refreshes", "soo/frozen"} <= tags
     assert any(t.startswith("soo/ms_per_step/") for t in tags) and "soo/factor_memory_mb" in tags
     assert "custom_scalars__config__" in events.Tags()["tensors"]
+    assert {"soo/spectrum/net.0", "soo/spectrum/net.2"} <= set(events.Tags()["histograms"])
     index = [e.value for e in events.Scalars("soo/quality_index/model")]
     assert len(index) == 6 and all(0 < v < 10 for v in index)
 

@@ -136,9 +136,10 @@ class SecondOrderCallback(Callback):
         manager = self.manager
         if manager is None or manager._open:  # mid accumulation window: no step yet
             return
-        if manager.steps % trainer.log_every_n_steps == 0:
-            log_scalars(trainer, {**manager_metrics(manager), **self._timer.report(manager)})
-        if manager.counters["refreshes"] != self._last_logged_refreshes and manager.steps % 10 == 1:
+        if manager.steps % trainer.log_every_n_steps != 0:
+            return
+        log_scalars(trainer, {**manager_metrics(manager), **self._timer.report(manager)})
+        if manager.counters["refreshes"] != self._last_logged_refreshes:  # spectra only when they changed
             self._last_logged_refreshes = manager.counters["refreshes"]
             log_histograms(trainer, spectra(manager))
 
