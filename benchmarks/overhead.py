@@ -69,6 +69,21 @@ def _kfac(inverse: str) -> Factory:
     return build
 
 
+def _shampoo(model: nn.Module, s: Setting) -> PreconditionerManager:
+    return PreconditionerManager(
+        model,
+        "shampoo",
+        statistics_interval=s.statistics_interval,
+        preconditioner_interval=s.preconditioner_interval,
+        damping=1e-4,
+    )
+
+
+def shampoo_flops(shapes: list[tuple[int, int]], s: Setting) -> float:
+    """Per-example statistics 2·N·d² per factor (plus the row scaling), two products per step, eigh ~9n³."""
+    return kfac_flops(shapes, s, products=2, inverse_cost=9.0)
+
+
 def _kfac_frozen(model: nn.Module, s: Setting) -> PreconditionerManager:
     """K-FAC after one refresh on a batch like the benchmark's, then frozen: only the products remain."""
     manager = _kfac("cholesky")(model, s)
@@ -86,6 +101,7 @@ METHODS: dict[str, tuple[Factory, Callable[[list[tuple[int, int]], Setting], flo
     "kfac": (_kfac("cholesky"), kfac_flops),
     "kfac-eigen": (_kfac("eigen"), lambda sh, s: kfac_flops(sh, s, products=4, inverse_cost=9.0)),
     "kfac-frozen": (_kfac_frozen, frozen_flops),
+    "shampoo": (_shampoo, shampoo_flops),
 }
 
 

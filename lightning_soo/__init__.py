@@ -2,13 +2,13 @@
 
 from lightning_soo.damping import Damping, ScaledDamping
 from lightning_soo.manager import PreconditionerManager
-from lightning_soo.preconditioners import KFAC, Preconditioner
+from lightning_soo.preconditioners import KFAC, Preconditioner, Shampoo
 from lightning_soo.quality import Quality, QualityReport, measure_quality
 from lightning_soo.schedule import Schedule
 
 __version__ = "0.1.0"
 
-_CALLBACKS = ("KFACCallback", "CurvatureScheduler", "SecondOrderCallback")
+_CALLBACKS = ("KFACCallback", "CurvatureScheduler", "SecondOrderCallback", "ShampooCallback")
 
 __all__ = [
     "KFAC",
@@ -22,6 +22,8 @@ __all__ = [
     "ScaledDamping",
     "Schedule",
     "SecondOrderCallback",
+    "Shampoo",
+    "ShampooCallback",
     "__version__",
     "measure_quality",
 ]

@@ -16,7 +16,7 @@ from lightning.pytorch.demos import LightningLSTM, LightningTransformer
 from lightning.pytorch.demos.boring_classes import Net
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_soo import KFACCallback
+from lightning_soo import KFACCallback, ShampooCallback
 from lightning_soo.callbacks import SecondOrderCallback
 from tests.lightning_models import LossRecorder
 
@@ -86,7 +86,7 @@ def _fit(model: L.LightningModule, callback: SecondOrderCallback) -> tuple[LossR
 
 
 def _callbacks() -> list[SecondOrderCallback]:
-    return [KFACCallback()]
+    return [KFACCallback(), ShampooCallback()]
 
 
 @pytest.mark.parametrize("make_callback", _callbacks(), ids=lambda c: type(c).__name__)

@@ -36,6 +36,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
         "resume1": _run(tmp, 1, "resume1", "--ckpt-in", ckpt, "--steps", "8"),
         "resume2": _run(tmp, 2, "resume2", "--ckpt-in", ckpt, "--steps", "8"),
         "straight": _run(tmp, 1, "straight", "--steps", "8"),
+        "shampoo_single": _run(tmp, 1, "shampoo_single", "--steps", "5", "--method", "shampoo"),
+        "shampoo_ddp": _run(tmp, 2, "shampoo_ddp", "--steps", "5", "--method", "shampoo"),
     }
 
 
@@ -58,6 +60,19 @@ def test_inverse_work_is_split_and_gradients_agree(runs: dict[str, list[dict]], 
     assert sum(per_rank) == total and all(0 < n < total for n in per_rank)
     rank0, rank1 = runs[mode]
     for g0, g1 in zip(rank0["grads"], rank1["grads"], strict=True):  # the preconditioned gradients of the last step
+        assert torch.equal(g0, g1)
+
+
+def test_shampoo_ddp_equals_single_process(runs: dict[str, list[dict]]) -> None:
+    single = runs["shampoo_single"][0]
+    for rank in runs["shampoo_ddp"]:
+        for a, b in zip(single["params"], rank["params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+        for name, layer in single["state"]["layers"].items():
+            torch.testing.assert_close(layer["l"], rank["state"]["layers"][name]["l"], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(layer["r"], rank["state"]["layers"][name]["r"], rtol=1e-10, atol=1e-12)
+    rank0, rank1 = runs["shampoo_ddp"]
+    for g0, g1 in zip(rank0["grads"], rank1["grads"], strict=True):
         assert torch.equal(g0, g1)
 
 

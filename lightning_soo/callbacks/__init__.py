@@ -3,5 +3,6 @@
 from lightning_soo.callbacks.base import SecondOrderCallback
 from lightning_soo.callbacks.curvature import CurvatureScheduler
 from lightning_soo.callbacks.kfac import KFACCallback
+from lightning_soo.callbacks.shampoo import ShampooCallback
 
-__all__ = ["CurvatureScheduler", "KFACCallback", "SecondOrderCallback"]
+__all__ = ["CurvatureScheduler", "KFACCallback", "SecondOrderCallback", "ShampooCallback"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from lightning_soo.preconditioners.base import Preconditioner
 from lightning_soo.preconditioners.kfac import KFAC
+from lightning_soo.preconditioners.shampoo import Shampoo
 
-METHODS: dict[str, type[Preconditioner]] = {"kfac": KFAC}
+METHODS: dict[str, type[Preconditioner]] = {"kfac": KFAC, "shampoo": Shampoo}
 
 
 def get_method(name: str) -> type[Preconditioner]:
@@ -16,4 +17,4 @@ def get_method(name: str) -> type[Preconditioner]:
         raise ValueError(f"method={name!r} is not known; accepted values: {sorted(METHODS)}") from None
 
 
-__all__ = ["KFAC", "METHODS", "Preconditioner", "get_method"]
+__all__ = ["KFAC", "METHODS", "Preconditioner", "Shampoo", "get_method"]

@@ -29,9 +29,13 @@ class Factor:
         """This step's sums and count, to be summed in place across ranks."""
         return [self._sum, self._count]
 
-    def add(self, rows: Rows, count: int, scale: float = 1.0) -> None:
+    def add(self, rows: Rows, count: int, scale: float = 1.0, weights: Tensor | None = None) -> None:
+        """Add ``Σ x xᵀ`` over ``rows`` (times ``scale``); for one-hot rows, ``weights`` gives each row's weight."""
         if isinstance(rows, IndexRows):
-            ones = torch.full(rows.index.shape, scale, dtype=self._sum.dtype, device=self._sum.device)
+            if weights is not None:
+                ones = (weights * scale).to(self._sum.dtype)
+            else:
+                ones = torch.full(rows.index.shape, scale, dtype=self._sum.dtype, device=self._sum.device)
             if self.diagonal:
                 self._sum.index_add_(0, rows.index, ones)
             else:
