@@ -2,19 +2,30 @@
 
 from lightning_soo.damping import Damping, ScaledDamping
 from lightning_soo.manager import PreconditionerManager
-from lightning_soo.preconditioners import KFAC, Preconditioner, Shampoo
+from lightning_soo.preconditioners import KFAC, PSGD, GaussNewton, Preconditioner, Shampoo
 from lightning_soo.quality import Quality, QualityReport, measure_quality
 from lightning_soo.schedule import Schedule
 
 __version__ = "0.1.0"
 
-_CALLBACKS = ("KFACCallback", "CurvatureScheduler", "SecondOrderCallback", "ShampooCallback")
+_CALLBACKS = (
+    "CurvatureScheduler",
+    "GaussNewtonCallback",
+    "KFACCallback",
+    "PSGDCallback",
+    "SecondOrderCallback",
+    "ShampooCallback",
+)
 
 __all__ = [
     "KFAC",
+    "PSGD",
     "CurvatureScheduler",
     "Damping",
+    "GaussNewton",
+    "GaussNewtonCallback",
     "KFACCallback",
+    "PSGDCallback",
     "Preconditioner",
     "PreconditionerManager",
     "Quality",

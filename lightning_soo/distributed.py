@@ -73,14 +73,54 @@ def all_reduce_sum(tensors: Sequence[Tensor], symmetric: Sequence[bool] | None =
     return sent
 
 
+def all_gather_rows(tensors: Sequence[Tensor]) -> tuple[list[Tensor], int]:
+    """Concatenate each tensor along dim 0 over ranks (rank order; row counts may differ between ranks): one
+    all-gather of the row counts, then one per dtype of the row-padded tensors. Returns the results and bytes."""
+    world = world_size()
+    counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
+    all_counts = [torch.empty_like(counts) for _ in range(world)]
+    dist.all_gather(all_counts, counts)
+    most = torch.stack(all_counts).amax(0).tolist()
+    out: list[list[Tensor]] = [[] for _ in tensors]
+    sent = counts.numel() * 8
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for k, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(k)
+    for group in by_dtype.values():
+        padded = [
+            torch.cat([tensors[k], tensors[k].new_zeros((most[k] - tensors[k].shape[0], *tensors[k].shape[1:]))])
+            for k in group
+        ]
+        flat = torch.cat([t.reshape(-1) for t in padded])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        sent += flat.numel() * flat.element_size()
+        for r, buf in enumerate(gathered):
+            offset = 0
+            for k in group:
+                row = tensors[k].shape[1:]
+                size = most[k] * row.numel()
+                part = buf[offset : offset + size].reshape(most[k], *row)
+                out[k].append(part[: int(all_counts[r][k])])
+                offset += size
+    return [torch.cat(parts) for parts in out], sent
+
+
 def reduce_statistics(layers: Sequence[Layer]) -> int:
-    """Sum this step's statistics of ``layers`` across ranks; returns the bytes sent."""
+    """Sum (or, for methods that keep examples, gather) this step's statistics of ``layers`` across ranks;
+    returns the bytes sent."""
     tensors: list[Tensor] = []
     symmetric: list[bool] = []
+    sent = 0
+    gather: list[tuple[Layer, list[Tensor]]] = []
     for layer in layers:
         pre = layer.preconditioner
         if pre.uses_grad and not pre.uses_hooks:
             continue  # statistics from the all-reduced gradient are already global
+        rows = pre.gather_tensors()
+        if rows is not None:
+            gather.append((layer, rows))
+            continue
         stats = pre.statistics_tensors()
         if stats is None:
             raise RuntimeError(
@@ -89,7 +129,14 @@ def reduce_statistics(layers: Sequence[Layer]) -> int:
             )
         tensors.extend(stats)
         symmetric.extend([pre.symmetric_statistics] * len(stats))
-    return all_reduce_sum(tensors, symmetric) if tensors else 0
+    if gather:
+        flat = [t for _, rows in gather for t in rows]
+        result, sent = all_gather_rows(flat)
+        offset = 0
+        for layer, rows in gather:
+            layer.preconditioner.gathered(result[offset : offset + len(rows)])
+            offset += len(rows)
+    return sent + (all_reduce_sum(tensors, symmetric) if tensors else 0)
 
 
 def broadcast_buckets(buckets: dict[int, list[Tensor]]) -> int:

@@ -34,9 +34,10 @@ from lightning_soo.preconditioners import get_method
 from lightning_soo.preconditioners.base import Preconditioner
 from lightning_soo.schedule import ChangeMonitor, Schedule
 from lightning_soo.sinks import grad_sink, input_sink
-from lightning_soo.update import Update, kl_scale
+from lightning_soo.update import Update, graft, kl_scale
 
 LossReduction = Literal["mean", "sum"]
+Grafting = Literal["sgd"]
 Warn = Callable[[str], None]
 
 
@@ -76,6 +77,8 @@ class PreconditionerManager:
             1/world_size lets the owner alone precondition and broadcast ``P·G`` every step (see ``distributed``).
         max_update_norm: if set, each layer's preconditioned gradient is scaled down to at most this Frobenius norm
             (after KL clipping): a per-layer cap on exploding preconditioned steps.
+        grafting: ``"sgd"`` rescales each layer's ``P·G`` to the Frobenius norm of ``G`` (layer-wise grafting:
+            the preconditioner chooses the direction, the plain gradient the step length). None: off.
         freeze_tolerance: adaptive freeze: when the curvature statistics change by less than this (relative, between
             consecutive refreshes) ``freeze_patience`` refreshes in a row, the curvature is frozen. None: off.
         freeze_patience: see ``freeze_tolerance``.
@@ -98,6 +101,7 @@ class PreconditionerManager:
         kl_clip: float | None = None,
         grad_worker_fraction: float = 1.0,
         max_update_norm: float | None = None,
+        grafting: Grafting | None = None,
         freeze_tolerance: float | None = None,
         freeze_patience: int = 3,
         max_failures: int = 5,
@@ -112,6 +116,7 @@ class PreconditionerManager:
         self.kl_clip = kl_clip
         self.grad_worker_fraction = grad_worker_fraction
         self.max_update_norm = max_update_norm
+        self.grafting = grafting
         self.plan: DistributedPlan | None = None  # built at the first refresh under torch.distributed
         self.monitor = ChangeMonitor(freeze_tolerance, freeze_patience) if freeze_tolerance is not None else None
         self.last_kl_scale = 1.0
@@ -216,7 +221,11 @@ class PreconditionerManager:
                     g = layer.adapter.grad_matrix()
                     if g is not None:
                         pre.observe_grad(g.to(pre.dtype))
-                if pre.close_statistics(grad_scale) is False:
+                closed = pre.close_statistics(grad_scale)
+                if pre.notice:
+                    self._warn_once(layer, "notice", f"layer '{layer.name}': {pre.notice}")
+                    pre.notice = None
+                if closed is False:
                     self.counters["skipped_statistics"] += 1
                     self._warn_once(
                         layer,
@@ -286,6 +295,8 @@ class PreconditionerManager:
     def _precondition(self, layers: list[Layer], optimizer: torch.optim.Optimizer | None, lr: float | None) -> None:
         updates: list[Update] = []
         for layer, g, out in self._preconditioned(layers):
+            if self.grafting == "sgd":
+                out = graft(out, g)
             # ⟨P·G, G⟩ is non-finite whenever P·G is: one pass serves as the finiteness check and the KL-clip term
             dot = float(torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1)))
             if not math.isfinite(dot):

@@ -1,4 +1,5 @@
-"""Post-processing of the preconditioned gradients of one step: KL clipping (kfac-pytorch's form)."""
+"""Post-processing of the preconditioned gradients of one step: layer-wise grafting and KL clipping
+(kfac-pytorch's form)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,9 @@ def kl_scale(
     if not total > 0.0:
         return 1.0
     return min(1.0, (kl_clip / total) ** 0.5)
+
+
+def graft(out: Tensor, grad: Tensor) -> Tensor:
+    """``P·G`` rescaled to the Frobenius norm of ``G`` (SGD grafting); left alone when ``P·G`` is zero."""
+    norm = out.norm()
+    return out * (grad.to(out.dtype).norm() / norm) if float(norm) > 0 else out

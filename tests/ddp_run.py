@@ -55,8 +55,7 @@ def main() -> None:
     per_rank = 32 // args.devices  # the global batch is 32 either way
     model = ShardedMLP(batch_size=per_rank).double()
     if args.method == "shampoo":
-        cb = ShampooCallback(preconditioner_interval=2, damping=1e-3)
-        cb.grad_worker_fraction = args.fraction
+        cb = ShampooCallback(preconditioner_interval=2, damping=1e-3, grad_worker_fraction=args.fraction)
     else:
         cb = KFACCallback(preconditioner_interval=2, kl_clip=None, grad_worker_fraction=args.fraction)
     last = LastGrads()

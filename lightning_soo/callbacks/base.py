@@ -53,6 +53,7 @@ class SecondOrderCallback(Callback):
         kl_clip: float | None = None,
         grad_worker_fraction: float = 1.0,
         max_update_norm: float | None = None,
+        grafting: str | None = None,
     ) -> None:
         super().__init__()
         v.check_damping("damping", damping)
@@ -64,6 +65,7 @@ class SecondOrderCallback(Callback):
         v.check_float("kl_clip", kl_clip, 0.0, low_open=True, allow_none=True)
         v.check_float("grad_worker_fraction", grad_worker_fraction, 0.0, 1.0, low_open=True)
         v.check_float("max_update_norm", max_update_norm, 0.0, low_open=True, allow_none=True)
+        v.check_choice("grafting", grafting, ("sgd", None))
         self.damping = damping
         self.statistics_interval = statistics_interval
         self.preconditioner_interval = preconditioner_interval
@@ -74,6 +76,7 @@ class SecondOrderCallback(Callback):
         self.kl_clip = kl_clip
         self.grad_worker_fraction = grad_worker_fraction
         self.max_update_norm = max_update_norm
+        self.grafting = grafting
         self.manager: PreconditionerManager | None = None
         self._pending_state: dict[str, Any] | None = None
         self._timer = StepTimer()
@@ -99,6 +102,7 @@ class SecondOrderCallback(Callback):
             kl_clip=self.kl_clip,
             grad_worker_fraction=self.grad_worker_fraction,
             max_update_norm=self.max_update_norm,
+            grafting=self.grafting,  # type: ignore[arg-type]
             warn=rank_zero_warn,
         )
 

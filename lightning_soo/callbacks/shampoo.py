@@ -15,7 +15,8 @@ class ShampooCallback(SecondOrderCallback):
     SGD set-up keeps its meaning. Other parameters keep their plain gradient.
 
     Args:
-        damping: ``ρ`` — relative to each factor's largest eigenvalue by default (``damping_mode``), or absolute.
+        damping: ``ρ`` — relative to each factor block's largest eigenvalue by default (``damping_mode``), or
+            absolute; a callable ``fn(step, lr) -> ρ`` is evaluated at every refresh.
         statistics: ``"per_example"`` (the seed's ``Δᵀdiag(‖h‖²)Δ`` and ``Hᵀdiag(‖δ‖²)H`` from hooks) or
             ``"gradient"`` (classic Shampoo from the mini-batch gradient, no hooks).
         exponent: the root applied to each factor (1/4: Shampoo's ``-1/4`` on each side).
@@ -25,12 +26,14 @@ class ShampooCallback(SecondOrderCallback):
         grafting: ``"sgd"`` rescales each layer's ``P·G`` to ``‖G‖``; None leaves it.
         statistics_interval: capture statistics every this many optimizer steps.
         preconditioner_interval: recompute the inverse roots every this many optimizer steps.
-        max_factor_dim: a factor side wider than this is kept diagonal.
+        max_factor_dim: a factor side wider than this is split into blocks of at most this size (block-diagonal
+            statistic: memory ``dim·max_factor_dim``, refresh ``dim·max_factor_dim²``).
         exclude: module-name patterns (``fnmatch``) left plain.
         weight_sharing: ``"expand"`` (every position a row) or ``"reduce"``.
         loss_reduction: ``"mean"`` or ``"sum"`` (how your loss reduces over examples).
+        kl_clip: bound on ``Σ lr²⟨P·G, G⟩`` per step, as for ``KFACCallback`` (after grafting). None: off.
+        grad_worker_fraction: DDP inverse sharing, as for ``KFACCallback``.
         max_update_norm: cap on the Frobenius norm of each layer's preconditioned gradient (None: no cap).
-        grad_worker_fraction: DDP inverse sharing, as for ``KFACCallback`` (1.0 only for now).
     """
 
     method = "shampoo"
@@ -46,10 +49,12 @@ class ShampooCallback(SecondOrderCallback):
         grafting: Optional[Literal["sgd"]] = "sgd",
         statistics_interval: int = 1,
         preconditioner_interval: int = 10,
-        max_factor_dim: int = 4096,
+        max_factor_dim: int = 1024,
         exclude: Sequence[str] = (),
         weight_sharing: Literal["expand", "reduce"] = "expand",
         loss_reduction: Literal["mean", "sum"] = "mean",
+        kl_clip: Optional[float] = None,
+        grad_worker_fraction: float = 1.0,
         max_update_norm: Optional[float] = None,
     ) -> None:
         v.check_choice("statistics", statistics, ("per_example", "gradient"))
@@ -57,7 +62,6 @@ class ShampooCallback(SecondOrderCallback):
         v.check_choice("damping_mode", damping_mode, ("absolute", "relative"))
         v.check_choice("accumulate", accumulate, ("ema", "sum"))
         v.check_float("beta", beta, 0.0, 1.0, high_open=True)
-        v.check_choice("grafting", grafting, ("sgd", None))
         v.check_int("max_factor_dim", max_factor_dim)
         options = {
             "statistics": statistics,
@@ -65,7 +69,6 @@ class ShampooCallback(SecondOrderCallback):
             "damping_mode": damping_mode,
             "accumulate": accumulate,
             "beta": beta,
-            "grafting": grafting,
             "max_factor_dim": max_factor_dim,
         }
         super().__init__(
@@ -76,7 +79,10 @@ class ShampooCallback(SecondOrderCallback):
             weight_sharing=weight_sharing,
             loss_reduction=loss_reduction,
             method_options=options,
+            kl_clip=kl_clip,
+            grad_worker_fraction=grad_worker_fraction,
             max_update_norm=max_update_norm,
+            grafting=grafting,
         )
         self.statistics, self.exponent, self.damping_mode = statistics, exponent, damping_mode
-        self.accumulate, self.beta, self.grafting, self.max_factor_dim = accumulate, beta, grafting, max_factor_dim
+        self.accumulate, self.beta, self.max_factor_dim = accumulate, beta, max_factor_dim

@@ -34,6 +34,8 @@ class Preconditioner:
     state_tensors: tuple[str, ...] = ()
     #: plain-number attributes persisted by ``state_dict``
     state_numbers: tuple[str, ...] = ()
+    #: a message for the user (e.g. an input was too large and was subsampled); the manager warns once per layer
+    notice: str | None = None
 
     @classmethod
     def for_layer(
@@ -72,6 +74,14 @@ class Preconditioner:
         (data parallelism); ``[]`` when every rank already has the same statistics (e.g. from the all-reduced
         gradient), None when the method cannot be distributed."""
         return None
+
+    def gather_tensors(self) -> list[Tensor] | None:
+        """This step's statistics as tensors to be concatenated along dim 0 across ranks (methods that keep the
+        examples themselves, such as Gauss-Newton); None when the method's statistics are sums instead."""
+        return None
+
+    def gathered(self, tensors: list[Tensor]) -> None:
+        """Receive the concatenation over ranks of ``gather_tensors``, before ``close_statistics``."""
 
     def discard_statistics(self) -> None:
         """Drop this step's partial sums (a skipped or failed step)."""
@@ -125,6 +135,12 @@ class Preconditioner:
                 out[name] = value
         return out
 
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        """Set the ``state_tensors`` attributes from ``state`` (methods with other storage override this)."""
+        for name in self.state_tensors:
+            value = state.get(name)
+            setattr(self, name, None if value is None else value.to(self.device, self.dtype))
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {k: v.detach().clone() for k, v in self._tensors().items()}
         for name in self.state_numbers:
@@ -134,9 +150,7 @@ class Preconditioner:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in self.state_tensors:
-            value = state.get(name)
-            setattr(self, name, None if value is None else value.to(self.device, self.dtype))
+        self._load_tensors(state)
         for name in self.state_numbers:
             if name in state:
                 setattr(self, name, state[name])

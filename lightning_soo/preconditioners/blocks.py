@@ -1,0 +1,174 @@
+"""One side of a two-sided preconditioner (Shampoo's L or R) as a block-diagonal statistic with per-block roots.
+
+A side of dimension ``dim`` is one dense block when ``dim <= max_block``, otherwise split into contiguous blocks of
+at most ``max_block`` (as Distributed Shampoo blocks large dimensions), and diagonal when its rows are one-hot
+(an embedding's input side, where the statistic is exactly diagonal). Each block's root ``(F_b + ρ_b I)^(-e)`` is
+computed by eigendecomposition; the cost of a refresh is ``Σ_b n_b³`` instead of ``dim³`` and the memory
+``Σ_b n_b²`` instead of ``dim²``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_soo import linalg
+from lightning_soo.layers import IndexRows, Rows
+from lightning_soo.preconditioners.factor import Factor
+
+
+def block_slices(dim: int, max_block: int) -> list[slice]:
+    """Contiguous blocks of at most ``max_block`` covering ``range(dim)``, as equal as possible."""
+    count = -(-dim // max_block)
+    base, extra = divmod(dim, count)
+    out, start = [], 0
+    for k in range(count):
+        size = base + (k < extra)
+        out.append(slice(start, start + size))
+        start += size
+    return out
+
+
+class BlockSide:
+    """Block-diagonal running statistic ``F = diag(F_1, …, F_k)`` of rows, and its damped inverse root."""
+
+    def __init__(self, dim: int, max_block: int, *, diagonal: bool, dtype: torch.dtype, device: torch.device) -> None:
+        self.dim, self.diagonal = dim, diagonal
+        self.slices = [slice(0, dim)] if diagonal else block_slices(dim, max_block)
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.factors = [Factor(s.stop - s.start, diagonal=diagonal, **kw) for s in self.slices]
+        self.roots: list[Tensor | None] = [None] * len(self.slices)  # (F_b + ρ_b I)^(-e)
+        self.lams: list[Tensor | None] = [None] * len(self.slices)  # eigenvalues of F_b + ρ_b I
+
+    # -- statistics -------------------------------------------------------------------------------------
+    def add(self, rows: Rows, count: int, weights: Tensor | None = None) -> None:
+        """Add ``Σ x xᵀ`` of ``rows`` block by block (one-hot rows: ``weights`` per row)."""
+        if isinstance(rows, IndexRows):
+            self.factors[0].add(rows, count, weights=weights)
+            return
+        if len(self.slices) == 1:
+            self.factors[0].add(rows, count)
+            return
+        for factor, s in zip(self.factors, self.slices, strict=True):
+            factor.add(rows[:, s], count)
+
+    @property
+    def pending(self) -> bool:
+        return self.factors[0].pending
+
+    def step_sums(self) -> list[Tensor]:
+        return [f.step_sum for f in self.factors]
+
+    def statistics_tensors(self) -> list[Tensor]:
+        return [t for f in self.factors for t in f.statistics_tensors()]
+
+    def fold(self, decay: float | None, scale: float) -> None:
+        """Fold this step's mean (times ``scale``) into the running average with weight ``decay`` on the old
+        value; ``decay=None`` adds it instead (AdaGrad-style sums)."""
+        for f in self.factors:
+            if decay is None and f.value is not None:
+                f.value.add_(f.average(scale))
+                f.reset()
+            else:
+                f.fold(decay or 0.0, scale)
+
+    def reset(self) -> None:
+        for f in self.factors:
+            f.reset()
+
+    @property
+    def values(self) -> list[Tensor | None]:
+        return [f.value for f in self.factors]
+
+    @property
+    def has_values(self) -> bool:
+        return all(v is not None for v in self.values)
+
+    def dense_value(self) -> Tensor:
+        """The whole statistic (block-diagonal matrix, or a vector when diagonal); for tests and inspection."""
+        values = self.values
+        if self.diagonal:
+            return values[0]
+        return values[0] if len(values) == 1 else torch.block_diag(*values)
+
+    # -- roots ----------------------------------------------------------------------------------------
+    def refresh(self, damping: float, relative: bool, exponent: float) -> bool:
+        """Recompute every block's root; False (nothing changed) when any block fails numerically."""
+        roots, lams = [], []
+        for value in self.values:
+            if value.dim() == 1:
+                if not linalg.all_finite(value):
+                    return False
+                lam, q = value.clamp(min=0), None
+            else:
+                eig = linalg.eigh(value)
+                if eig is None:
+                    return False
+                lam, q = eig
+            rho = damping * float(lam.max()) if relative and lam.numel() else damping
+            lam = lam + max(rho, 1e-30)
+            powered = lam.pow(-exponent)
+            roots.append(powered if q is None else (q * powered) @ q.mT)
+            lams.append(lam)
+        if not linalg.all_finite(*roots):
+            return False
+        self.roots, self.lams = roots, lams
+        return True
+
+    def apply(self, g: Tensor, left: bool, inverse: bool = False) -> Tensor:
+        """``root · G`` (left) or ``G · root`` (right); with ``inverse`` the root's inverse ``(F + ρI)^(+e)``."""
+        if len(self.slices) == 1:
+            return self._apply_block(self.roots[0], g, left, inverse)
+        parts = [
+            self._apply_block(root, g[s] if left else g[:, s], left, inverse)
+            for root, s in zip(self.roots, self.slices, strict=True)
+        ]
+        return torch.cat(parts, dim=0 if left else 1)
+
+    @staticmethod
+    def _apply_block(root: Tensor, g: Tensor, left: bool, inverse: bool) -> Tensor:
+        if root.dim() == 1:
+            r = 1.0 / root if inverse else root
+            return r.unsqueeze(1) * g if left else g * r
+        if inverse:  # the root is SPD: solve instead of keeping eigenvectors around
+            return torch.linalg.solve(root, g) if left else torch.linalg.solve(root, g.mT).mT
+        return root @ g if left else g @ root
+
+    def eigenvalues(self) -> Tensor:
+        return torch.cat(self.lams)
+
+    def cost(self) -> float:
+        return 0.0 if self.diagonal else float(sum((s.stop - s.start) ** 3 for s in self.slices))
+
+    # -- persistence and sharing ----------------------------------------------------------------------
+    def named_tensors(self, prefix: str) -> dict[str, Tensor | None]:
+        out: dict[str, Tensor | None] = {}
+        for k, f in enumerate(self.factors):
+            out[f"{prefix}.{k}"] = f.value
+            out[f"{prefix}_root.{k}"] = self.roots[k]
+            out[f"{prefix}_lam.{k}"] = self.lams[k]
+        return out
+
+    def load(self, prefix: str, state: dict[str, Any], dtype: torch.dtype, device: torch.device) -> None:
+        def get(name: str) -> Tensor | None:
+            value = state.get(name)
+            return None if value is None else value.to(device, dtype)
+
+        for k, f in enumerate(self.factors):
+            f.value = get(f"{prefix}.{k}")
+            self.roots[k] = get(f"{prefix}_root.{k}")
+            self.lams[k] = get(f"{prefix}_lam.{k}")
+
+    def shared_tensors(self, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+        """Roots and eigenvalues (allocated when missing), which a layer's owner rank broadcasts."""
+        out = []
+        for k, s in enumerate(self.slices):
+            n = s.stop - s.start
+            for store, shape in ((self.roots, (n,) if self.diagonal else (n, n)), (self.lams, (n,))):
+                t = store[k]
+                t = torch.zeros(shape, dtype=dtype, device=device) if t is None else t.contiguous()
+                store[k] = t
+                out.append(t)
+        return out

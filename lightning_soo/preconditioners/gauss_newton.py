@@ -1,0 +1,295 @@
+"""Layer-wise Gauss-Newton (empirical Fisher) applied exactly: ``P·G = (E[g gᵀ] + ρI)⁻¹ g`` by Woodbury.
+
+With the ``N`` per-example gradients of a layer as the columns of ``U`` (``D x N``, ``D = d_out·d_in``),
+``C = UUᵀ/N + ρI`` and, with the Gram matrix ``K = UᵀU`` and ``S = K + NρI`` (``N x N``, Cholesky-factored at
+refresh),
+
+    C⁻¹ v = (v − U S⁻¹ Uᵀ v) / ρ,         C v = U Uᵀ v / N + ρ v.
+
+Per-example gradients are never stored when each row is an example (``nn.Linear``, one row per example or per
+token under weight sharing ``"expand"``; ``nn.Embedding``): the layer inputs ``H`` and output gradients ``Δ`` are
+kept and ``K = (H Hᵀ) ∘ (Δ Δᵀ)`` (cost ``N²(d_in + d_out)``), ``(Uᵀ v)_n = δ_nᵀ V h_n`` and
+``U w = Δᵀ diag(w) H`` (cost ``N·d_out·d_in`` each, about a weight-gradient's worth per step). For convolutions
+(an example's gradient sums over its ``L`` positions) the per-example gradients are materialised by one batched
+product (cost ``N·L·d_out·d_in``, memory ``N·D``), ``K = UᵀU`` costs ``N²·D`` and each step ``4·N·D``.
+
+Damping is absolute or (``damping_mode="relative"``) relative to the largest eigenvalue of ``E[ggᵀ]``, which
+makes it independent of the loss's scale. The curvature is that of the latest statistics step (no running
+average: the Woodbury form needs the examples). More than ``max_examples`` examples in a step: an evenly spaced
+subset is kept (the notice says so). A module called several times per forward pass has each call's rows treated
+as further examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_soo import linalg
+from lightning_soo.layers import IndexRows, LayerAdapter, Rows
+from lightning_soo.preconditioners.base import Preconditioner
+
+
+class RowBasis:
+    """Per-example gradients ``g_n = δ_n h_nᵀ`` kept as their factors ``H`` (dense or one-hot) and ``Δ``."""
+
+    def __init__(self, h: Rows, d: Tensor) -> None:
+        self.h, self.d = h, d
+
+    @property
+    def n(self) -> int:
+        return self.d.shape[0]
+
+    def tensors(self) -> list[Tensor]:
+        return [self.h.index if isinstance(self.h, IndexRows) else self.h, self.d]
+
+    def gram(self) -> Tensor:
+        dd = self.d @ self.d.mT
+        if isinstance(self.h, IndexRows):
+            return dd * (self.h.index.unsqueeze(1) == self.h.index.unsqueeze(0)).to(dd.dtype)
+        return dd * (self.h @ self.h.mT)
+
+    def project(self, v: Tensor) -> Tensor:
+        """``Uᵀ vec(V)``: ``δ_nᵀ V h_n`` for every example."""
+        if isinstance(self.h, IndexRows):
+            return (self.d * v[:, self.h.index].mT).sum(1)
+        if self.h.shape[1] <= self.d.shape[1]:
+            return ((self.d @ v) * self.h).sum(1)
+        return ((self.h @ v.mT) * self.d).sum(1)
+
+    def combine(self, w: Tensor, shape: tuple[int, int]) -> Tensor:
+        """``U w = Σ_n w_n δ_n h_nᵀ``."""
+        dw = self.d * w.unsqueeze(1)
+        if isinstance(self.h, IndexRows):
+            out = torch.zeros(shape, dtype=dw.dtype, device=dw.device)
+            return out.index_add_(1, self.h.index, dw.mT)
+        return dw.mT @ self.h
+
+    def select(self, keep: Tensor) -> RowBasis:
+        h = IndexRows(self.h.index[keep], self.h.size) if isinstance(self.h, IndexRows) else self.h[keep]
+        return RowBasis(h, self.d[keep])
+
+
+class DenseBasis:
+    """Per-example gradients materialised as ``U`` (``N x d_out x d_in``)."""
+
+    def __init__(self, u: Tensor) -> None:
+        self.u = u
+
+    @property
+    def n(self) -> int:
+        return self.u.shape[0]
+
+    def tensors(self) -> list[Tensor]:
+        return [self.u]
+
+    def gram(self) -> Tensor:
+        flat = self.u.flatten(1)
+        return flat @ flat.mT
+
+    def project(self, v: Tensor) -> Tensor:
+        return self.u.flatten(1) @ v.reshape(-1)
+
+    def combine(self, w: Tensor, shape: tuple[int, int]) -> Tensor:
+        return (w @ self.u.flatten(1)).reshape(shape)
+
+    def select(self, keep: Tensor) -> DenseBasis:
+        return DenseBasis(self.u[keep])
+
+
+Basis = RowBasis | DenseBasis
+
+
+def _materialise(h: Rows, d: Tensor, n: int) -> Tensor:
+    """Per-example gradients ``Σ_{t ∈ n} δ_t h_tᵀ`` of ``n`` examples with equally many rows each."""
+    if isinstance(h, IndexRows):
+        h = torch.nn.functional.one_hot(h.index, h.size).to(d.dtype)
+    return d.reshape(n, -1, d.shape[1]).mT @ h.reshape(n, -1, h.shape[1])
+
+
+class GaussNewton(Preconditioner):
+    """Exact damped inverse of one layer's empirical Fisher, by Woodbury over the examples of a step."""
+
+    state_numbers = ("damping",)
+
+    @classmethod
+    def for_layer(
+        cls, adapter: LayerAdapter, *, dtype: torch.dtype, device: torch.device, **options: Any
+    ) -> GaussNewton:
+        d_out, d_in = adapter.shape
+        return cls(d_out, d_in, dtype=dtype, device=device, **options)
+
+    def __init__(
+        self,
+        d_out: int,
+        d_in: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_examples: int = 2048,
+        damping_mode: Literal["absolute", "relative"] = "absolute",
+    ) -> None:
+        super().__init__(d_out, d_in, dtype=dtype, device=device)
+        self.max_examples = max_examples
+        self.relative = damping_mode == "relative"
+        self._chunks: list[tuple[Rows, Tensor, int]] = []  # (H, Δ, examples) of this step
+        self._pending: list[Tensor] | None = None  # this step's basis tensors (possibly gathered across ranks)
+        self._pending_dense = self._one_hot = False
+        self.latest: Basis | None = None  # basis of the last statistics step
+        self.basis: Basis | None = None  # basis of the current preconditioner
+        self.chol: Tensor | None = None  # Cholesky factor of K + NρI
+        self.damping = 0.0
+        self._spectrum: Tensor | None = None
+
+    # -- statistics -------------------------------------------------------------------------------------
+    def observe_inputs(self, rows: Rows, n_examples: int) -> Rows:
+        return rows
+
+    def observe_output_grads(self, rows: Tensor, n_examples: int, ctx: Any) -> None:
+        self._chunks.append((ctx, rows, n_examples))
+
+    def _pack(self) -> list[Tensor] | None:
+        """This step's chunks as basis tensors: ``[H or index, Δ]`` when every row is an example, else ``[U]``."""
+        if self._pending is None and self._chunks:
+            dense = any(d.shape[0] != n for _, d, n in self._chunks)
+            if dense:
+                u = torch.cat([_materialise(h, d, n) for h, d, n in self._chunks])
+                self._pending = [u]
+            else:
+                hs = [h.index if isinstance(h, IndexRows) else h for h, _, _ in self._chunks]
+                self._pending = [torch.cat(hs), torch.cat([d for _, d, _ in self._chunks])]
+            self._pending_dense = dense
+            self._one_hot = isinstance(self._chunks[0][0], IndexRows)
+            self._chunks.clear()
+        return self._pending
+
+    def gather_tensors(self) -> list[Tensor] | None:
+        return self._pack() or []
+
+    def gathered(self, tensors: list[Tensor]) -> None:
+        self._pending = tensors
+
+    def close_statistics(self, grad_scale: float) -> bool | None:
+        pending = self._pack()
+        self._pending = None
+        if not pending or pending[-1].shape[0] == 0:
+            return None
+        if self._pending_dense:
+            basis: Basis = DenseBasis(pending[0] * grad_scale)
+        else:
+            h = IndexRows(pending[0], self.d_in) if self._one_hot else pending[0]
+            basis = RowBasis(h, pending[1] * grad_scale)
+        if not linalg.all_finite(basis.tensors()[-1], *([] if self._one_hot else basis.tensors()[:1])):
+            return False
+        if basis.n > self.max_examples:
+            keep = torch.linspace(0, basis.n - 1, self.max_examples, device=self.device).round().long()
+            self.notice = (
+                f"{basis.n} examples in one step exceed `max_examples`={self.max_examples} of the N x N solve; "
+                f"an evenly spaced subset of {self.max_examples} is used (raise `max_examples` for the exact curvature)"
+            )
+            basis = basis.select(keep)
+        self.latest = basis
+        return True
+
+    def discard_statistics(self) -> None:
+        self._chunks.clear()
+        self._pending = None
+
+    # -- preconditioner -----------------------------------------------------------------------------------
+    def refresh(self, damping: float) -> bool | None:
+        basis = self.latest
+        if basis is None:
+            return None
+        if not damping > 0:
+            return False  # (E[ggᵀ] + 0·I) is singular beyond the N examples
+        s = basis.gram()
+        if self.relative:  # ρ relative to the largest eigenvalue of E[ggᵀ], which is that of K / N
+            top = float(torch.linalg.matrix_norm(s.to(torch.float64), 2)) / basis.n if s.numel() else 0.0
+            damping = damping * top if top > 0 else damping
+        s.diagonal().add_(basis.n * damping)
+        chol = _cholesky(s)
+        if chol is None:
+            return False
+        self.basis, self.chol, self.damping = basis, chol, float(damping)
+        self._spectrum = None
+        self.ready = True
+        self.refreshes += 1
+        return True
+
+    def precondition(self, grad: Tensor) -> Tensor:
+        g = grad.to(self.dtype)
+        c = self.basis.project(g)
+        w = torch.cholesky_solve(c.unsqueeze(1), self.chol).squeeze(1)
+        return (g - self.basis.combine(w, g.shape)) / self.damping
+
+    def curvature_matvec(self, v: Tensor) -> Tensor:
+        v = v.to(self.dtype)
+        return self.basis.combine(self.basis.project(v), v.shape) / self.basis.n + self.damping * v
+
+    def refresh_cost(self) -> float:
+        n = self.latest.n if self.latest is not None else self.max_examples
+        return float(n**3) + 1.0
+
+    def spectrum(self) -> Tensor | None:
+        """The ``N`` eigenvalues of ``C`` within the span of the examples (the rest are ``ρ``)."""
+        if not self.ready:
+            return None
+        if self._spectrum is None:
+            k = self.chol @ self.chol.mT
+            self._spectrum = (torch.linalg.eigvalsh(k) / self.basis.n).clamp(min=self.damping)
+        return self._spectrum
+
+    def curvature_state(self) -> list[Tensor]:
+        return [] if self.basis is None else [self.basis.gram() / self.basis.n]
+
+    # -- persistence and sharing ----------------------------------------------------------------------
+    def _tensors(self) -> dict[str, Tensor]:
+        if self.basis is None:
+            return {}
+        names = ["u"] if isinstance(self.basis, DenseBasis) else ["h", "d"]
+        out = dict(zip(names, self.basis.tensors(), strict=True))
+        out["chol"] = self.chol
+        return out
+
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        self.basis = self.latest = self.chol = None
+        if "chol" not in state:
+            return
+        cast = {"device": self.device, "dtype": self.dtype}
+        self.chol = state["chol"].to(**cast)
+        if "u" in state:
+            self.basis = DenseBasis(state["u"].to(**cast))
+        else:
+            h = state["h"]
+            h = IndexRows(h.to(self.device), self.d_in) if not h.is_floating_point() else h.to(**cast)
+            self.basis = RowBasis(h, state["d"].to(**cast))
+        self.latest = self.basis
+
+    def inverse_tensors(self) -> list[Tensor]:
+        """The Cholesky factor of the latest basis (same on every rank after the gather), or zeros."""
+        n = self.latest.n if self.latest is not None else 0
+        adopted = self.basis is self.latest and self.chol is not None and self.chol.shape[0] == n
+        self._header = torch.tensor([float(self.ready), float(adopted), self.damping], dtype=self.dtype)
+        self._header = self._header.to(self.device)
+        self._shared = self.chol.contiguous() if adopted else torch.zeros(n, n, dtype=self.dtype, device=self.device)
+        return [self._header, self._shared]
+
+    def inverse_tensors_loaded(self) -> None:
+        ready, adopted, damping = (float(v) for v in self._header)
+        if adopted > 0.5 and self.latest is not None:
+            self.basis, self.chol, self.damping = self.latest, self._shared, damping
+            self._spectrum = None
+        self.ready = ready > 0.5 and self.chol is not None
+
+
+def _cholesky(s: Tensor) -> Tensor | None:
+    """Lower Cholesky factor of the SPD ``s``; retried in float64; None on failure."""
+    if not linalg.all_finite(s):
+        return None
+    for dtype in (s.dtype, torch.float64):
+        chol, info = torch.linalg.cholesky_ex(s.to(dtype))
+        if int(info) == 0 and linalg.all_finite(chol):
+            return chol.to(s.dtype)
+    return None

@@ -1,0 +1,327 @@
+"""PSGD with a Kronecker-factored preconditioner (Li, 2017): ``P = QᵀQ``, ``Q = Q_l ⊗ Q_r`` upper triangular,
+``P·G = Q_lᵀ Q_l G Q_rᵀ Q_r``, fitted a little at a time by Li's criterion
+
+    c(P) = E[hᵀ P h + vᵀ P⁻¹ v],
+
+minimised by ``P = E[h hᵀ]^(-1/2)`` for independent ``v ~ N(0, I)``. Two ways to get the pairs:
+
+* ``fit="whitening"`` (default): ``h`` is the mini-batch gradient. No extra pass; ``P`` whitens the gradients
+  (``E[P g gᵀ P] = I`` at the fixed point).
+* ``fit="hessian"`` (Newton form): ``(v, h) = (δθ, H δθ)`` from a Hessian-vector product on the batch
+  (``fit_hessian``); ``P`` tends to ``|H|⁻¹``: the criterion of the seed's Figure 2.
+
+One update per pair, the relative step ``lr_preconditioner`` normalised by a lower bound of the spectral norm of
+the criterion's gradient (Li's "2nd" normaliser):
+
+    A = Q_l G Q_rᵀ,  B = Q_l⁻ᵀ V Q_r⁻¹,
+    Q_l ← Q_l − μ / ‖AAᵀ + BBᵀ‖ · triu(AAᵀ − BBᵀ) Q_l,   Q_r likewise with AᵀA and BᵀB.
+
+A side wider than ``max_factor_dim`` keeps a diagonal ``q``. Updates happen with the probability schedule of
+Li's and Walters' Kron (``p = clamp(p_max·exp(−decay·(t − flat)), p_min, p_max)``), realised deterministically
+(an update whenever the accumulated probability reaches 1), so ranks and reruns agree; probes come from a private
+generator. Refresh forms ``Q_lᵀQ_l`` and ``Q_rᵀQ_r`` when Q changed since the last refresh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_soo import linalg
+from lightning_soo.layers import LayerAdapter
+from lightning_soo.preconditioners.base import Preconditioner
+
+if TYPE_CHECKING:
+    from lightning_soo.manager import PreconditionerManager
+
+Fit = Literal["whitening", "hessian"]
+
+
+def norm_lower_bound(a: Tensor) -> Tensor:
+    """A cheap lower bound of the spectral norm of a symmetric ``a`` (within about √2 of it, per Li): the norm of
+    ``a`` applied to its largest column, normalised."""
+    scale = a.abs().amax()
+    if float(scale) == 0.0:
+        return scale
+    a = a / scale
+    col = a[:, int(a.square().sum(0).argmax())]
+    x = col @ a
+    return scale * torch.linalg.vector_norm((x / torch.linalg.vector_norm(x)) @ a.mT)
+
+
+def update_probability(step: int, p_max: float, p_min: float, decay: float, flat: int) -> float:
+    """Kron's schedule: ``p_max`` for ``flat`` steps, then decaying exponentially to ``p_min``."""
+    return min(p_max, max(p_min, p_max * math.exp(-decay * (step - flat))))
+
+
+def _gram(q: Tensor) -> Tensor:
+    """``QᵀQ`` of a triangular factor, ``q²`` of a diagonal one."""
+    return q * q if q.dim() == 1 else q.mT @ q
+
+
+class PSGD(Preconditioner):
+    """Kronecker-factored PSGD preconditioner of one layer."""
+
+    state_numbers = ("updates", "steps_seen", "accumulated")
+
+    @classmethod
+    def for_layer(cls, adapter: LayerAdapter, *, dtype: torch.dtype, device: torch.device, **options: Any) -> PSGD:
+        d_out, d_in = adapter.shape
+        return cls(d_out, d_in, dtype=dtype, device=device, **options)
+
+    def __init__(
+        self,
+        d_out: int,
+        d_in: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        fit: Fit = "whitening",
+        lr_preconditioner: float = 0.1,
+        init_scale: float | None = None,
+        max_update_probability: float = 1.0,
+        min_update_probability: float = 0.03,
+        update_decay: float = 0.001,
+        flat_steps: int = 500,
+        max_factor_dim: int = 4096,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(d_out, d_in, dtype=dtype, device=device)
+        self.fit, self.lr_preconditioner, self.init_scale = fit, lr_preconditioner, init_scale
+        self.schedule = (max_update_probability, min_update_probability, update_decay, flat_steps)
+        self.uses_hooks, self.uses_grad = False, fit == "whitening"
+        self.diag_l, self.diag_r = d_out > max_factor_dim, d_in > max_factor_dim
+        self.q_l: Tensor | None = None
+        self.q_r: Tensor | None = None
+        self.p_l: Tensor | None = None  # Q_lᵀQ_l, formed at refresh
+        self.p_r: Tensor | None = None
+        self.updates = 0  # fitting steps taken
+        self.steps_seen = 0  # statistics steps seen (the schedule's clock)
+        self.accumulated = 0.0  # accumulated update probability
+        self._dirty = False
+        self._pair: tuple[Tensor | None, Tensor] | None = None
+        self.generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + d_out * 4099 + d_in)
+        self.tiny = torch.finfo(dtype).tiny
+
+    # -- the schedule ---------------------------------------------------------------------------------
+    def update_due(self) -> bool:
+        """The next statistics step updates Q (always the first one)."""
+        p = update_probability(self.steps_seen, *self.schedule)
+        return self.updates == 0 or self.accumulated + p >= 1.0
+
+    def _advance(self) -> bool:
+        due = self.update_due()
+        self.accumulated += update_probability(self.steps_seen, *self.schedule)
+        if due:
+            self.accumulated = max(0.0, self.accumulated - 1.0)
+        self.steps_seen += 1
+        return due
+
+    # -- statistics -------------------------------------------------------------------------------------
+    def probe(self) -> Tensor:
+        """A standard Gaussian ``V`` in the gradient-matrix shape from the private generator."""
+        return torch.randn(
+            (self.d_out, self.d_in), generator=self.generator, dtype=self.dtype, device=self.generator.device
+        ).to(self.device)
+
+    def observe_grad(self, grad: Tensor) -> None:
+        self._pair = (None, grad)
+
+    def observe_hvp(self, v: Tensor, hv: Tensor) -> None:
+        """A Newton-form pair: the probe ``v`` (from ``probe``) and ``H v``."""
+        self._pair = (v.to(self.dtype), hv.to(self.dtype))
+
+    def statistics_tensors(self) -> list[Tensor]:
+        return []  # whitening: from the all-reduced gradient, identical on every rank
+
+    def close_statistics(self, grad_scale: float) -> bool | None:
+        pair, self._pair = self._pair, None
+        if pair is None:
+            return None
+        if not self._advance():
+            return None
+        v, h = pair
+        if v is None:
+            v = self.probe()
+        if not linalg.all_finite(h):
+            return False
+        if self.q_l is None:
+            self._initialise(v, h)
+        saved = (self.q_l.clone(), self.q_r.clone())
+        self._update(v, h)
+        if not linalg.all_finite(self.q_l, self.q_r):
+            self.q_l, self.q_r = saved
+            return False
+        self.updates += 1
+        self._dirty = True
+        return True
+
+    def discard_statistics(self) -> None:
+        self._pair = None
+
+    def _initialise(self, v: Tensor, h: Tensor) -> None:
+        """``Q = s·I`` with ``s⁴ = E[v²] / E[h²]`` (Li's automatic scale) unless ``init_scale`` is given."""
+        if self.init_scale is not None:
+            scale = self.init_scale
+        else:
+            hh = float(h.square().sum())
+            scale = (float(v.square().sum()) / hh) ** 0.25 if hh > 0 else 1.0
+        root = math.sqrt(scale)  # split evenly over the two factors
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        self.q_l = torch.full((self.d_out,), root, **kw) if self.diag_l else root * torch.eye(self.d_out, **kw)
+        self.q_r = torch.full((self.d_in,), root, **kw) if self.diag_r else root * torch.eye(self.d_in, **kw)
+
+    def _update(self, v: Tensor, h: Tensor) -> None:
+        ql, qr = self.q_l, self.q_r
+        if self.updates % 100 == 99:  # balance the factors' dynamic ranges (Li does this at random, 1 in 100)
+            nl, nr = ql.abs().amax(), qr.abs().amax()
+            g = (nl * nr).sqrt()
+            ql.mul_(g / nl)
+            qr.mul_(g / nr)
+        a = _right(_left(ql, h), qr.mT if qr.dim() == 2 else qr)  # Q_l H Q_rᵀ
+        b = _solve_left_t(ql, v)  # Q_l⁻ᵀ V
+        b = _solve_right(b, qr)  # · Q_r⁻¹
+        for q, t1, t2 in ((ql, *_terms(a, b, True, ql.dim() == 1)), (qr, *_terms(a, b, False, qr.dim() == 1))):
+            if q.dim() == 1:
+                step = self.lr_preconditioner / (float((t1 + t2).abs().amax()) + self.tiny)
+                q.sub_(step * (t1 - t2) * q)
+            else:
+                step = self.lr_preconditioner / (float(norm_lower_bound(t1 + t2)) + self.tiny)
+                q.sub_(step * torch.triu(t1 - t2) @ q)
+
+    # -- preconditioner -----------------------------------------------------------------------------------
+    def refresh(self, damping: float) -> bool | None:
+        if self.q_l is None:
+            return None
+        if self._dirty or self.p_l is None:
+            p_l, p_r = _gram(self.q_l), _gram(self.q_r)
+            if not linalg.all_finite(p_l, p_r):
+                return False
+            self.p_l, self.p_r, self._dirty = p_l, p_r, False
+        self.ready = True
+        self.refreshes += 1
+        return True
+
+    def precondition(self, grad: Tensor) -> Tensor:
+        return _right(_left(self.p_l, grad.to(self.dtype)), self.p_r)
+
+    def curvature_matvec(self, v: Tensor) -> Tensor:
+        """``P⁻¹ V = (Q_lᵀQ_l)⁻¹ V (Q_rᵀQ_r)⁻¹`` of the current P (SPD solves; a diagnostic, not on the hot path)."""
+        x = v.to(self.dtype)
+        x = x / self.p_l.unsqueeze(1) if self.p_l.dim() == 1 else torch.linalg.solve(self.p_l, x)
+        return x / self.p_r if self.p_r.dim() == 1 else torch.linalg.solve(self.p_r, x.mT).mT
+
+    def refresh_cost(self) -> float:
+        return float((0 if self.diag_l else self.d_out**3) + (0 if self.diag_r else self.d_in**3)) + 1.0
+
+    def spectrum(self) -> Tensor | None:
+        """Eigenvalues of ``P⁻¹`` (the curvature P stands for)."""
+        if not self.ready:
+            return None
+        ev = [1.0 / (p if p.dim() == 1 else torch.linalg.eigvalsh(p)) for p in (self.p_l, self.p_r)]
+        return torch.outer(*ev).reshape(-1)
+
+    # -- persistence and sharing ----------------------------------------------------------------------
+    def _tensors(self) -> dict[str, Tensor]:
+        out = {k: getattr(self, k) for k in ("q_l", "q_r", "p_l", "p_r") if getattr(self, k) is not None}
+        out["rng"] = self.generator.get_state()
+        return out
+
+    def _load_tensors(self, state: dict[str, Any]) -> None:
+        for k in ("q_l", "q_r", "p_l", "p_r"):
+            value = state.get(k)
+            setattr(self, k, None if value is None else value.to(self.device, self.dtype))
+        if "rng" in state:
+            self.generator.set_state(state["rng"].cpu())
+        self._dirty = False
+
+    def curvature_state(self) -> list[Tensor]:
+        return [t for t in (self.p_l, self.p_r) if t is not None]
+
+    def inverse_tensors(self) -> list[Tensor]:
+        shapes = [(self.d_out,) * (1 if self.diag_l else 2), (self.d_in,) * (1 if self.diag_r else 2)]
+        out = [torch.tensor([float(self.ready)], dtype=self.dtype, device=self.device)]
+        self._header = out[0]
+        for name, shape in zip(("p_l", "p_r"), shapes, strict=True):
+            t = getattr(self, name)
+            t = torch.zeros(shape, dtype=self.dtype, device=self.device) if t is None else t.contiguous()
+            setattr(self, name, t)
+            out.append(t)
+        return out
+
+    def inverse_tensors_loaded(self) -> None:
+        self.ready = float(self._header[0]) > 0.5
+        self._dirty = False
+
+
+# -- small helpers: a factor is a triangular matrix or a diagonal stored as a vector ---------------------------
+def _left(m: Tensor, g: Tensor) -> Tensor:
+    return m.unsqueeze(1) * g if m.dim() == 1 else m @ g
+
+
+def _right(g: Tensor, m: Tensor) -> Tensor:
+    return g * m if m.dim() == 1 else g @ m
+
+
+def _solve_left(q: Tensor, x: Tensor) -> Tensor:
+    """``Q⁻¹ X``."""
+    return x / q.unsqueeze(1) if q.dim() == 1 else torch.linalg.solve_triangular(q, x, upper=True)
+
+
+def _solve_left_t(q: Tensor, x: Tensor) -> Tensor:
+    """``Q⁻ᵀ X``."""
+    return x / q.unsqueeze(1) if q.dim() == 1 else torch.linalg.solve_triangular(q.mT, x, upper=False)
+
+
+def _solve_right(x: Tensor, q: Tensor) -> Tensor:
+    """``X Q⁻¹``."""
+    return x / q if q.dim() == 1 else torch.linalg.solve_triangular(q, x, upper=True, left=False)
+
+
+def _solve_right_t(x: Tensor, q: Tensor) -> Tensor:
+    """``X Q⁻ᵀ``."""
+    return x / q if q.dim() == 1 else torch.linalg.solve_triangular(q.mT, x, upper=False, left=False)
+
+
+def _terms(a: Tensor, b: Tensor, left: bool, diagonal: bool) -> tuple[Tensor, Tensor]:
+    """The criterion's gradient terms for one factor: ``AAᵀ, BBᵀ`` (left) or ``AᵀA, BᵀB`` (right); only their
+    diagonals for a diagonal factor."""
+    if diagonal:
+        dim = 1 if left else 0
+        return a.square().sum(dim), b.square().sum(dim)
+    return (a @ a.mT, b @ b.mT) if left else (a.mT @ a, b.mT @ b)
+
+
+def fit_hessian(manager: PreconditionerManager, loss_fn: Callable[[], Tensor], model: nn.Module | None = None) -> int:
+    """Newton-form pairs for every PSGD layer of ``manager`` whose next update is due: one probe ``V`` per layer,
+    ``H V`` by one double backward on the batch ``loss_fn`` evaluates (side-effect free, as the quality pass).
+    Returns the number of layers given a pair."""
+    from lightning_soo.quality import _gradients, _hvp, _isolated
+
+    layers = [
+        lay
+        for lay in manager.layers.values()
+        if isinstance(pre := lay.preconditioner, PSGD) and pre.fit == "hessian" and pre.update_due()
+    ]
+    if not layers:
+        return 0
+    params = [p for lay in layers for p in lay.adapter.params]
+    with _isolated(manager, model):
+        grads = _gradients(loss_fn, params)
+        probes = [lay.preconditioner.probe() for lay in layers]
+        vectors = [
+            t
+            for lay, v in zip(layers, probes, strict=True)
+            for t in lay.adapter.from_matrix(v.to(lay.adapter.module.weight.dtype))
+        ]
+        hv = _hvp(grads, params, vectors)
+    start = 0
+    for lay, v in zip(layers, probes, strict=True):
+        n = len(lay.adapter.params)
+        lay.preconditioner.observe_hvp(v, lay.adapter.to_matrix(hv[start : start + n]))
+        start += n
+    return len(layers)
