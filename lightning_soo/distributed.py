@@ -77,7 +77,8 @@ def all_gather_rows(tensors: Sequence[Tensor]) -> tuple[list[Tensor], int]:
     """Concatenate each tensor along dim 0 over ranks (rank order; row counts may differ between ranks): one
     all-gather of the row counts, then one per dtype of the row-padded tensors. Returns the results and bytes."""
     world = world_size()
-    counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64, device=device)
     all_counts = [torch.empty_like(counts) for _ in range(world)]
     dist.all_gather(all_counts, counts)
     most = torch.stack(all_counts).amax(0).tolist()

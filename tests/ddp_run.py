@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_soo import KFACCallback, ShampooCallback
+from lightning_soo import GaussNewtonCallback, KFACCallback, PSGDCallback, ShampooCallback
 from tests.lightning_models import MLP, classification_data, trainer
 
 
@@ -49,13 +49,17 @@ def main() -> None:
     parser.add_argument("--ckpt-out", default=None)
     parser.add_argument("--plain", action="store_true")
     parser.add_argument("--fraction", type=float, default=1.0, help="grad_worker_fraction")
-    parser.add_argument("--method", default="kfac", choices=["kfac", "shampoo"])
+    parser.add_argument("--method", default="kfac", choices=["kfac", "shampoo", "gauss_newton", "psgd"])
     args = parser.parse_args()
     torch.manual_seed(0)
     per_rank = 32 // args.devices  # the global batch is 32 either way
     model = ShardedMLP(batch_size=per_rank).double()
     if args.method == "shampoo":
         cb = ShampooCallback(preconditioner_interval=2, damping=1e-3, grad_worker_fraction=args.fraction)
+    elif args.method == "gauss_newton":
+        cb = GaussNewtonCallback(preconditioner_interval=2, grad_worker_fraction=args.fraction)
+    elif args.method == "psgd":
+        cb = PSGDCallback(grad_worker_fraction=args.fraction)
     else:
         cb = KFACCallback(preconditioner_interval=2, kl_clip=None, grad_worker_fraction=args.fraction)
     last = LastGrads()

@@ -50,10 +50,12 @@ def test_config_appends_active_callback(config: Path, tmp_path: Path) -> None:
 
 
 def test_every_method_has_a_config() -> None:
-    assert {p.stem for p in CONFIGS} >= {"kfac", "curvature"}
+    assert {p.stem for p in CONFIGS} >= {"kfac", "shampoo", "gauss_newton", "psgd", "curvature"}
 
 
-@pytest.mark.parametrize("name", ["KFACCallback", "CurvatureScheduler"])
+@pytest.mark.parametrize(
+    "name", ["KFACCallback", "ShampooCallback", "GaussNewtonCallback", "PSGDCallback", "CurvatureScheduler"]
+)
 def test_cli_help_shows_every_argument(name: str) -> None:
     import inspect
 

@@ -38,6 +38,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
         "straight": _run(tmp, 1, "straight", "--steps", "8"),
         "shampoo_single": _run(tmp, 1, "shampoo_single", "--steps", "5", "--method", "shampoo"),
         "shampoo_ddp": _run(tmp, 2, "shampoo_ddp", "--steps", "5", "--method", "shampoo"),
+        "gauss_newton_single": _run(tmp, 1, "gn_single", "--steps", "5", "--method", "gauss_newton"),
+        "gauss_newton_ddp": _run(tmp, 2, "gn_ddp", "--steps", "5", "--method", "gauss_newton"),
+        "psgd_single": _run(tmp, 1, "psgd_single", "--steps", "5", "--method", "psgd"),
+        "psgd_ddp": _run(tmp, 2, "psgd_ddp", "--steps", "5", "--method", "psgd", "--fraction", "0.5"),
     }
 
 
@@ -74,6 +78,22 @@ def test_shampoo_ddp_equals_single_process(runs: dict[str, list[dict]]) -> None:
     rank0, rank1 = runs["shampoo_ddp"]
     for g0, g1 in zip(rank0["grads"], rank1["grads"], strict=True):
         assert torch.equal(g0, g1)
+
+
+@pytest.mark.parametrize("method", ["gauss_newton", "psgd"])
+def test_other_methods_ddp_equal_single_process(runs: dict[str, list[dict]], method: str) -> None:
+    """Gauss-Newton gathers the examples of both ranks (its Gram is that of the global batch); PSGD fits its Q from
+    the all-reduced gradient with the same probes on every rank (here in gradient-broadcast mode)."""
+    single = runs[f"{method}_single"][0]
+    for rank in runs[f"{method}_ddp"]:
+        for a, b in zip(single["params"], rank["params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    rank0, rank1 = runs[f"{method}_ddp"]
+    for g0, g1 in zip(rank0["grads"], rank1["grads"], strict=True):
+        assert torch.equal(g0, g1)
+    total = single["state"]["counters"]["refreshes"]
+    per_rank = [r["state"]["counters"]["refreshes"] for r in runs[f"{method}_ddp"]]
+    assert sum(per_rank) == total and all(0 < n < total for n in per_rank)  # each layer refreshed by its owner
 
 
 def test_ddp_checkpoint_resumes_on_one_and_two_processes(runs: dict[str, list[dict]]) -> None:

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_soo import CurvatureScheduler, KFACCallback, PreconditionerManager
+from lightning_soo import (
+    CurvatureScheduler,
+    GaussNewtonCallback,
+    KFACCallback,
+    PreconditionerManager,
+    PSGDCallback,
+    ShampooCallback,
+)
 
 BAD_INTS = st.one_of(st.integers(max_value=0), st.floats(allow_nan=True), st.text(max_size=3), st.booleans())
 BAD_FLOATS = st.one_of(st.just(math.nan), st.just(math.inf), st.text(min_size=1, max_size=3), st.just(None))
@@ -59,6 +66,95 @@ def test_kfac_rejects_bad_values(data: st.DataObject, name: str) -> None:
 @given(kwargs=KFAC_GOOD)
 def test_kfac_accepts_good_values(kwargs: dict) -> None:
     KFACCallback(**kwargs)
+
+
+def _choice(*accepted: object) -> st.SearchStrategy:
+    return st.text(max_size=8).filter(lambda s: s not in accepted)
+
+
+COMMON_BAD = {k: KFAC_BAD[k] for k in ("exclude", "kl_clip", "grad_worker_fraction", "max_update_norm")}
+SHAMPOO_BAD = {
+    **COMMON_BAD,
+    "damping": KFAC_BAD["damping"],
+    "statistics": _choice("per_example", "gradient"),
+    "exponent": st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0001), BAD_FLOATS),
+    "damping_mode": _choice("absolute", "relative"),
+    "accumulate": _choice("ema", "sum"),
+    "beta": st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-9), BAD_FLOATS),
+    "grafting": _choice("sgd"),
+    "statistics_interval": BAD_INTS,
+    "preconditioner_interval": BAD_INTS,
+    "max_factor_dim": BAD_INTS,
+    "weight_sharing": _choice("expand", "reduce"),
+    "loss_reduction": _choice("mean", "sum"),
+}
+GAUSS_NEWTON_BAD = {
+    **COMMON_BAD,
+    "damping": st.one_of(st.floats(max_value=0.0), st.just(math.nan), st.just(math.inf), st.text(max_size=3)),
+    "damping_mode": _choice("absolute", "relative"),
+    "statistics_interval": BAD_INTS,
+    "preconditioner_interval": BAD_INTS,
+    "max_examples": BAD_INTS,
+    "weight_sharing": _choice("expand", "reduce"),
+    "loss_reduction": _choice("mean", "sum"),
+    "grafting": _choice("sgd"),
+}
+PSGD_BAD = {
+    **COMMON_BAD,
+    "fit": _choice("whitening", "hessian"),
+    "lr_preconditioner": st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0001), BAD_FLOATS),
+    "init_scale": st.one_of(st.floats(max_value=0.0), st.just(math.nan), st.text(min_size=1, max_size=3)),
+    "max_update_probability": st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0001), BAD_FLOATS),
+    "min_update_probability": st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0001), BAD_FLOATS),
+    "update_decay": st.one_of(st.floats(max_value=-1e-9), BAD_FLOATS),
+    "flat_steps": st.one_of(st.integers(max_value=-1), st.text(min_size=1, max_size=3), st.booleans()),
+    "max_factor_dim": BAD_INTS,
+    "grafting": _choice("sgd"),
+    "preconditioner_interval": BAD_INTS,
+}
+METHOD_BAD = {ShampooCallback: SHAMPOO_BAD, GaussNewtonCallback: GAUSS_NEWTON_BAD, PSGDCallback: PSGD_BAD}
+
+
+@settings(max_examples=120, deadline=None)
+@given(data=st.data(), cls=st.sampled_from(list(METHOD_BAD)))
+def test_other_methods_reject_bad_values(data: st.DataObject, cls: type) -> None:
+    name = data.draw(st.sampled_from(sorted(METHOD_BAD[cls])))
+    value = data.draw(METHOD_BAD[cls][name])
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        cls(**{name: value})
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shampoo=st.fixed_dictionaries(
+        {},
+        optional={
+            "statistics": st.sampled_from(["per_example", "gradient"]),
+            "exponent": st.floats(0.01, 1.0),
+            "damping_mode": st.sampled_from(["absolute", "relative"]),
+            "accumulate": st.sampled_from(["ema", "sum"]),
+            "grafting": st.sampled_from(["sgd", None]),
+            "max_factor_dim": st.integers(1, 10_000),
+        },
+    ),
+    gauss_newton=st.fixed_dictionaries(
+        {}, optional={"damping": st.floats(1e-9, 10.0), "max_examples": st.integers(1, 10_000)}
+    ),
+    psgd=st.fixed_dictionaries(
+        {},
+        optional={
+            "fit": st.sampled_from(["whitening", "hessian"]),
+            "lr_preconditioner": st.floats(1e-4, 1.0),
+            "init_scale": st.one_of(st.none(), st.floats(1e-3, 1e3)),
+            "min_update_probability": st.floats(1e-3, 1.0),
+            "flat_steps": st.integers(0, 1000),
+        },
+    ),
+)
+def test_other_methods_accept_good_values(shampoo: dict, gauss_newton: dict, psgd: dict) -> None:
+    ShampooCallback(**shampoo)
+    GaussNewtonCallback(**gauss_newton)
+    PSGDCallback(**psgd)
 
 
 CURVATURE_BAD = {
