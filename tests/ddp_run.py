@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--ckpt-out", default=None)
     parser.add_argument("--plain", action="store_true")
     parser.add_argument("--fraction", type=float, default=1.0, help="grad_worker_fraction")
-    parser.add_argument("--method", default="kfac", choices=["kfac", "shampoo", "gauss_newton", "psgd"])
+    parser.add_argument("--method", default="kfac", choices=["kfac", "shampoo", "gauss_newton", "psgd", "psgd_hessian"])
     args = parser.parse_args()
     torch.manual_seed(0)
     per_rank = 32 // args.devices  # the global batch is 32 either way
@@ -58,8 +58,9 @@ def main() -> None:
         cb = ShampooCallback(preconditioner_interval=2, damping=1e-3, grad_worker_fraction=args.fraction)
     elif args.method == "gauss_newton":
         cb = GaussNewtonCallback(preconditioner_interval=2, grad_worker_fraction=args.fraction)
-    elif args.method == "psgd":
-        cb = PSGDCallback(grad_worker_fraction=args.fraction)
+    elif args.method.startswith("psgd"):
+        fit = "hessian" if args.method == "psgd_hessian" else "whitening"
+        cb = PSGDCallback(fit=fit, grad_worker_fraction=args.fraction)
     else:
         cb = KFACCallback(preconditioner_interval=2, kl_clip=None, grad_worker_fraction=args.fraction)
     last = LastGrads()

@@ -42,6 +42,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
         "gauss_newton_ddp": _run(tmp, 2, "gn_ddp", "--steps", "5", "--method", "gauss_newton"),
         "psgd_single": _run(tmp, 1, "psgd_single", "--steps", "5", "--method", "psgd"),
         "psgd_ddp": _run(tmp, 2, "psgd_ddp", "--steps", "5", "--method", "psgd", "--fraction", "0.5"),
+        "psgd_hessian_single": _run(tmp, 1, "psgdh_single", "--steps", "5", "--method", "psgd_hessian"),
+        "psgd_hessian_ddp": _run(tmp, 2, "psgdh_ddp", "--steps", "5", "--method", "psgd_hessian"),
     }
 
 
@@ -80,10 +82,11 @@ def test_shampoo_ddp_equals_single_process(runs: dict[str, list[dict]]) -> None:
         assert torch.equal(g0, g1)
 
 
-@pytest.mark.parametrize("method", ["gauss_newton", "psgd"])
+@pytest.mark.parametrize("method", ["gauss_newton", "psgd", "psgd_hessian"])
 def test_other_methods_ddp_equal_single_process(runs: dict[str, list[dict]], method: str) -> None:
     """Gauss-Newton gathers the examples of both ranks (its Gram is that of the global batch); PSGD fits its Q from
-    the all-reduced gradient with the same probes on every rank (here in gradient-broadcast mode)."""
+    the all-reduced gradient with the same probes on every rank (here in gradient-broadcast mode), or in Newton form
+    from the ranks' Hessian-vector products averaged."""
     single = runs[f"{method}_single"][0]
     for rank in runs[f"{method}_ddp"]:
         for a, b in zip(single["params"], rank["params"], strict=True):

@@ -104,6 +104,7 @@ class PSGD(Preconditioner):
         self.accumulated = 0.0  # accumulated update probability
         self._dirty = False
         self._pair: tuple[Tensor | None, Tensor] | None = None
+        self._ranks: Tensor | None = None  # number of ranks whose Hv were summed into the pending pair
         self.generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + d_out * 4099 + d_in)
         self.tiny = torch.finfo(dtype).tiny
 
@@ -133,10 +134,15 @@ class PSGD(Preconditioner):
 
     def observe_hvp(self, v: Tensor, hv: Tensor) -> None:
         """A Newton-form pair: the probe ``v`` (from ``probe``) and ``H v``."""
-        self._pair = (v.to(self.dtype), hv.to(self.dtype))
+        self._pair = (v.to(self.dtype), hv.to(self.dtype).contiguous())
 
     def statistics_tensors(self) -> list[Tensor]:
-        return []  # whitening: from the all-reduced gradient, identical on every rank
+        """Whitening: nothing (the gradient is already all-reduced). Newton form: the pending ``H v`` and a count,
+        summed across ranks (every rank drew the same probe) and averaged in ``close_statistics``."""
+        if self.fit == "whitening" or self._pair is None:
+            return []
+        self._ranks = torch.ones((), dtype=self.dtype, device=self.device)
+        return [self._pair[1], self._ranks]
 
     def close_statistics(self, grad_scale: float) -> bool | None:
         pair, self._pair = self._pair, None
@@ -145,6 +151,8 @@ class PSGD(Preconditioner):
         if not self._advance():
             return None
         v, h = pair
+        if self._ranks is not None:  # summed over ranks: the mean of their Hessian-vector products
+            h, self._ranks = h / self._ranks, None
         if v is None:
             v = self.probe()
         if not linalg.all_finite(h):
@@ -161,7 +169,7 @@ class PSGD(Preconditioner):
         return True
 
     def discard_statistics(self) -> None:
-        self._pair = None
+        self._pair = self._ranks = None
 
     def _initialise(self, v: Tensor, h: Tensor) -> None:
         """``Q = s·I`` with ``s⁴ = E[v²] / E[h²]`` (Li's automatic scale) unless ``init_scale`` is given."""
