@@ -50,7 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the digits MLP with each method at each batch size for a fixed number of epochs; print a "
         "table (final train loss, test accuracy, seconds) and write compare.png and compare.json.",
     )
-    compare.add_argument("--methods", nargs="+", default=["sgd", "adamw", "kfac"], help="default: sgd adamw kfac")
+    methods = ["sgd", "adamw", "kfac", "shampoo", "gauss_newton", "psgd"]
+    compare.add_argument(
+        "--methods",
+        nargs="+",
+        default=methods,
+        choices=methods,
+        metavar="METHOD",
+        help=f"any of {', '.join(methods)} (default: all)",
+    )
     compare.add_argument(
         "--batch-sizes", type=int, nargs="+", default=[32, 128, 512, 1438], help="default: 32 128 512 1438"
     )

@@ -72,11 +72,17 @@ def manager_metrics(manager: PreconditionerManager) -> dict[str, float]:
     return out
 
 
+MAX_SPECTRUM = 1 << 18  # values per histogram
+
+
 def spectra(manager: PreconditionerManager) -> dict[str, torch.Tensor]:
     """Eigenvalues of each layer's curvature where the method has them at hand (for histograms)."""
     out = {}
     for name, layer in manager.layers.items():
         spectrum = layer.preconditioner.spectrum()
         if spectrum is not None and spectrum.numel():
-            out[f"{PREFIX}/spectrum/{name}"] = spectrum.detach().float().cpu()
+            flat = spectrum.detach().reshape(-1)
+            if flat.numel() > MAX_SPECTRUM:  # a Kronecker spectrum of two wide sides: an even thinning is enough
+                flat = flat[:: -(-flat.numel() // MAX_SPECTRUM)]
+            out[f"{PREFIX}/spectrum/{name}"] = flat.float().cpu()
     return out

@@ -15,7 +15,6 @@ every call.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,7 +33,7 @@ from lightning_soo.preconditioners import get_method
 from lightning_soo.preconditioners.base import Preconditioner
 from lightning_soo.schedule import ChangeMonitor, Schedule
 from lightning_soo.sinks import grad_sink, input_sink
-from lightning_soo.update import Update, graft, kl_scale
+from lightning_soo.update import finite_updates, kl_scale, write_updates
 
 LossReduction = Literal["mean", "sum"]
 Grafting = Literal["sgd"]
@@ -293,31 +292,21 @@ class PreconditionerManager:
         return [(layer, g, layer.preconditioner.precondition(g)) for layer, g in items if layer.preconditioner.ready]
 
     def _precondition(self, layers: list[Layer], optimizer: torch.optim.Optimizer | None, lr: float | None) -> None:
-        updates: list[Update] = []
-        for layer, g, out in self._preconditioned(layers):
-            if self.grafting == "sgd":
-                out = graft(out, g)
-            # ⟨P·G, G⟩ is non-finite whenever P·G is: one pass serves as the finiteness check and the KL-clip term
-            dot = float(torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1)))
-            if not math.isfinite(dot):
-                self.counters["nonfinite_updates"] += 1
-                self._warn_once(
-                    layer,
-                    "update",
-                    f"the preconditioned gradient of layer '{layer.name}' was not finite; its plain gradient was kept",
-                )
-                continue
-            updates.append((layer.adapter, dot, out))
+        done = self._preconditioned(layers)
+        updates, failed = finite_updates([(layer.adapter, g, out) for layer, g, out in done], self.grafting)
+        for index in failed:
+            layer = done[index][0]
+            self.counters["nonfinite_updates"] += 1
+            self._warn_once(
+                layer,
+                "update",
+                f"the preconditioned gradient of layer '{layer.name}' was not finite; its plain gradient was kept",
+            )
         self.last_kl_scale = kl_scale(updates, self.kl_clip, optimizer, lr) if self.kl_clip and updates else 1.0
         self.counters["preconditioned_steps"] += bool(updates)
-        for adapter, _, out in updates:
-            scale = self.last_kl_scale
-            if self.max_update_norm is not None:
-                norm = float(out.norm()) * scale
-                if norm > self.max_update_norm:
-                    scale *= self.max_update_norm / norm
-                    self.counters["capped_updates"] = self.counters.get("capped_updates", 0) + 1
-            adapter.set_grad_matrix(out if scale == 1.0 else out * scale)
+        capped = write_updates(updates, self.last_kl_scale, self.max_update_norm)
+        if capped:
+            self.counters["capped_updates"] = self.counters.get("capped_updates", 0) + capped
 
     def _layers_of(self, optimizer: torch.optim.Optimizer | None) -> list[Layer]:
         if optimizer is None:

@@ -1,8 +1,9 @@
-"""Post-processing of the preconditioned gradients of one step: layer-wise grafting and KL clipping
-(kfac-pytorch's form)."""
+"""Post-processing of the preconditioned gradients of one step, between ``P·G`` and ``p.grad``: layer-wise grafting,
+the finiteness check, KL clipping (kfac-pytorch's form) and the per-layer norm cap."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +12,39 @@ from torch import Tensor
 from lightning_soo.layers import LayerAdapter
 
 Update = tuple[LayerAdapter, float, Tensor]  # (adapter, ⟨P·G, G⟩, preconditioned P·G)
+Item = tuple[LayerAdapter, Tensor, Tensor]  # (adapter, G, P·G)
+
+
+def finite_updates(items: Sequence[Item], grafting: str | None) -> tuple[list[Update], list[int]]:
+    """The (grafted) updates with their ``⟨P·G, G⟩``, and the indices of the items whose ``P·G`` is not finite
+    (those keep their plain gradient). The dot product is non-finite whenever ``P·G`` is, so one pass serves as the
+    finiteness check and the KL-clip term."""
+    updates: list[Update] = []
+    failed: list[int] = []
+    for index, (adapter, g, out) in enumerate(items):
+        if grafting == "sgd":
+            out = graft(out, g)
+        dot = float(torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1)))
+        if math.isfinite(dot):
+            updates.append((adapter, dot, out))
+        else:
+            failed.append(index)
+    return updates, failed
+
+
+def write_updates(updates: Sequence[Update], scale: float, max_norm: float | None) -> int:
+    """``p.grad ← scale · P·G`` per layer, each scaled down further to at most ``max_norm`` (Frobenius); returns
+    how many layers were capped."""
+    capped = 0
+    for adapter, _, out in updates:
+        s = scale
+        if max_norm is not None:
+            norm = float(out.norm()) * s
+            if norm > max_norm:
+                s *= max_norm / norm
+                capped += 1
+        adapter.set_grad_matrix(out if s == 1.0 else out * s)
+    return capped
 
 
 def kl_scale(
