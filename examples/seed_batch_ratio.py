@@ -20,8 +20,7 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, verdict
-from seed_damping import spearman
+from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, spearman, verdict
 
 from lightning_soo.app.data import digits
 from lightning_soo.app.train import train
