@@ -106,3 +106,22 @@ def interleaved(sgd: StepFn, method: StepFn, block: int, blocks: int, warmup_blo
         t_sgd.append((t1 - t0) / block)
         t_method.append((t2 - t1) / block)
     return Timing(1e3 * statistics.median(t_sgd), 1e3 * statistics.median(t_method))
+
+
+def interleaved_many(steps: dict[str, StepFn], block: int, blocks: int, warmup_blocks: int = 2) -> dict[str, float]:
+    """Median per-step milliseconds of each step function, timed in alternating blocks of ``block`` steps (the order
+    rotates every block), so machine noise falls on every contender alike."""
+    names = list(steps)
+    for _ in range(warmup_blocks):
+        for name in names:
+            for _ in range(block):
+                steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for b in range(blocks):
+        order = names[b % len(names) :] + names[: b % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            for _ in range(block):
+                steps[name]()
+            times[name].append((time.perf_counter() - t0) / block)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}

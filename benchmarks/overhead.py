@@ -35,7 +35,7 @@ class Setting:
 
 
 SETTINGS = {"256": Setting(256, 1, 10), "2048": Setting(2048, 10, 100)}
-TARGETS = {("kfac", "256"): 4.0, ("kfac", "2048"): 1.5, ("kfac-frozen", "2048"): 1.3}
+TARGETS = {("kfac", "256"): 4.0, ("kfac", "2048"): 1.5, ("kfac-frozen", "2048"): 1.3, ("shampoo", "2048"): 1.5}
 
 
 # -- FLOP models of the extra work (matrix products only) --------------------------------------------------------
@@ -76,12 +76,54 @@ def _shampoo(model: nn.Module, s: Setting) -> PreconditionerManager:
         statistics_interval=s.statistics_interval,
         preconditioner_interval=s.preconditioner_interval,
         damping=1e-4,
+        grafting="sgd",  # ShampooCallback's default
     )
 
 
 def shampoo_flops(shapes: list[tuple[int, int]], s: Setting) -> float:
     """Per-example statistics 2·N·d² per factor (plus the row scaling), two products per step, eigh ~9n³."""
     return kfac_flops(shapes, s, products=2, inverse_cost=9.0)
+
+
+def _gauss_newton(model: nn.Module, s: Setting) -> PreconditionerManager:
+    return PreconditionerManager(
+        model,
+        "gauss_newton",
+        {"damping_mode": "relative"},
+        statistics_interval=s.statistics_interval,
+        preconditioner_interval=s.preconditioner_interval,
+        damping=0.1,
+        grafting="sgd",
+    )
+
+
+def gauss_newton_flops(shapes: list[tuple[int, int]], s: Setting) -> float:
+    """Per step ``Uᵀ vec(G)`` and ``U w``: 4·N·d_out·d_in; per refresh the Gram 2·N²·(d_in + d_out) and the
+    Cholesky N³/3."""
+    n = s.batch
+    pre = sum(4 * n * o * i for o, i in shapes)
+    inv = sum(2 * n * n * (o + i) + n**3 / 3 for o, i in shapes) / s.preconditioner_interval
+    return pre + inv
+
+
+def _psgd(model: nn.Module, s: Setting) -> PreconditionerManager:
+    return PreconditionerManager(
+        model,
+        "psgd",
+        statistics_interval=s.statistics_interval,
+        preconditioner_interval=s.preconditioner_interval,
+        grafting="sgd",
+    )
+
+
+def psgd_flops(shapes: list[tuple[int, int]], s: Setting) -> float:
+    """Per fitting step (every statistics step: probability 1 in the first 500 steps): ``A = Q_l G Q_rᵀ`` and
+    ``B = Q_l⁻ᵀ V Q_r⁻¹`` (2 products each, triangular solves at half cost), the four Gram terms, and the two
+    triangular updates ``triu(·) Q``; per refresh ``Q_lᵀQ_l``, ``Q_rᵀQ_r``; per step two preconditioning products."""
+    fit = sum(2 * (o * o * i + o * i * i) * 1.5 + 4 * (o * o * i + o * i * i) + 2 * (o**3 + i**3) for o, i in shapes)
+    refresh = sum(2 * (o**3 + i**3) for o, i in shapes)
+    pre = sum(2 * (o * o * i + o * i * i) for o, i in shapes)
+    return fit / s.statistics_interval + refresh / max(s.preconditioner_interval, s.statistics_interval) + pre
 
 
 def _kfac_frozen(model: nn.Module, s: Setting) -> PreconditionerManager:
@@ -102,6 +144,8 @@ METHODS: dict[str, tuple[Factory, Callable[[list[tuple[int, int]], Setting], flo
     "kfac-eigen": (_kfac("eigen"), lambda sh, s: kfac_flops(sh, s, products=4, inverse_cost=9.0)),
     "kfac-frozen": (_kfac_frozen, frozen_flops),
     "shampoo": (_shampoo, shampoo_flops),
+    "gauss_newton": (_gauss_newton, gauss_newton_flops),
+    "psgd": (_psgd, psgd_flops),
 }
 
 

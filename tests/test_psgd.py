@@ -132,3 +132,14 @@ def test_non_finite_gradient_keeps_q_and_norm_bound() -> None:
     m = m @ m.T
     bound, norm = float(norm_lower_bound(m)), float(torch.linalg.matrix_norm(m, 2))
     assert norm / 2**0.5 <= bound <= norm * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("n", [7, 600, 1100])
+def test_triangular_products_equal_dense(n: int) -> None:
+    from lightning_soo.preconditioners.psgd import _gram, triu_matmul
+
+    g = torch.Generator().manual_seed(n)
+    q = torch.triu(torch.randn(n, n, generator=g, dtype=F64))
+    t = torch.randn(n, n, generator=g, dtype=F64)
+    torch.testing.assert_close(triu_matmul(t, q), torch.triu(t) @ q, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(_gram(q), q.T @ q, rtol=1e-12, atol=1e-10)

@@ -58,9 +58,39 @@ def update_probability(step: int, p_max: float, p_min: float, decay: float, flat
     return min(p_max, max(p_min, p_max * math.exp(-decay * (step - flat))))
 
 
+MIN_BLOCK = 256  # below this, dense products beat the block recursion
+
+
+def triu_matmul(t: Tensor, q: Tensor) -> Tensor:
+    """``triu(T) · Q`` for an upper-triangular ``Q``: the product is upper triangular, and 2x2 blocking skips the
+    zero blocks (recursively; about 40% of the dense FLOPs at two levels)."""
+    n = q.shape[0]
+    if n < 2 * MIN_BLOCK:
+        return torch.triu(t) @ q
+    h = n // 2
+    out = torch.zeros_like(q)
+    out[:h, :h] = triu_matmul(t[:h, :h], q[:h, :h])
+    out[:h, h:] = torch.triu(t[:h, :h]) @ q[:h, h:] + t[:h, h:] @ q[h:, h:]
+    out[h:, h:] = triu_matmul(t[h:, h:], q[h:, h:])
+    return out
+
+
 def _gram(q: Tensor) -> Tensor:
-    """``QᵀQ`` of a triangular factor, ``q²`` of a diagonal one."""
-    return q * q if q.dim() == 1 else q.mT @ q
+    """``QᵀQ`` of an upper-triangular factor (2x2 blocking skips the zero blocks, using symmetry), ``q²`` of a
+    diagonal one."""
+    if q.dim() == 1:
+        return q * q
+    n = q.shape[0]
+    if n < 2 * MIN_BLOCK:
+        return q.mT @ q
+    h = n // 2
+    q11, q12, q22 = q[:h, :h], q[:h, h:], q[h:, h:]
+    out = torch.empty_like(q)
+    out[:h, :h] = _gram(q11)
+    out[:h, h:] = q11.mT @ q12
+    out[h:, :h] = out[:h, h:].mT
+    out[h:, h:] = q12.mT @ q12 + _gram(q22)
+    return out
 
 
 class PSGD(Preconditioner):
@@ -199,7 +229,7 @@ class PSGD(Preconditioner):
                 q.sub_(step * (t1 - t2) * q)
             else:
                 step = self.lr_preconditioner / (float(norm_lower_bound(t1 + t2)) + self.tiny)
-                q.sub_(step * torch.triu(t1 - t2) @ q)
+                q.sub_(step * triu_matmul(t1 - t2, q))
 
     # -- preconditioner -----------------------------------------------------------------------------------
     def refresh(self, damping: float) -> bool | None:
