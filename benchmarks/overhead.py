@@ -92,7 +92,8 @@ def _gauss_newton(model: nn.Module, s: Setting) -> PreconditionerManager:
         {"damping_mode": "relative"},
         statistics_interval=s.statistics_interval,
         preconditioner_interval=s.preconditioner_interval,
-        damping=0.1,
+        damping=0.3,  # GaussNewtonCallback's defaults (damping, grafting, KL clip)
+        kl_clip=1e-2,
         grafting="sgd",
     )
 

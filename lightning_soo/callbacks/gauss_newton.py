@@ -22,7 +22,7 @@ class GaussNewtonCallback(SecondOrderCallback):
         damping: ``ρ`` (> 0: without it the empirical Fisher is singular beyond the ``N`` examples) or
             ``fn(step, lr) -> ρ``; relative to the largest eigenvalue of ``E[ggᵀ]`` by default (``damping_mode``).
             The exact curvature of one batch fits that batch closely and a small ``ρ`` lets each step chase it:
-            on the shipped CNN and the test MLP relative 0.1 trains, 0.001 diverges.
+            on the shipped CNN and the test MLP relative 0.1–0.3 trains, 0.001 diverges.
         damping_mode: ``"relative"`` (scale-free) or ``"absolute"``.
         statistics_interval: capture the examples every this many optimizer steps.
         preconditioner_interval: refactor the Gram matrix every this many optimizer steps.
@@ -30,9 +30,11 @@ class GaussNewtonCallback(SecondOrderCallback):
         exclude: module-name patterns (``fnmatch``) left plain.
         weight_sharing: ``"expand"`` (every position of a Linear input is an example) or ``"reduce"``.
         loss_reduction: ``"mean"`` or ``"sum"`` (how your loss reduces over examples).
-        kl_clip: bound on ``Σ lr²⟨P·G, G⟩`` per step (kfac-pytorch's KL clipping). None: off.
+        kl_clip: bound on ``Σ lr²⟨P·G, G⟩`` per step (kfac-pytorch's KL clipping), applied after grafting. None: off.
         grafting: ``"sgd"`` (default) rescales each layer's ``P·G`` to ``‖G‖``, so the learning rate of your SGD
             set-up keeps its meaning (the exact step is short where the gradients are large); None keeps it.
+            Grafting alone takes SGD's step length along a sharper direction, too long at small batch (digits,
+            batch 32, lr 0.2: loss 1.8 against SGD's 0.31); with the KL clip as a trust region after it, 0.15.
         grad_worker_fraction: DDP inverse sharing, as for ``KFACCallback`` (examples are gathered across ranks).
         max_update_norm: cap on the Frobenius norm of each layer's preconditioned gradient (None: no cap).
     """
@@ -41,7 +43,7 @@ class GaussNewtonCallback(SecondOrderCallback):
 
     def __init__(
         self,
-        damping: Union[float, Callable[[int, Optional[float]], float]] = 1e-1,
+        damping: Union[float, Callable[[int, Optional[float]], float]] = 0.3,
         damping_mode: Literal["absolute", "relative"] = "relative",
         statistics_interval: int = 1,
         preconditioner_interval: int = 1,
@@ -49,7 +51,7 @@ class GaussNewtonCallback(SecondOrderCallback):
         exclude: Sequence[str] = (),
         weight_sharing: Literal["expand", "reduce"] = "expand",
         loss_reduction: Literal["mean", "sum"] = "mean",
-        kl_clip: Optional[float] = None,
+        kl_clip: Optional[float] = 1e-2,
         grafting: Optional[Literal["sgd"]] = "sgd",
         grad_worker_fraction: float = 1.0,
         max_update_norm: Optional[float] = None,
