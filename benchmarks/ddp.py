@@ -1,5 +1,6 @@
-"""DDP cost of K-FAC: bytes communicated per step and step time under 2-process DDP (gloo, CPU) against one
-process on the whole batch, for plain SGD and K-FAC in both inverse-sharing modes.
+"""DDP cost of the preconditioners: bytes communicated per step and step time under 2-process DDP (gloo, CPU) against
+one process on the whole batch, for plain SGD, K-FAC in both inverse-sharing modes, and Shampoo, Gauss-Newton and
+PSGD with their defaults (inverse broadcast).
 
 MLP 784-512-512-10, global batch 512 (256 per rank), statistics every step, inverses every 10 steps.
 
@@ -30,7 +31,15 @@ from benchmarks.common import machine, mlp
 from lightning_soo import PreconditionerManager
 
 GLOBAL_BATCH = 512
-MODES = {"sgd": None, "kfac (inverse broadcast)": 1.0, "kfac (gradient broadcast)": 0.5}
+# label -> (method, grad_worker_fraction, method options, manager options); None: plain SGD
+MODES: dict[str, tuple[str, float, dict, dict] | None] = {
+    "sgd": None,
+    "kfac (inverse broadcast)": ("kfac", 1.0, {}, {"kl_clip": 1e-3}),
+    "kfac (gradient broadcast)": ("kfac", 0.5, {}, {"kl_clip": 1e-3}),
+    "shampoo": ("shampoo", 1.0, {}, {"damping": 1e-4, "grafting": "sgd"}),
+    "gauss_newton": ("gauss_newton", 1.0, {"damping_mode": "relative"}, {"damping": 0.3, "grafting": "sgd"}),
+    "psgd": ("psgd", 1.0, {}, {"grafting": "sgd"}),
+}
 
 
 def _run(rank: int, world: int, mode: str, steps: int, result_file: str) -> None:
@@ -39,10 +48,11 @@ def _run(rank: int, world: int, mode: str, steps: int, result_file: str) -> None
         dist.init_process_group("gloo", rank=rank, world_size=world)
     model = mlp()
     ddp = DistributedDataParallel(model) if world > 1 else model
-    fraction = MODES[mode]
+    spec = MODES[mode]
     manager = None
-    if fraction is not None:
-        manager = PreconditionerManager(model, kl_clip=1e-3, grad_worker_fraction=fraction)
+    if spec is not None:
+        method, fraction, options, kwargs = spec
+        manager = PreconditionerManager(model, method, options, grad_worker_fraction=fraction, **kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
     x, y = (
@@ -97,9 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3, help="alternating single/DDP rounds (median)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ddp.json")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args(argv)
     rows = []
-    for mode in MODES:
+    for mode in args.modes:
         singles, ddps = [], []
         for _ in range(args.rounds):  # alternate, so load on the shared machine hits both alike
             singles.append(measure(mode, 1, args.steps))
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         row.update({k: round(v) for k, v in ddp.items() if k.startswith("bytes")})
         rows.append(row)
         print(
-            f"{mode:<27} single {row['single_ms']:7.2f} ms  2-process DDP {row['ddp2_ms']:7.2f} ms "
+            f"{mode:<26} single {row['single_ms']:7.2f} ms  2-process DDP {row['ddp2_ms']:7.2f} ms "
             f"(x{row['ddp2_over_single']:.2f})  bytes/step: statistics {row['bytes_per_step_statistics']:>10,}"
             f"  preconditioner {row['bytes_per_step_preconditioner']:>10,}  DDP gradients "
             f"{row['bytes_per_step_gradients_ddp']:>10,}",
