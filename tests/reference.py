@@ -10,6 +10,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 
+def mse(out: Tensor, y: Tensor) -> Tensor:
+    """Half the squared error, summed over output entries and examples (a per-example loss when N = 1)."""
+    return 0.5 * (out - y).square().flatten(1).sum(1).sum()
+
+
 def per_example_grads(module: nn.Module, loss_of_output, x: Tensor, y: Tensor) -> Tensor:
     """Per-example gradient matrices G_n (N x d_out x d_in, bias as the last column) of ``loss_of_output(out, y)``
     for each example alone (no batch averaging)."""

@@ -1,5 +1,5 @@
-"""KFACCallback inside Lightning's loop: accumulation, precision, manual optimization, clipping, validation,
-checkpoint resume and teardown."""
+"""KFACCallback inside Lightning's loop: accumulation, precision, manual optimization, clipping, validation and
+teardown (checkpoint resume for every method: test_methods_lightning)."""
 
 from __future__ import annotations
 
@@ -118,29 +118,6 @@ def test_fp16_loss_scale_is_undone() -> None:
         b_traces.append({name: float(b.trace()) for name, (_, b) in _factors(cb).items()})
     for name, t in b_traces[0].items():
         assert b_traces[1][name] == pytest.approx(t, rel=0.05)
-
-
-def test_resume_continues_exactly(tmp_path) -> None:
-    """20 steps straight equal 10 steps, a checkpoint, and 10 resumed steps."""
-
-    def run(max_steps: int, ckpt: str | None = None, save: str | None = None) -> list[float]:
-        torch.manual_seed(0)
-        model = MLP(batch_size=16)  # 160 examples: 10 steps per epoch
-        rec = LossRecorder()
-        t = trainer(max_steps=max_steps, callbacks=[KFACCallback(preconditioner_interval=3), rec])
-        t.fit(model, ckpt_path=ckpt, weights_only=True if ckpt else None)
-        if save:
-            t.save_checkpoint(save)
-        return rec.losses
-
-    straight = run(20)
-    path = str(tmp_path / "half.ckpt")
-    first = run(10, save=path)
-    state = torch.load(path, weights_only=True)  # plain tensors and numbers only
-    assert state["callbacks"]["KFACCallback"]["steps"] == 10
-    second = run(20, ckpt=path)
-    resumed = torch.tensor(first + second)
-    torch.testing.assert_close(resumed, torch.tensor(straight), rtol=1e-6, atol=0)
 
 
 def test_unsupported_strategy_is_refused() -> None:

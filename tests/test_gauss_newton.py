@@ -10,18 +10,9 @@ from torch import Tensor, nn
 
 from lightning_soo import PreconditionerManager
 from tests.reference import module_grad_matrix, per_example_grads
+from tests.reference import mse as mse
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _mse(out: Tensor, y: Tensor) -> Tensor:
-    return 0.5 * (out - y).square().flatten(1).sum(1).sum()
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _run(module: nn.Module, batches: list[tuple[Tensor, Tensor]], damping: float, **options):
@@ -47,7 +38,7 @@ def test_linear_equals_dense_empirical_fisher_solve() -> None:
     lin = nn.Linear(5, 4)
     x, y = torch.randn(8, 5), torch.randn(8, 4)
     pre, g, out = _run(lin, [(x, y)], damping=0.05)
-    expected = _dense_solution(per_example_grads(lin, _mse, x, y), g, 0.05)
+    expected = _dense_solution(per_example_grads(lin, mse, x, y), g, 0.05)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(pre.curvature_matvec(out), g, rtol=1e-10, atol=1e-12)
 
@@ -57,7 +48,7 @@ def test_conv2d_equals_dense_empirical_fisher_solve() -> None:
     conv = nn.Conv2d(2, 3, 3, padding=1, stride=2)
     x, y = torch.randn(6, 2, 5, 5), torch.randn(6, 3, 3, 3)
     pre, g, out = _run(conv, [(x, y)], damping=0.1)
-    expected = _dense_solution(per_example_grads(conv, _mse, x, y), g, 0.1)
+    expected = _dense_solution(per_example_grads(conv, mse, x, y), g, 0.1)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     v = torch.randn_like(g)
     torch.testing.assert_close(pre.curvature_matvec(pre.precondition(v)), v, rtol=1e-9, atol=1e-11)
@@ -73,7 +64,7 @@ def test_sequence_inputs_count_each_token_as_an_example() -> None:
     (0.5 * (lin(x) - y).square().sum(-1)).mean().backward()
     g = module_grad_matrix(lin).clone()
     manager.step()
-    gs = per_example_grads(lin, _mse, x.reshape(15, 4), y.reshape(15, 3))
+    gs = per_example_grads(lin, mse, x.reshape(15, 4), y.reshape(15, 3))
     torch.testing.assert_close(module_grad_matrix(lin), _dense_solution(gs, g, 0.02), rtol=1e-10, atol=1e-12)
 
 
@@ -83,7 +74,7 @@ def test_embedding_one_hot_rows() -> None:
     idx, y = torch.randint(0, 9, (7,)), torch.randn(7, 3)
     _, g, out = _run(emb, [(idx, y)], damping=0.1)
     torch.testing.assert_close(
-        out, _dense_solution(per_example_grads(emb, _mse, idx, y), g, 0.1), rtol=1e-10, atol=1e-12
+        out, _dense_solution(per_example_grads(emb, mse, idx, y), g, 0.1), rtol=1e-10, atol=1e-12
     )
 
 
@@ -109,7 +100,7 @@ def test_too_many_examples_are_subsampled_with_a_warning() -> None:
     assert pre.basis.n == 10
     assert any("max_examples" in str(w.message) for w in caught)
     keep = torch.linspace(0, 39, 10).round().long()
-    gs = per_example_grads(lin, _mse, x, y)[keep]
+    gs = per_example_grads(lin, mse, x, y)[keep]
     torch.testing.assert_close(out, _dense_solution(gs, g, 0.1), rtol=1e-10, atol=1e-12)
 
 

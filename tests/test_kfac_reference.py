@@ -13,6 +13,7 @@ from tests.reference import (
     factored_damping_dense,
     kfac_dense,
     module_grad_matrix,
+    mse,
     per_example_grads,
     with_ones,
 )
@@ -20,16 +21,7 @@ from tests.reference import (
 RHO = 0.05
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _mse(out: Tensor, y: Tensor) -> Tensor:
-    return 0.5 * (out - y).square().flatten(1).sum(1).sum()
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _step(module: nn.Module, x: Tensor, y: Tensor, *, inverse: str = "eigen", reduction: str = "mean", **kw) -> tuple:
@@ -60,7 +52,7 @@ def test_one_example_kron_is_exact_empirical_fisher(bias: bool) -> None:
     lin = nn.Linear(4, 3, bias=bias)
     x, y = torch.randn(1, 4), torch.randn(1, 3)
     pre, _, _ = _step(lin, x, y)
-    g = per_example_grads(lin, _mse, x, y)[0].reshape(-1)
+    g = per_example_grads(lin, mse, x, y)[0].reshape(-1)
     torch.testing.assert_close(kfac_dense(pre.a, pre.b), torch.outer(g, g), rtol=1e-12, atol=1e-12)
 
 

@@ -9,18 +9,9 @@ from torch import Tensor, nn
 from lightning_soo import PreconditionerManager, ShampooCallback
 from tests.lightning_models import MLP, LossRecorder, trainer
 from tests.reference import module_grad_matrix, per_example_grads
+from tests.reference import mse as mse
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def _mse(out: Tensor, y: Tensor) -> Tensor:
-    return 0.5 * (out - y).square().flatten(1).sum(1).sum()
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _step(module: nn.Module, x: Tensor, y: Tensor, damping: float = 0.1, grafting: str | None = None, **options):
@@ -44,7 +35,7 @@ def test_per_example_statistics_equal_explicit_sums() -> None:
     lin = nn.Linear(4, 3)
     x, y = torch.randn(6, 4), torch.randn(6, 3)
     pre, _, _ = _step(lin, x, y)
-    gs = per_example_grads(lin, _mse, x, y)  # (6, 3, 5)
+    gs = per_example_grads(lin, mse, x, y)  # (6, 3, 5)
     torch.testing.assert_close(pre.l, torch.einsum("nij,nkj->ik", gs, gs) / 6, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(pre.r, torch.einsum("nji,njk->ik", gs, gs) / 6, rtol=1e-12, atol=1e-12)
 
@@ -54,7 +45,7 @@ def test_embedding_statistics() -> None:
     emb = nn.Embedding(7, 3)
     idx, y = torch.randint(0, 7, (5,)), torch.randn(5, 3)
     pre, _, _ = _step(emb, idx, y)
-    gs = per_example_grads(emb, _mse, idx, y)  # (5, 3, 7): G_n = δ_n e_nᵀ
+    gs = per_example_grads(emb, mse, idx, y)  # (5, 3, 7): G_n = δ_n e_nᵀ
     torch.testing.assert_close(pre.l, torch.einsum("nij,nkj->ik", gs, gs) / 5, rtol=1e-12, atol=1e-12)
     assert pre.r.dim() == 1  # the one-hot side's statistic is exactly diagonal: stored as a vector
     torch.testing.assert_close(torch.diag(pre.r), torch.einsum("nji,njk->ik", gs, gs) / 5, rtol=1e-12, atol=1e-12)
@@ -102,7 +93,7 @@ def test_blocks_over_max_factor_dim(statistics: str) -> None:
     assert [s.stop - s.start for s in pre.left.slices] == [3, 2, 2]
     assert [s.stop - s.start for s in pre.right.slices] == [3, 3, 3, 2]
     if statistics == "per_example":
-        gs = per_example_grads(lin, _mse, x, y)
+        gs = per_example_grads(lin, mse, x, y)
         full_l, full_r = torch.einsum("nij,nkj->ik", gs, gs) / 9, torch.einsum("nji,njk->ik", gs, gs) / 9
     else:
         full_l, full_r = g @ g.T, g.T @ g
@@ -119,7 +110,7 @@ def test_embedding_one_hot_side_is_diagonal_even_when_wide() -> None:
     idx, y = torch.randint(0, 50, (20,)), torch.randn(20, 3)
     pre, g, out = _step(emb, idx, y, max_factor_dim=8)
     assert pre.r.dim() == 1 and pre.r.shape == (50,)
-    gs = per_example_grads(emb, _mse, idx, y)
+    gs = per_example_grads(emb, mse, idx, y)
     torch.testing.assert_close(torch.diag(pre.r), torch.einsum("nji,njk->ik", gs, gs) / 20, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out, _root(pre.l, 0.1) @ g @ _root(torch.diag(pre.r), 0.1), rtol=1e-10, atol=1e-12)
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo import linalg
-from lightning_soo.layers import IndexRows, LayerAdapter, Rows
+from lightning_soo.layers import IndexRows, Rows
 from lightning_soo.preconditioners.base import Preconditioner
 
 
@@ -113,13 +113,6 @@ class GaussNewton(Preconditioner):
     """Exact damped inverse of one layer's empirical Fisher, by Woodbury over the examples of a step."""
 
     state_numbers = ("damping",)
-
-    @classmethod
-    def for_layer(
-        cls, adapter: LayerAdapter, *, dtype: torch.dtype, device: torch.device, **options: Any
-    ) -> GaussNewton:
-        d_out, d_in = adapter.shape
-        return cls(d_out, d_in, dtype=dtype, device=device, **options)
 
     def __init__(
         self,

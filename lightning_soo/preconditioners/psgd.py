@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from lightning_soo import linalg
-from lightning_soo.layers import LayerAdapter
 from lightning_soo.preconditioners.base import Preconditioner
 
 if TYPE_CHECKING:
@@ -97,11 +96,6 @@ class PSGD(Preconditioner):
     """Kronecker-factored PSGD preconditioner of one layer."""
 
     state_numbers = ("updates", "steps_seen", "accumulated")
-
-    @classmethod
-    def for_layer(cls, adapter: LayerAdapter, *, dtype: torch.dtype, device: torch.device, **options: Any) -> PSGD:
-        d_out, d_in = adapter.shape
-        return cls(d_out, d_in, dtype=dtype, device=device, **options)
 
     def __init__(
         self,
