@@ -88,8 +88,9 @@ class ChangeMonitor:
             new = [t.detach().clone() for t in tensors]
             old = self._snapshot.get(name)
             if old is not None and len(old) == len(new):
-                num += sum(float((n - o).square().sum()) for n, o in zip(new, old, strict=True))
-                den += sum(float(o.square().sum()) for o in old)
+                pairs = [(n, o) for n, o in zip(new, old, strict=True) if n.shape == o.shape]  # e.g. N changed
+                num += sum(float((n - o).square().sum()) for n, o in pairs)
+                den += sum(float(o.square().sum()) for _, o in pairs)
             self._snapshot[name] = new
         if den == 0.0:
             return False

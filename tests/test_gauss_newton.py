@@ -124,3 +124,19 @@ def test_state_dict_round_trip() -> None:
         fresh = GaussNewton(d_out, d_in, dtype=torch.float64, device=torch.device("cpu"))
         fresh.load_state_dict(state)
         assert fresh.ready and torch.equal(fresh.precondition(g), pre.precondition(g))
+
+
+def test_adaptive_freeze_compares_spectra_across_changing_batch_sizes() -> None:
+    """Grams of two steps are of different examples: the monitor sees the spectrum, and a step with another N (the
+    last, partial batch) is skipped in the comparison instead of failing."""
+    torch.manual_seed(8)
+    lin = nn.Linear(3, 2)
+    manager = PreconditionerManager(lin, "gauss_newton", damping=0.1, preconditioner_interval=1, freeze_tolerance=0.5)
+    for n in (8, 8, 5, 8):
+        manager.begin_step()
+        lin.zero_grad()
+        (0.5 * (lin(torch.randn(n, 3)) - torch.randn(n, 2)).square().sum(1)).mean().backward()
+        manager.step()
+    state = manager.layers[""].preconditioner.curvature_state()
+    assert len(state) == 1 and state[0].shape == (8,)
+    assert manager.monitor.last_change is not None

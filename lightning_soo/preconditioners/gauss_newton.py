@@ -128,8 +128,8 @@ class GaussNewton(Preconditioner):
         self.max_examples = max_examples
         self.relative = damping_mode == "relative"
         self._chunks: list[tuple[Rows, Tensor, int]] = []  # (H, Δ, examples) of this step
-        self._pending: list[Tensor] | None = None  # this step's basis tensors (possibly gathered across ranks)
-        self._pending_dense = self._one_hot = False
+        # this step's basis tensors, possibly gathered across ranks: [U] (materialised) or [H or one-hot index, Δ]
+        self._pending: list[Tensor] | None = None
         self.latest: Basis | None = None  # basis of the last statistics step
         self.basis: Basis | None = None  # basis of the current preconditioner
         self.chol: Tensor | None = None  # Cholesky factor of K + NρI
@@ -146,15 +146,11 @@ class GaussNewton(Preconditioner):
     def _pack(self) -> list[Tensor] | None:
         """This step's chunks as basis tensors: ``[H or index, Δ]`` when every row is an example, else ``[U]``."""
         if self._pending is None and self._chunks:
-            dense = any(d.shape[0] != n for _, d, n in self._chunks)
-            if dense:
-                u = torch.cat([_materialise(h, d, n) for h, d, n in self._chunks])
-                self._pending = [u]
+            if any(d.shape[0] != n for _, d, n in self._chunks):  # an example spans several rows
+                self._pending = [torch.cat([_materialise(h, d, n) for h, d, n in self._chunks])]
             else:
                 hs = [h.index if isinstance(h, IndexRows) else h for h, _, _ in self._chunks]
                 self._pending = [torch.cat(hs), torch.cat([d for _, d, _ in self._chunks])]
-            self._pending_dense = dense
-            self._one_hot = isinstance(self._chunks[0][0], IndexRows)
             self._chunks.clear()
         return self._pending
 
@@ -169,12 +165,12 @@ class GaussNewton(Preconditioner):
         self._pending = None
         if not pending or pending[-1].shape[0] == 0:
             return None
-        if self._pending_dense:
+        if len(pending) == 1:
             basis: Basis = DenseBasis(pending[0] * grad_scale)
         else:
-            h = IndexRows(pending[0], self.d_in) if self._one_hot else pending[0]
+            h = pending[0] if pending[0].is_floating_point() else IndexRows(pending[0], self.d_in)
             basis = RowBasis(h, pending[1] * grad_scale)
-        if not linalg.all_finite(basis.tensors()[-1], *([] if self._one_hot else basis.tensors()[:1])):
+        if not linalg.all_finite(*(t for t in basis.tensors() if t.is_floating_point())):
             return False
         if basis.n > self.max_examples:
             keep = torch.linspace(0, basis.n - 1, self.max_examples, device=self.device).round().long()
@@ -235,7 +231,10 @@ class GaussNewton(Preconditioner):
         return self._spectrum
 
     def curvature_state(self) -> list[Tensor]:
-        return [] if self.basis is None else [self.basis.gram() / self.basis.n]
+        """The spectrum: the Gram matrices of two steps are of different examples, so only their eigenvalues
+        compare (computed once per refresh, shared with the dashboard)."""
+        spectrum = self.spectrum()
+        return [] if spectrum is None else [spectrum]
 
     # -- persistence and sharing ----------------------------------------------------------------------
     def _tensors(self) -> dict[str, Tensor]:
