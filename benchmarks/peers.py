@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.common import StepFn, interleaved_many, machine, make_step, mlp
 from lightning_soo import PreconditionerManager
-from lightning_soo.preconditioners import fit_hessian
+from lightning_soo.diagnostics import fit_hessian
 
 INTERVAL = 10  # roots / inverses every 10 steps, statistics every step
 BLOCK = 1024

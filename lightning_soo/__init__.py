@@ -1,21 +1,29 @@
-"""lightning-soo: second-order optimization for PyTorch Lightning, as callbacks."""
+"""lightning-soo: second-order optimization for PyTorch Lightning, as callbacks.
 
-from lightning_soo.damping import Damping, ScaledDamping
-from lightning_soo.manager import PreconditionerManager
+``import lightning_soo`` does not import Lightning: the callbacks are loaded on first access, so plain-PyTorch users
+of ``PreconditionerManager`` pay nothing for them. Type checkers and tab completion still see every name.
+"""
+
+from typing import TYPE_CHECKING
+
+from lightning_soo.diagnostics.quality import Quality, QualityReport, measure_quality
+from lightning_soo.engine.damping import Damping, ScaledDamping
+from lightning_soo.engine.manager import PreconditionerManager
+from lightning_soo.engine.schedule import Schedule
+from lightning_soo.options import GaussNewtonOptions, KFACOptions, PSGDOptions, ShampooOptions, StepOptions
 from lightning_soo.preconditioners import KFAC, PSGD, GaussNewton, Preconditioner, Shampoo
-from lightning_soo.quality import Quality, QualityReport, measure_quality
-from lightning_soo.schedule import Schedule
+
+if TYPE_CHECKING:
+    from lightning_soo.callbacks import (
+        CurvatureScheduler,
+        GaussNewtonCallback,
+        KFACCallback,
+        PSGDCallback,
+        SecondOrderCallback,
+        ShampooCallback,
+    )
 
 __version__ = "0.1.0"
-
-_CALLBACKS = (
-    "CurvatureScheduler",
-    "GaussNewtonCallback",
-    "KFACCallback",
-    "PSGDCallback",
-    "SecondOrderCallback",
-    "ShampooCallback",
-)
 
 __all__ = [
     "KFAC",
@@ -24,8 +32,11 @@ __all__ = [
     "Damping",
     "GaussNewton",
     "GaussNewtonCallback",
+    "GaussNewtonOptions",
     "KFACCallback",
+    "KFACOptions",
     "PSGDCallback",
+    "PSGDOptions",
     "Preconditioner",
     "PreconditionerManager",
     "Quality",
@@ -35,6 +46,8 @@ __all__ = [
     "SecondOrderCallback",
     "Shampoo",
     "ShampooCallback",
+    "ShampooOptions",
+    "StepOptions",
     "__version__",
     "measure_quality",
 ]
@@ -42,8 +55,12 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     # the callbacks import Lightning; keep `import lightning_soo` free of it for plain-PyTorch users
-    if name in _CALLBACKS:
+    if name in __all__:
         from lightning_soo import callbacks
 
         return getattr(callbacks, name)
     raise AttributeError(f"module 'lightning_soo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -16,7 +16,14 @@ def all_finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t.sum())) for t in tensors)
 
 
-_finite = all_finite
+def left_mul(m: Tensor, g: Tensor) -> Tensor:
+    """``M @ G`` for a dense ``M`` or a diagonal stored as a vector."""
+    return m.unsqueeze(1) * g if m.dim() == 1 else m @ g
+
+
+def right_mul(g: Tensor, m: Tensor) -> Tensor:
+    """``G @ M`` for a dense ``M`` or a diagonal stored as a vector."""
+    return g * m if m.dim() == 1 else g @ m
 
 
 def symmetrize(m: Tensor) -> Tensor:
@@ -32,21 +39,21 @@ def add_diagonal(m: Tensor, value: float) -> Tensor:
 
 def damped_inverse(m: Tensor, damping: float) -> Tensor | None:
     """``(m + damping * I)^{-1}`` by Cholesky; eigendecomposition with clamping in float64 as fallback."""
-    if not _finite(m):
+    if not all_finite(m):
         return None
     a = m + m.mT
     a.mul_(0.5).diagonal().add_(damping)
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         inv = torch.cholesky_inverse(chol)
-        if _finite(inv):
+        if all_finite(inv):
             return inv
     eig = eigh(m)
     if eig is None:
         return None
     lam, q = eig
     inv = (q / (lam.clamp(min=0) + damping)) @ q.mT
-    return inv if _finite(inv) else None
+    return inv if all_finite(inv) else None
 
 
 def eigh(m: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -55,7 +62,7 @@ def eigh(m: Tensor) -> tuple[Tensor, Tensor] | None:
     Retried in float64, then in float64 with a diagonal shift (``1e-6`` of the mean eigenvalue, removed from the
     eigenvalues afterwards), which helps LAPACK converge on nearly degenerate spectra; None if all fail.
     """
-    if not _finite(m):
+    if not all_finite(m):
         return None
     a = symmetrize(m)
     shift = 1e-6 * max(mean_eigenvalue(a), 1e-30)
@@ -64,7 +71,7 @@ def eigh(m: Tensor) -> tuple[Tensor, Tensor] | None:
             lam, q = _eigh(add_diagonal(a.to(dtype), jitter) if jitter else a.to(dtype))
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             continue
-        if _finite(lam) and _finite(q):
+        if all_finite(lam) and all_finite(q):
             return (lam - jitter).clamp(min=0).to(m.dtype), q.to(m.dtype)
     return None
 
@@ -74,14 +81,31 @@ def _eigh(a: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.eigh(a)
 
 
+def inverse_root_eig(
+    m: Tensor, damping: float, exponent: float, relative: bool = False
+) -> tuple[Tensor, Tensor, float] | None:
+    """``((m + ρI)^{-exponent}, eigenvalues of m + ρI, ρ)`` by eigendecomposition, ``ρ = damping`` or, with
+    ``relative``, ``damping · λ_max(m)``; a 1-D ``m`` is a diagonal matrix. None when it cannot be computed."""
+    if m.dim() == 1:
+        if not all_finite(m):
+            return None
+        lam, q = m.clamp(min=0), None
+    else:
+        eig = eigh(m)
+        if eig is None:
+            return None
+        lam, q = eig
+    rho = max(damping * float(lam.max()) if relative and lam.numel() else damping, 1e-30)
+    lam = lam + rho
+    powered = lam.pow(-exponent)
+    root = powered if q is None else (q * powered) @ q.mT
+    return (root, lam, rho) if all_finite(root) else None
+
+
 def inverse_root(m: Tensor, damping: float, exponent: float) -> Tensor | None:
-    """``(m + damping * I)^{-exponent}`` by eigendecomposition (for Shampoo's ``-1/4`` roots)."""
-    eig = eigh(m)
-    if eig is None:
-        return None
-    lam, q = eig
-    root = (q * (lam + damping).pow(-exponent)) @ q.mT
-    return root if _finite(root) else None
+    """``(m + damping * I)^{-exponent}`` (Shampoo's ``-1/4`` roots); None when it cannot be computed."""
+    out = inverse_root_eig(m, damping, exponent)
+    return None if out is None else out[0]
 
 
 def mean_eigenvalue(m: Tensor) -> float:

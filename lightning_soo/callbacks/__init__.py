@@ -1,11 +1,8 @@
 """Lightning callbacks: thin adapters over the plain-PyTorch manager."""
 
-from lightning_soo.callbacks.base import SecondOrderCallback
-from lightning_soo.callbacks.curvature import CurvatureScheduler
-from lightning_soo.callbacks.gauss_newton import GaussNewtonCallback
-from lightning_soo.callbacks.kfac import KFACCallback
-from lightning_soo.callbacks.psgd import PSGDCallback
-from lightning_soo.callbacks.shampoo import ShampooCallback
+from lightning_soo.callbacks.base import SecondOrderCallback, StepArguments
+from lightning_soo.callbacks.methods import GaussNewtonCallback, KFACCallback, PSGDCallback, ShampooCallback
+from lightning_soo.callbacks.scheduler import CurvatureScheduler
 
 __all__ = [
     "CurvatureScheduler",
@@ -14,4 +11,5 @@ __all__ = [
     "PSGDCallback",
     "SecondOrderCallback",
     "ShampooCallback",
+    "StepArguments",
 ]

@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar, Optional, TypedDict
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
-from lightning_soo import validation as v
-from lightning_soo.callbacks.telemetry import ProgressBarState, add_layout, log_histograms, log_scalars
-from lightning_soo.damping import DampingFn
-from lightning_soo.dashboard import StepTimer, manager_metrics, spectra
-from lightning_soo.manager import PreconditionerManager
+from lightning_soo.callbacks.telemetry import add_layout, log_histograms, log_progress, log_scalars
+from lightning_soo.diagnostics.metrics import StepTimer, manager_metrics, spectra
+from lightning_soo.engine.manager import PreconditionerManager
+from lightning_soo.options import LossReduction, StepOptions, WeightSharing
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+class StepArguments(TypedDict, total=False):
+    """Arguments every preconditioner callback takes beside its own; defaults and checks: ``lightning_soo.options``.
+
+    Args:
+        statistics_interval: capture statistics every this many optimizer steps (default 1).
+        exclude: module-name patterns (``fnmatch``, e.g. ``"decoder"``, ``"*.out_proj"``) left plain (default none).
+        weight_sharing: ``"expand"`` (every sequence / spatial position a row, default) or ``"reduce"``.
+        loss_reduction: ``"mean"`` if your loss averages over examples (default), ``"sum"`` if it sums.
+        max_update_norm: cap on the Frobenius norm of each layer's preconditioned gradient (default None: no cap).
+        grad_worker_fraction: under DDP each layer's preconditioner is computed by one owner rank; 1.0 (default)
+            broadcasts it at refreshes, 1/world_size lets the owner precondition and broadcast the gradient.
+    """
+
+    statistics_interval: int
+    exclude: Sequence[str]
+    weight_sharing: WeightSharing
+    loss_reduction: LossReduction
+    max_update_norm: Optional[float]
+    grad_worker_fraction: float
 
 
 def _batch_size(batch: Any) -> int | None:
@@ -31,82 +53,73 @@ def _batch_size(batch: Any) -> int | None:
     return None
 
 
+@contextmanager
+def _silenced(pl_module: pl.LightningModule) -> Iterator[None]:
+    """``self.log`` / ``self.log_dict`` do nothing inside: a diagnostic must not change the user's metrics."""
+    saved = pl_module.__dict__.get("log"), pl_module.__dict__.get("log_dict")
+    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name, value in zip(("log", "log_dict"), saved, strict=True):
+            if value is None:
+                del pl_module.__dict__[name]
+            else:
+                pl_module.__dict__[name] = value
+
+
+def training_loss_fn(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Callable[[], torch.Tensor]:
+    """``loss_fn()`` re-runs the user's ``training_step`` on ``batch`` with logging silenced (for side passes:
+    curvature quality, PSGD's Newton fit)."""
+
+    def loss_fn() -> torch.Tensor:
+        with _silenced(pl_module):
+            out = pl_module.training_step(batch, batch_idx)
+        loss = out["loss"] if isinstance(out, Mapping) else out
+        if not isinstance(loss, torch.Tensor):
+            raise RuntimeError("curvature quality needs training_step to return the loss tensor")
+        return loss
+
+    return loss_fn
+
+
 class SecondOrderCallback(Callback):
     """Builds a manager over the LightningModule when fit starts and drives it from the training loop.
 
     ``on_train_batch_start`` opens a step (statistics captured if due), ``on_before_optimizer_step`` (gradients
     accumulated, unscaled and all-reduced, not yet clipped) rewrites the gradients of that optimizer's parameters.
+    Subclasses pass their options dataclass, already checked; its fields are readable as attributes
+    (``callback.damping``).
     """
 
     method: ClassVar[str]
 
-    def __init__(
-        self,
-        *,
-        damping: float | DampingFn,
-        statistics_interval: int,
-        preconditioner_interval: int,
-        exclude: Sequence[str],
-        weight_sharing: str,
-        loss_reduction: str,
-        method_options: dict[str, Any],
-        kl_clip: float | None = None,
-        grad_worker_fraction: float = 1.0,
-        max_update_norm: float | None = None,
-        grafting: str | None = None,
-    ) -> None:
+    def __init__(self, options: StepOptions) -> None:
         super().__init__()
-        v.check_damping("damping", damping)
-        v.check_int("statistics_interval", statistics_interval)
-        v.check_int("preconditioner_interval", preconditioner_interval)
-        v.check_patterns("exclude", exclude)
-        v.check_choice("weight_sharing", weight_sharing, ("expand", "reduce"))
-        v.check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
-        v.check_float("kl_clip", kl_clip, 0.0, low_open=True, allow_none=True)
-        v.check_float("grad_worker_fraction", grad_worker_fraction, 0.0, 1.0, low_open=True)
-        v.check_float("max_update_norm", max_update_norm, 0.0, low_open=True, allow_none=True)
-        v.check_choice("grafting", grafting, ("sgd", None))
-        self.damping = damping
-        self.statistics_interval = statistics_interval
-        self.preconditioner_interval = preconditioner_interval
-        self.exclude = list(exclude)
-        self.weight_sharing = weight_sharing
-        self.loss_reduction = loss_reduction
-        self.method_options = method_options
-        self.kl_clip = kl_clip
-        self.grad_worker_fraction = grad_worker_fraction
-        self.max_update_norm = max_update_norm
-        self.grafting = grafting
+        self.options = options
         self.manager: PreconditionerManager | None = None
         self._pending_state: dict[str, Any] | None = None
         self._timer = StepTimer()
-        self._bar = ProgressBarState("soo", self._state_label)
         self._last_logged_refreshes = -1
 
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options")
+        if options is not None and name in type(options).__dataclass_fields__:
+            return getattr(options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
+    @override
     def state_key(self) -> str:
         # stable across hyperparameters so a checkpoint resumes whatever the arguments
         return type(self).__name__
 
     def build_manager(self, pl_module: pl.LightningModule) -> PreconditionerManager:
-        return PreconditionerManager(
-            pl_module,
-            self.method,
-            self.method_options,
-            damping=self.damping,
-            statistics_interval=self.statistics_interval,
-            preconditioner_interval=self.preconditioner_interval,
-            exclude=self.exclude,
-            weight_sharing=self.weight_sharing,  # type: ignore[arg-type]
-            loss_reduction=self.loss_reduction,  # type: ignore[arg-type]
-            kl_clip=self.kl_clip,
-            grad_worker_fraction=self.grad_worker_fraction,
-            max_update_norm=self.max_update_norm,
-            grafting=self.grafting,  # type: ignore[arg-type]
-            warn=rank_zero_warn,
-        )
+        return PreconditionerManager(pl_module, self.method, options=self.options, warn=rank_zero_warn)
 
     # -- lifecycle ------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
         if name in _UNSUPPORTED_STRATEGIES:
@@ -115,6 +128,7 @@ class SecondOrderCallback(Callback):
                 "preconditioned shard by shard, which is wrong. Use a single device or the DDP strategy."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.manager is None:
             self.manager = self.build_manager(pl_module)
@@ -126,20 +140,22 @@ class SecondOrderCallback(Callback):
             self.manager.load_state_dict(self._pending_state)
             self._pending_state = None
         add_layout(trainer)
-        self._bar.attach(trainer)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.manager is not None:
             self.manager.begin_step(batch_size=_batch_size(batch))
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         manager = self.manager
-        if manager is None or manager._open:  # mid accumulation window: no step yet
+        if manager is None or manager.in_step:  # mid accumulation window: no step yet
             return
+        log_progress(pl_module, manager.frozen)
         if manager.steps % trainer.log_every_n_steps != 0:
             return
         log_scalars(trainer, {**manager_metrics(manager), **self._timer.report(manager)})
@@ -147,36 +163,31 @@ class SecondOrderCallback(Callback):
             self._last_logged_refreshes = manager.counters["refreshes"]
             log_histograms(trainer, spectra(manager))
 
-    def _state_label(self) -> str | None:
-        if self.manager is None:
-            return None
-        return "frozen" if self.manager.frozen else "refreshing"
-
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self.manager is None:
             return
         acc = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-        scale = 1.0
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            scale = float(scaler.get_scale())
-        self.manager.step(optimizer, grad_scale=acc / scale)
+        self.manager.step(optimizer, accumulation=acc, grad_scaler=scaler)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.manager is not None:
             self._pending_state = self.manager.state_dict()
             self.manager.remove_hooks()
             self.manager = None
-        self._bar.detach()
 
     # -- persistence ----------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self.manager is not None:
             return self.manager.state_dict()
         return dict(self._pending_state or {})
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return

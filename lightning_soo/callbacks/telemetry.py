@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_soo.dashboard import layout
+from lightning_soo.diagnostics.metrics import layout
 
 
 def logger_step(trainer: pl.Trainer) -> int:
@@ -47,31 +44,6 @@ def add_layout(trainer: pl.Trainer) -> None:
             logger._soo_layout_written = True  # type: ignore[attr-defined]
 
 
-class ProgressBarState:
-    """Adds the method's state ("refreshing" / "frozen") to the progress bar's metrics without logging it."""
-
-    def __init__(self, key: str, state: Callable[[], str | None]) -> None:
-        self.key, self.state = key, state
-        self._bar: Any = None
-        self._original: Any = None
-
-    def attach(self, trainer: pl.Trainer) -> None:
-        bar = trainer.progress_bar_callback
-        if bar is None or self._bar is not None:
-            return
-        original = bar.get_metrics
-
-        def get_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-            metrics = original(trainer, pl_module)
-            value = self.state()
-            if value is not None:
-                metrics[self.key] = value
-            return metrics
-
-        bar.get_metrics = get_metrics
-        self._bar, self._original = bar, original
-
-    def detach(self) -> None:
-        if self._bar is not None:
-            self._bar.get_metrics = self._original
-            self._bar = self._original = None
+def log_progress(pl_module: pl.LightningModule, frozen: bool) -> None:
+    """The curvature's state in the progress bar (``soo_frozen`` 0 or 1), not sent to the loggers."""
+    pl_module.log("soo_frozen", float(frozen), prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)

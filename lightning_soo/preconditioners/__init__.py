@@ -5,7 +5,7 @@ from __future__ import annotations
 from lightning_soo.preconditioners.base import Preconditioner
 from lightning_soo.preconditioners.gauss_newton import GaussNewton
 from lightning_soo.preconditioners.kfac import KFAC
-from lightning_soo.preconditioners.psgd import PSGD, fit_hessian
+from lightning_soo.preconditioners.psgd import PSGD
 from lightning_soo.preconditioners.shampoo import Shampoo
 
 METHODS: dict[str, type[Preconditioner]] = {"kfac": KFAC, "shampoo": Shampoo, "gauss_newton": GaussNewton, "psgd": PSGD}
@@ -19,4 +19,4 @@ def get_method(name: str) -> type[Preconditioner]:
         raise ValueError(f"method={name!r} is not known; accepted values: {sorted(METHODS)}") from None
 
 
-__all__ = ["KFAC", "METHODS", "PSGD", "GaussNewton", "Preconditioner", "Shampoo", "fit_hessian", "get_method"]
+__all__ = ["KFAC", "METHODS", "PSGD", "GaussNewton", "Preconditioner", "Shampoo", "get_method"]

@@ -6,23 +6,27 @@ the mini-batch gradient itself (``observe_grad``). The manager drives the life c
 
     observe_inputs / observe_output_grads   (hooks, any number of calls, micro-batches included)
     observe_grad(G)                         (statistics steps, for methods with ``uses_grad``)
-    close_statistics(grad_scale)            (once per statistics step)
+    close_statistics(output_scale)          (once per statistics step)
     refresh(damping)                        (when the schedule says so)
     precondition(G) -> P·G                  (every step, once ``ready``)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from lightning_soo.layers import LayerAdapter, Rows
+from lightning_soo.capture.adapters import EmbeddingAdapter, LayerAdapter, Rows
+from lightning_soo.options import StepOptions
 
 
 class Preconditioner:
-    """Base class: state handling and defaults shared by all methods."""
+    """Base class: state handling shared by all methods. Options (and their defaults) come from ``options_type``."""
+
+    #: the options dataclass of the method (its defaults and checks)
+    options_type: ClassVar[type[StepOptions]] = StepOptions
 
     #: the method needs layer inputs and output gradients from hooks
     uses_hooks: bool = True
@@ -38,18 +42,54 @@ class Preconditioner:
     notice: str | None = None
 
     @classmethod
-    def for_layer(
-        cls, adapter: LayerAdapter, *, dtype: torch.dtype, device: torch.device, **options: Any
-    ) -> Preconditioner:
-        """Build the preconditioner of one layer; methods override this to adapt to the layer type."""
-        d_out, d_in = adapter.shape
-        return cls(d_out, d_in, dtype=dtype, device=device, **options)
+    def one_hot_diagonal(cls, options: StepOptions) -> bool:
+        """The input side of an embedding (one-hot rows) is kept as an exact diagonal under these options."""
+        return False
 
-    def __init__(self, d_out: int, d_in: int, *, dtype: torch.dtype, device: torch.device) -> None:
+    @classmethod
+    def for_layer(
+        cls, adapter: LayerAdapter, *, dtype: torch.dtype, device: torch.device, options: StepOptions | None = None
+    ) -> Preconditioner:
+        """Build the preconditioner of one layer."""
+        d_out, d_in = adapter.shape
+        opts = options if options is not None else cls.options_type()
+        diagonal = isinstance(adapter, EmbeddingAdapter) and cls.one_hot_diagonal(opts)
+        return cls(d_out, d_in, dtype=dtype, device=device, options=opts, input_diagonal=diagonal)
+
+    def __init__(
+        self,
+        d_out: int,
+        d_in: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        options: StepOptions | None = None,
+        input_diagonal: bool = False,
+        **overrides: Any,
+    ) -> None:
+        """``options`` (default: the method's defaults) with ``overrides`` applied, e.g. ``KFAC(4, 3, dtype=...,
+        device=..., factor_decay=0.9)``; checked by the options dataclass. ``input_diagonal``: the input side's
+        statistic is exactly diagonal (one-hot rows). Methods set up their state in ``build``."""
+        base = options if options is not None else self.options_type()
+        self.options = base.updated(**overrides) if overrides else base
         self.d_out, self.d_in = d_out, d_in
         self.dtype, self.device = dtype, device
+        self.input_diagonal = input_diagonal
         self.ready = False  # a preconditioner exists (precondition may be called)
+        self.applied_damping: float | None = None  # the damping in the current preconditioner (for the dashboard)
         self.refreshes = 0
+        self._spectrum: Tensor | None = None  # a method's cached spectrum, dropped at every refresh
+        self.build()
+
+    def build(self) -> None:
+        """Allocate the method's state from ``self.options`` (called once by ``__init__``)."""
+
+    def refreshed(self) -> bool:
+        """Mark a successful refresh (``ready``, counted, cached spectrum dropped); returns True for ``refresh``."""
+        self._spectrum = None
+        self.ready = True
+        self.refreshes += 1
+        return True
 
     # -- statistics -------------------------------------------------------------------------------------
     def observe_inputs(self, rows: Rows, n_examples: int) -> Any:
@@ -57,13 +97,16 @@ class Preconditioner:
         return None
 
     def observe_output_grads(self, rows: Tensor, n_examples: int, ctx: Any) -> None:
-        """Fold per-example output-gradient rows (up to the step's constant ``grad_scale``)."""
+        """Fold per-example output-gradient rows (up to the step's constant ``output_scale``)."""
 
     def observe_grad(self, grad: Tensor) -> None:
         """Fold the mini-batch gradient matrix (methods with ``uses_grad``)."""
 
-    def close_statistics(self, grad_scale: float) -> bool | None:
-        """Close this step's statistics. ``grad_scale`` maps captured output gradients to per-example ones.
+    def close_statistics(self, output_scale: float) -> bool | None:
+        """Close this step's statistics. ``output_scale`` (accumulation / loss scale, see ``engine.layer``) maps
+        the captured output-gradient rows to per-example gradients of the loss; a method applies it to its
+        statistics as their degree in the output gradient says (K-FAC's B and Shampoo's factors: squared;
+        Gauss-Newton's kept rows: linearly; statistics from the unscaled gradient: not at all).
 
         Returns True when folded, False when rejected as non-finite, None when there was nothing to fold.
         """
@@ -127,6 +170,25 @@ class Preconditioner:
         return sum(t.numel() for t in self._tensors().values())
 
     # -- persistence ------------------------------------------------------------------------------------
+    def _header_tensor(self, *values: float) -> Tensor:
+        """A small tensor of numbers (``ready`` first) sent beside ``inverse_tensors``; read by ``_read_header``."""
+        self._header = torch.tensor([float(self.ready), *values], dtype=self.dtype, device=self.device)
+        return self._header
+
+    def _shareable(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """Attribute ``name`` as a contiguous tensor (zeros of ``shape`` when unset), stored back: the same memory
+        layout on every rank, so the products of ``P·G`` round identically everywhere."""
+        t = getattr(self, name)
+        t = torch.zeros(shape, dtype=self.dtype, device=self.device) if t is None else t.contiguous()
+        setattr(self, name, t)
+        return t
+
+    def _read_header(self) -> list[float]:
+        """Set ``ready`` from the received header and return the other numbers."""
+        ready, *rest = (float(v) for v in self._header)
+        self.ready = ready > 0.5
+        return rest
+
     def _tensors(self) -> dict[str, Tensor]:
         out = {}
         for name in self.state_tensors:

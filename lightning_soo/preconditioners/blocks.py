@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from lightning_soo import linalg
-from lightning_soo.layers import IndexRows, Rows
-from lightning_soo.preconditioners.factor import Factor
+from lightning_soo.capture.adapters import IndexRows, Rows
+from lightning_soo.preconditioners.statistics import Factor
 
 
 def block_slices(dim: int, max_block: int) -> list[slice]:
@@ -41,6 +41,7 @@ class BlockSide:
         self.factors = [Factor(s.stop - s.start, diagonal=diagonal, **kw) for s in self.slices]
         self.roots: list[Tensor | None] = [None] * len(self.slices)  # (F_b + ρ_b I)^(-e)
         self.lams: list[Tensor | None] = [None] * len(self.slices)  # eigenvalues of F_b + ρ_b I
+        self.applied_damping = 0.0  # the largest ρ_b of the last refresh
 
     # -- statistics -------------------------------------------------------------------------------------
     def add(self, rows: Rows, count: int, weights: Tensor | None = None) -> None:
@@ -96,25 +97,15 @@ class BlockSide:
     # -- roots ----------------------------------------------------------------------------------------
     def refresh(self, damping: float, relative: bool, exponent: float) -> bool:
         """Recompute every block's root; False (nothing changed) when any block fails numerically."""
-        roots, lams = [], []
+        roots, lams, rhos = [], [], []
         for value in self.values:
-            if value.dim() == 1:
-                if not linalg.all_finite(value):
-                    return False
-                lam, q = value.clamp(min=0), None
-            else:
-                eig = linalg.eigh(value)
-                if eig is None:
-                    return False
-                lam, q = eig
-            rho = damping * float(lam.max()) if relative and lam.numel() else damping
-            lam = lam + max(rho, 1e-30)
-            powered = lam.pow(-exponent)
-            roots.append(powered if q is None else (q * powered) @ q.mT)
-            lams.append(lam)
-        if not linalg.all_finite(*roots):
-            return False
-        self.roots, self.lams = roots, lams
+            out = linalg.inverse_root_eig(value, damping, exponent, relative)
+            if out is None:
+                return False
+            roots.append(out[0])
+            lams.append(out[1])
+            rhos.append(out[2])
+        self.roots, self.lams, self.applied_damping = roots, lams, max(rhos)
         return True
 
     def apply(self, g: Tensor, left: bool, inverse: bool = False) -> Tensor:

@@ -22,13 +22,14 @@ as further examples.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_soo import linalg
-from lightning_soo.layers import IndexRows, Rows
+from lightning_soo.capture.adapters import IndexRows, Rows
+from lightning_soo.options import GaussNewtonOptions
 from lightning_soo.preconditioners.base import Preconditioner
 
 
@@ -112,21 +113,13 @@ def _materialise(h: Rows, d: Tensor, n: int) -> Tensor:
 class GaussNewton(Preconditioner):
     """Exact damped inverse of one layer's empirical Fisher, by Woodbury over the examples of a step."""
 
+    options_type = GaussNewtonOptions
+    options: GaussNewtonOptions
     state_numbers = ("damping",)
 
-    def __init__(
-        self,
-        d_out: int,
-        d_in: int,
-        *,
-        dtype: torch.dtype,
-        device: torch.device,
-        max_examples: int = 2048,
-        damping_mode: Literal["absolute", "relative"] = "absolute",
-    ) -> None:
-        super().__init__(d_out, d_in, dtype=dtype, device=device)
-        self.max_examples = max_examples
-        self.relative = damping_mode == "relative"
+    def build(self) -> None:
+        self.max_examples = self.options.max_examples
+        self.relative = self.options.damping_mode == "relative"
         self._chunks: list[tuple[Rows, Tensor, int]] = []  # (H, Δ, examples) of this step
         # this step's basis tensors, possibly gathered across ranks: [U] (materialised) or [H or one-hot index, Δ]
         self._pending: list[Tensor] | None = None
@@ -134,7 +127,6 @@ class GaussNewton(Preconditioner):
         self.basis: Basis | None = None  # basis of the current preconditioner
         self.chol: Tensor | None = None  # Cholesky factor of K + NρI
         self.damping = 0.0
-        self._spectrum: Tensor | None = None
 
     # -- statistics -------------------------------------------------------------------------------------
     def observe_inputs(self, rows: Rows, n_examples: int) -> Rows:
@@ -160,16 +152,16 @@ class GaussNewton(Preconditioner):
     def gathered(self, tensors: list[Tensor]) -> None:
         self._pending = tensors
 
-    def close_statistics(self, grad_scale: float) -> bool | None:
+    def close_statistics(self, output_scale: float) -> bool | None:
         pending = self._pack()
         self._pending = None
         if not pending or pending[-1].shape[0] == 0:
             return None
         if len(pending) == 1:
-            basis: Basis = DenseBasis(pending[0] * grad_scale)
+            basis: Basis = DenseBasis(pending[0] * output_scale)  # the kept rows are linear in it
         else:
             h = pending[0] if pending[0].is_floating_point() else IndexRows(pending[0], self.d_in)
-            basis = RowBasis(h, pending[1] * grad_scale)
+            basis = RowBasis(h, pending[1] * output_scale)
         if not linalg.all_finite(*(t for t in basis.tensors() if t.is_floating_point())):
             return False
         if basis.n > self.max_examples:
@@ -201,11 +193,9 @@ class GaussNewton(Preconditioner):
         chol = _cholesky(s)
         if chol is None:
             return False
-        self.basis, self.chol, self.damping = basis, chol, float(damping)
-        self._spectrum = None
-        self.ready = True
-        self.refreshes += 1
-        return True
+        self.basis, self.chol = basis, chol
+        self.damping = self.applied_damping = float(damping)
+        return self.refreshed()
 
     def precondition(self, grad: Tensor) -> Tensor:
         g = grad.to(self.dtype)
@@ -263,17 +253,17 @@ class GaussNewton(Preconditioner):
         """The Cholesky factor of the latest basis (same on every rank after the gather), or zeros."""
         n = self.latest.n if self.latest is not None else 0
         adopted = self.basis is self.latest and self.chol is not None and self.chol.shape[0] == n
-        self._header = torch.tensor([float(self.ready), float(adopted), self.damping], dtype=self.dtype)
-        self._header = self._header.to(self.device)
+        header = self._header_tensor(float(adopted), self.damping)
         self._shared = self.chol.contiguous() if adopted else torch.zeros(n, n, dtype=self.dtype, device=self.device)
-        return [self._header, self._shared]
+        return [header, self._shared]
 
     def inverse_tensors_loaded(self) -> None:
-        ready, adopted, damping = (float(v) for v in self._header)
+        adopted, damping = self._read_header()
         if adopted > 0.5 and self.latest is not None:
-            self.basis, self.chol, self.damping = self.latest, self._shared, damping
+            self.basis, self.chol = self.latest, self._shared
+            self.damping = self.applied_damping = damping
             self._spectrum = None
-        self.ready = ready > 0.5 and self.chol is not None
+        self.ready = self.ready and self.chol is not None
 
 
 def largest_eigenvalue(k: Tensor, iterations: int = 30) -> float:

@@ -14,26 +14,16 @@ A side wider than ``max_factor_dim`` (or an embedding's one-hot input side) is k
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_soo import linalg
-from lightning_soo.layers import EmbeddingAdapter, LayerAdapter, Rows
+from lightning_soo.capture.adapters import Rows
+from lightning_soo.options import KFACOptions, StepOptions
 from lightning_soo.preconditioners.base import Preconditioner
-from lightning_soo.preconditioners.factor import Factor
-
-InverseMode = Literal["cholesky", "eigen"]
-
-
-def _left(m: Tensor, g: Tensor) -> Tensor:
-    """``M @ G`` for a dense ``M`` or a diagonal stored as a vector."""
-    return m.unsqueeze(1) * g if m.dim() == 1 else m @ g
-
-
-def _right(g: Tensor, m: Tensor) -> Tensor:
-    return g * m if m.dim() == 1 else g @ m
+from lightning_soo.preconditioners.statistics import Factor
 
 
 def _eig(factor: Tensor) -> tuple[Tensor, Tensor | None] | None:
@@ -46,37 +36,24 @@ def _eig(factor: Tensor) -> tuple[Tensor, Tensor | None] | None:
 class KFAC(Preconditioner):
     """Kronecker-factored empirical Fisher of one layer."""
 
+    options_type = KFACOptions
+    options: KFACOptions
     state_tensors = ("a", "b", "a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b")
     symmetric_statistics = True  # Σ h̄h̄ᵀ and Σ ggᵀ
     state_numbers = ("damping", "rho_a", "rho_b")
 
-    def __init__(
-        self,
-        d_out: int,
-        d_in: int,
-        *,
-        dtype: torch.dtype,
-        device: torch.device,
-        factor_decay: float = 0.95,
-        inverse: InverseMode = "cholesky",
-        max_factor_dim: int = 4096,
-        input_diagonal: bool = False,
-    ) -> None:
-        super().__init__(d_out, d_in, dtype=dtype, device=device)
-        self.factor_decay, self.inverse = factor_decay, inverse
-        self.max_factor_dim = max_factor_dim
-        kw: dict[str, Any] = {"dtype": dtype, "device": device}
-        self._a = Factor(d_in, diagonal=input_diagonal or d_in > max_factor_dim, **kw)
-        self._b = Factor(d_out, diagonal=d_out > max_factor_dim, **kw)
+    def build(self) -> None:
+        self.factor_decay, self.inverse = self.options.factor_decay, self.options.inverse
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        wide = self.options.max_factor_dim
+        self._a = Factor(self.d_in, diagonal=self.input_diagonal or self.d_in > wide, **kw)
+        self._b = Factor(self.d_out, diagonal=self.d_out > wide, **kw)
         self.a_inv = self.b_inv = self.lam_a = self.q_a = self.lam_b = self.q_b = None
         self.damping = self.rho_a = self.rho_b = 0.0
-        self._spectrum: Tensor | None = None  # cache, cleared at refresh
 
     @classmethod
-    def for_layer(cls, adapter: LayerAdapter, *, dtype: torch.dtype, device: torch.device, **options: Any) -> KFAC:
-        d_out, d_in = adapter.shape
-        one_hot = isinstance(adapter, EmbeddingAdapter)  # E[h hᵀ] of one-hot rows is exactly diagonal
-        return cls(d_out, d_in, dtype=dtype, device=device, input_diagonal=one_hot, **options)
+    def one_hot_diagonal(cls, options: StepOptions) -> bool:
+        return True  # E[h hᵀ] of one-hot rows is exactly diagonal
 
     # statistics live in the factors; expose the running averages as ``a`` and ``b``
     @property
@@ -106,7 +83,7 @@ class KFAC(Preconditioner):
     def observe_output_grads(self, rows: Tensor, n_examples: int, ctx: Any) -> None:
         self._b.add(rows, n_examples)
 
-    def close_statistics(self, grad_scale: float) -> bool | None:
+    def close_statistics(self, output_scale: float) -> bool | None:
         if not (self._a.pending and self._b.pending):
             self.discard_statistics()
             return None
@@ -114,7 +91,7 @@ class KFAC(Preconditioner):
             self.discard_statistics()
             return False
         self._a.fold(self.factor_decay)
-        self._b.fold(self.factor_decay, grad_scale**2)
+        self._b.fold(self.factor_decay, output_scale**2)  # B is quadratic in the output gradient
         return True
 
     def statistics_tensors(self) -> list[Tensor]:
@@ -144,11 +121,8 @@ class KFAC(Preconditioner):
                 return False
             self.a_inv, self.b_inv = a_inv, b_inv
             self.rho_a, self.rho_b = ra, rb
-        self.damping = float(damping)
-        self._spectrum = None
-        self.ready = True
-        self.refreshes += 1
-        return True
+        self.damping = self.applied_damping = float(damping)
+        return self.refreshed()
 
     def precondition(self, grad: Tensor) -> Tensor:
         g = grad.to(self.dtype)
@@ -156,7 +130,7 @@ class KFAC(Preconditioner):
             v = self._rotate(g, transpose=True)
             v = v / (torch.outer(self.lam_b, self.lam_a) + self.damping)
             return self._rotate(v, transpose=False)
-        return _right(_left(self.b_inv, g), self.a_inv)
+        return linalg.right_mul(linalg.left_mul(self.b_inv, g), self.a_inv)
 
     def curvature_matvec(self, v: Tensor) -> Tensor:
         v = v.to(self.dtype)
@@ -179,22 +153,12 @@ class KFAC(Preconditioner):
             spec.append(("q_b", None if b_diag else (db, db)))
         else:
             spec = [("a_inv", (da,) if a_diag else (da, da)), ("b_inv", (db,) if b_diag else (db, db))]
-        header = torch.tensor([float(self.ready), self.damping, self.rho_a, self.rho_b], dtype=self.dtype)
-        self._header = header.to(self.device)
-        out = [self._header]
-        for name, shape in spec:
-            if shape is None:
-                continue
-            t = getattr(self, name)
-            # the same memory layout on every rank, so the products of P·G round identically everywhere
-            t = torch.zeros(shape, dtype=self.dtype, device=self.device) if t is None else t.contiguous()
-            setattr(self, name, t)
-            out.append(t)
-        return out
+        header = self._header_tensor(self.damping, self.rho_a, self.rho_b)
+        return [header, *(self._shareable(name, shape) for name, shape in spec if shape is not None)]
 
     def inverse_tensors_loaded(self) -> None:
-        ready, self.damping, self.rho_a, self.rho_b = (float(v) for v in self._header)
-        self.ready = ready > 0.5
+        self.damping, self.rho_a, self.rho_b = self._read_header()
+        self.applied_damping = self.damping
         self._spectrum = None
 
     def spectrum(self) -> Tensor | None:

@@ -25,19 +25,15 @@ generator. Refresh forms ``Q_lᵀQ_l`` and ``Q_rᵀQ_r`` when Q changed since th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_soo import linalg
+from lightning_soo.linalg import left_mul, right_mul
+from lightning_soo.options import PSGDOptions
 from lightning_soo.preconditioners.base import Preconditioner
-
-if TYPE_CHECKING:
-    from lightning_soo.manager import PreconditionerManager
-
-Fit = Literal["whitening", "hessian"]
 
 
 def norm_lower_bound(a: Tensor) -> Tensor:
@@ -95,30 +91,17 @@ def _gram(q: Tensor) -> Tensor:
 class PSGD(Preconditioner):
     """Kronecker-factored PSGD preconditioner of one layer."""
 
+    options_type = PSGDOptions
+    options: PSGDOptions
     state_numbers = ("updates", "steps_seen", "accumulated")
 
-    def __init__(
-        self,
-        d_out: int,
-        d_in: int,
-        *,
-        dtype: torch.dtype,
-        device: torch.device,
-        fit: Fit = "whitening",
-        lr_preconditioner: float = 0.1,
-        init_scale: float | None = None,
-        max_update_probability: float = 1.0,
-        min_update_probability: float = 0.03,
-        update_decay: float = 0.001,
-        flat_steps: int = 500,
-        max_factor_dim: int = 4096,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(d_out, d_in, dtype=dtype, device=device)
-        self.fit, self.lr_preconditioner, self.init_scale = fit, lr_preconditioner, init_scale
-        self.schedule = (max_update_probability, min_update_probability, update_decay, flat_steps)
-        self.uses_hooks, self.uses_grad = False, fit == "whitening"
-        self.diag_l, self.diag_r = d_out > max_factor_dim, d_in > max_factor_dim
+    def build(self) -> None:
+        o = self.options
+        self.fit, self.lr_preconditioner, self.init_scale = o.fit, o.lr_preconditioner, o.init_scale
+        self.schedule = (o.max_update_probability, o.min_update_probability, o.update_decay, o.flat_steps)
+        self.uses_hooks, self.uses_grad = False, o.fit == "whitening"
+        d_out, d_in = self.d_out, self.d_in
+        self.diag_l, self.diag_r = d_out > o.max_factor_dim, d_in > o.max_factor_dim
         self.q_l: Tensor | None = None
         self.q_r: Tensor | None = None
         self.p_l: Tensor | None = None  # Q_lᵀQ_l, formed at refresh
@@ -129,8 +112,8 @@ class PSGD(Preconditioner):
         self._dirty = False
         self._pair: tuple[Tensor | None, Tensor] | None = None
         self._ranks: Tensor | None = None  # number of ranks whose Hv were summed into the pending pair
-        self.generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + d_out * 4099 + d_in)
-        self.tiny = torch.finfo(dtype).tiny
+        self.generator = torch.Generator(device=self.device).manual_seed(o.seed * 1_000_003 + d_out * 4099 + d_in)
+        self.tiny = torch.finfo(self.dtype).tiny
 
     # -- the schedule ---------------------------------------------------------------------------------
     def update_due(self) -> bool:
@@ -168,7 +151,7 @@ class PSGD(Preconditioner):
         self._ranks = torch.ones((), dtype=self.dtype, device=self.device)
         return [self._pair[1], self._ranks]
 
-    def close_statistics(self, grad_scale: float) -> bool | None:
+    def close_statistics(self, output_scale: float) -> bool | None:
         pair, self._pair = self._pair, None
         if pair is None:
             return None
@@ -214,7 +197,7 @@ class PSGD(Preconditioner):
             g = (nl * nr).sqrt()
             ql.mul_(g / nl)
             qr.mul_(g / nr)
-        a = _right(_left(ql, h), qr.mT if qr.dim() == 2 else qr)  # Q_l H Q_rᵀ
+        a = right_mul(left_mul(ql, h), qr.mT if qr.dim() == 2 else qr)  # Q_l H Q_rᵀ
         b = _solve_left_t(ql, v)  # Q_l⁻ᵀ V
         b = _solve_right(b, qr)  # · Q_r⁻¹
         for q, t1, t2 in ((ql, *_terms(a, b, True, ql.dim() == 1)), (qr, *_terms(a, b, False, qr.dim() == 1))):
@@ -234,12 +217,10 @@ class PSGD(Preconditioner):
             if not linalg.all_finite(p_l, p_r):
                 return False
             self.p_l, self.p_r, self._dirty = p_l, p_r, False
-        self.ready = True
-        self.refreshes += 1
-        return True
+        return self.refreshed()
 
     def precondition(self, grad: Tensor) -> Tensor:
-        return _right(_left(self.p_l, grad.to(self.dtype)), self.p_r)
+        return right_mul(left_mul(self.p_l, grad.to(self.dtype)), self.p_r)
 
     def curvature_matvec(self, v: Tensor) -> Tensor:
         """``P⁻¹ V = (Q_lᵀQ_l)⁻¹ V (Q_rᵀQ_r)⁻¹`` of the current P (SPD solves; a diagnostic, not on the hot path)."""
@@ -276,34 +257,14 @@ class PSGD(Preconditioner):
 
     def inverse_tensors(self) -> list[Tensor]:
         shapes = [(self.d_out,) * (1 if self.diag_l else 2), (self.d_in,) * (1 if self.diag_r else 2)]
-        out = [torch.tensor([float(self.ready)], dtype=self.dtype, device=self.device)]
-        self._header = out[0]
-        for name, shape in zip(("p_l", "p_r"), shapes, strict=True):
-            t = getattr(self, name)
-            t = torch.zeros(shape, dtype=self.dtype, device=self.device) if t is None else t.contiguous()
-            setattr(self, name, t)
-            out.append(t)
-        return out
+        return [self._header_tensor(), self._shareable("p_l", shapes[0]), self._shareable("p_r", shapes[1])]
 
     def inverse_tensors_loaded(self) -> None:
-        self.ready = float(self._header[0]) > 0.5
+        self._read_header()
         self._dirty = False
 
 
 # -- small helpers: a factor is a triangular matrix or a diagonal stored as a vector ---------------------------
-def _left(m: Tensor, g: Tensor) -> Tensor:
-    return m.unsqueeze(1) * g if m.dim() == 1 else m @ g
-
-
-def _right(g: Tensor, m: Tensor) -> Tensor:
-    return g * m if m.dim() == 1 else g @ m
-
-
-def _solve_left(q: Tensor, x: Tensor) -> Tensor:
-    """``Q⁻¹ X``."""
-    return x / q.unsqueeze(1) if q.dim() == 1 else torch.linalg.solve_triangular(q, x, upper=True)
-
-
 def _solve_left_t(q: Tensor, x: Tensor) -> Tensor:
     """``Q⁻ᵀ X``."""
     return x / q.unsqueeze(1) if q.dim() == 1 else torch.linalg.solve_triangular(q.mT, x, upper=False)
@@ -314,11 +275,6 @@ def _solve_right(x: Tensor, q: Tensor) -> Tensor:
     return x / q if q.dim() == 1 else torch.linalg.solve_triangular(q, x, upper=True, left=False)
 
 
-def _solve_right_t(x: Tensor, q: Tensor) -> Tensor:
-    """``X Q⁻ᵀ``."""
-    return x / q if q.dim() == 1 else torch.linalg.solve_triangular(q.mT, x, upper=False, left=False)
-
-
 def _terms(a: Tensor, b: Tensor, left: bool, diagonal: bool) -> tuple[Tensor, Tensor]:
     """The criterion's gradient terms for one factor: ``AAᵀ, BBᵀ`` (left) or ``AᵀA, BᵀB`` (right); only their
     diagonals for a diagonal factor."""
@@ -326,34 +282,3 @@ def _terms(a: Tensor, b: Tensor, left: bool, diagonal: bool) -> tuple[Tensor, Te
         dim = 1 if left else 0
         return a.square().sum(dim), b.square().sum(dim)
     return (a @ a.mT, b @ b.mT) if left else (a.mT @ a, b.mT @ b)
-
-
-def fit_hessian(manager: PreconditionerManager, loss_fn: Callable[[], Tensor], model: nn.Module | None = None) -> int:
-    """Newton-form pairs for every PSGD layer of ``manager`` whose next update is due: one probe ``V`` per layer,
-    ``H V`` by one double backward on the batch ``loss_fn`` evaluates (side-effect free, as the quality pass).
-    Returns the number of layers given a pair."""
-    from lightning_soo.quality import _gradients, _hvp, _isolated
-
-    layers = [
-        lay
-        for lay in manager.layers.values()
-        if isinstance(pre := lay.preconditioner, PSGD) and pre.fit == "hessian" and pre.update_due()
-    ]
-    if not layers:
-        return 0
-    params = [p for lay in layers for p in lay.adapter.params]
-    with _isolated(manager, model):
-        grads = _gradients(loss_fn, params)
-        probes = [lay.preconditioner.probe() for lay in layers]
-        vectors = [
-            t
-            for lay, v in zip(layers, probes, strict=True)
-            for t in lay.adapter.from_matrix(v.to(lay.adapter.module.weight.dtype))
-        ]
-        hv = _hvp(grads, params, vectors)
-    start = 0
-    for lay, v in zip(layers, probes, strict=True):
-        n = len(lay.adapter.params)
-        lay.preconditioner.observe_hvp(v, lay.adapter.to_matrix(hv[start : start + n]))
-        start += n
-    return len(layers)

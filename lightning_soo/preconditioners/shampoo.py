@@ -16,13 +16,14 @@ inverse); layer-wise grafting to the plain gradient's norm is applied by the man
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_soo import linalg
-from lightning_soo.layers import EmbeddingAdapter, IndexRows, LayerAdapter, Rows
+from lightning_soo.capture.adapters import IndexRows, Rows
+from lightning_soo.options import ShampooOptions, StepOptions
 from lightning_soo.preconditioners.base import Preconditioner
 from lightning_soo.preconditioners.blocks import BlockSide
 
@@ -30,37 +31,23 @@ from lightning_soo.preconditioners.blocks import BlockSide
 class Shampoo(Preconditioner):
     """Shampoo's two-sided preconditioner of one layer."""
 
+    options_type = ShampooOptions
+    options: ShampooOptions
     symmetric_statistics = True
 
     @classmethod
-    def for_layer(cls, adapter: LayerAdapter, *, dtype: torch.dtype, device: torch.device, **options: Any) -> Shampoo:
-        d_out, d_in = adapter.shape
-        one_hot = isinstance(adapter, EmbeddingAdapter) and options.get("statistics", "per_example") == "per_example"
-        return cls(d_out, d_in, dtype=dtype, device=device, input_diagonal=one_hot, **options)
+    def one_hot_diagonal(cls, options: StepOptions) -> bool:
+        return getattr(options, "statistics", "per_example") == "per_example"  # exact for per-example statistics
 
-    def __init__(
-        self,
-        d_out: int,
-        d_in: int,
-        *,
-        dtype: torch.dtype,
-        device: torch.device,
-        statistics: Literal["per_example", "gradient"] = "per_example",
-        exponent: float = 0.25,
-        damping_mode: Literal["absolute", "relative"] = "relative",
-        accumulate: Literal["ema", "sum"] = "ema",
-        beta: float = 0.95,
-        max_factor_dim: int = 1024,
-        input_diagonal: bool = False,
-    ) -> None:
-        super().__init__(d_out, d_in, dtype=dtype, device=device)
-        self.uses_hooks = statistics == "per_example"
+    def build(self) -> None:
+        o = self.options
+        self.uses_hooks = o.statistics == "per_example"
         self.uses_grad = not self.uses_hooks
-        self.exponent, self.relative = exponent, damping_mode == "relative"
-        self.accumulate, self.beta = accumulate, beta
-        kw: dict[str, Any] = {"dtype": dtype, "device": device}
-        self.left = BlockSide(d_out, max_factor_dim, diagonal=False, **kw)
-        self.right = BlockSide(d_in, max_factor_dim, diagonal=input_diagonal, **kw)
+        self.exponent, self.relative = o.exponent, o.damping_mode == "relative"
+        self.accumulate, self.beta = o.accumulate, o.beta
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        self.left = BlockSide(self.d_out, o.max_factor_dim, diagonal=False, **kw)
+        self.right = BlockSide(self.d_in, o.max_factor_dim, diagonal=self.input_diagonal, **kw)
 
     @property
     def sides(self) -> tuple[BlockSide, BlockSide]:
@@ -96,14 +83,14 @@ class Shampoo(Preconditioner):
     def statistics_tensors(self) -> list[Tensor]:
         return self.left.statistics_tensors() + self.right.statistics_tensors()
 
-    def close_statistics(self, grad_scale: float) -> bool | None:
+    def close_statistics(self, output_scale: float) -> bool | None:
         if not (self.left.pending and self.right.pending):
             self.discard_statistics()
             return None
         if not linalg.all_finite(*self.left.step_sums(), *self.right.step_sums()):
             self.discard_statistics()
             return False
-        scale = grad_scale**2 if self.uses_hooks else 1.0  # both factors carry two output gradients' scale
+        scale = output_scale**2 if self.uses_hooks else 1.0  # both factors are quadratic in the output gradient
         decay = self.beta if self.accumulate == "ema" else None
         for side in self.sides:
             side.fold(decay, scale)
@@ -123,9 +110,8 @@ class Shampoo(Preconditioner):
                 for s, (roots, lams) in zip(self.sides, saved, strict=True):  # keep the last good pair
                     s.roots, s.lams = roots, lams
                 return False
-        self.ready = True
-        self.refreshes += 1
-        return True
+        self.applied_damping = max(side.applied_damping for side in self.sides)
+        return self.refreshed()
 
     def precondition(self, grad: Tensor) -> Tensor:
         g = grad.to(self.dtype)
@@ -151,11 +137,11 @@ class Shampoo(Preconditioner):
         return [v for side in self.sides for v in side.values if v is not None]
 
     def inverse_tensors(self) -> list[Tensor]:
-        self._header = torch.tensor([float(self.ready)], dtype=self.dtype, device=self.device)
-        return [self._header, *(t for side in self.sides for t in side.shared_tensors(self.dtype, self.device))]
+        header = self._header_tensor()
+        return [header, *(t for side in self.sides for t in side.shared_tensors(self.dtype, self.device))]
 
     def inverse_tensors_loaded(self) -> None:
-        self.ready = float(self._header[0]) > 0.5
+        self._read_header()
 
     def spectrum(self) -> Tensor | None:
         if not self.ready:

@@ -1,0 +1,57 @@
+"""What a manager saves in a checkpoint and how it is loaded back: plain tensors and numbers only, so a checkpoint
+loads with ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from lightning_soo.capture.hooks import Capture
+from lightning_soo.engine.layer import Layer
+from lightning_soo.engine.schedule import ChangeMonitor, Schedule
+
+
+class Stateful(Protocol):
+    """What of a ``PreconditionerManager`` is saved and restored."""
+
+    steps: int
+    last_damping: float | None
+    counters: dict[str, int]
+    schedule: Schedule
+    monitor: ChangeMonitor | None
+    layers: dict[str, Layer]
+    capture: Capture
+    warn: Callable[[str], None]
+
+
+def manager_state(manager: Stateful) -> dict[str, Any]:
+    """The step counter, counters, schedule, freeze monitor and every layer's preconditioner state."""
+    return {
+        "steps": manager.steps,
+        "last_damping": manager.last_damping,
+        "counters": dict(manager.counters),
+        "schedule": manager.schedule.state_dict(),
+        "monitor": manager.monitor.state_dict() if manager.monitor is not None else {},
+        "layers": {name: layer.preconditioner.state_dict() for name, layer in manager.layers.items()},
+    }
+
+
+def load_manager_state(manager: Stateful, state: dict[str, Any]) -> None:
+    """The inverse of ``manager_state``; state of layers the manager does not have is ignored with a warning."""
+    manager.steps = int(state["steps"])
+    manager.last_damping = state.get("last_damping")
+    manager.counters.update(state.get("counters", {}))
+    manager.schedule.load_state_dict(state.get("schedule", {}))
+    if manager.monitor is not None:
+        manager.monitor.load_state_dict(state.get("monitor", {}))
+    if manager.schedule.frozen:
+        manager.capture.detach()
+    missing = [name for name in state["layers"] if name not in manager.layers]
+    if missing:
+        manager.warn(f"checkpoint has preconditioner state for unknown layers {missing}; it was ignored")
+    for name, layer_state in state["layers"].items():
+        if name in manager.layers:
+            pre = manager.layers[name].preconditioner
+            pre.load_state_dict(layer_state)
+            if not pre.ready and manager.last_damping is not None:
+                pre.refresh(manager.last_damping)  # saved by a rank that did not own this layer: rebuild it

@@ -1,0 +1,47 @@
+"""torch.compile inside a LightningModule: the callback captures statistics and matches the eager run."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_soo import KFACCallback
+from tests.cases import trainer
+
+
+class Net(L.LightningModule):
+    def __init__(self, compiled: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 3))
+        self.net = torch.compile(net) if compiled else net
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_compiled_module_matches_eager() -> None:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g))
+    results = []
+    for compiled in (False, True):
+        model = Net(compiled)
+        cb = KFACCallback(statistics_interval=2, preconditioner_interval=2)
+        trainer(max_steps=6, callbacks=[cb]).fit(model, DataLoader(data, batch_size=16))
+        state = cb.state_dict()
+        assert state["counters"]["preconditioned_steps"] == 6
+        factors = [(s["a"], s["b"]) for s in state["layers"].values()]
+        results.append((factors, [p.detach() for p in model.parameters()]))
+    (f_eager, p_eager), (f_comp, p_comp) = results
+    for (a1, b1), (a2, b2) in zip(f_eager, f_comp, strict=True):
+        torch.testing.assert_close(a1, a2, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b1, b2, rtol=1e-4, atol=1e-6)
+    for p1, p2 in zip(p_eager, p_comp, strict=True):
+        torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,146 @@
+"""PSGD (Kron): the fitted preconditioner reaches its fixed points on problems with a known answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_soo import PreconditionerManager
+from lightning_soo.diagnostics import fit_hessian
+from lightning_soo.preconditioners import PSGD
+from lightning_soo.preconditioners.psgd import norm_lower_bound, update_probability
+
+F64, CPU = torch.float64, torch.device("cpu")
+
+
+def _spd(n: int, spread: float, g: torch.Generator) -> Tensor:
+    """A random SPD matrix with eigenvalues log-spaced over ``spread`` (random eigenvectors)."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    return (q * torch.logspace(0, torch.log10(torch.tensor(spread)), n, dtype=F64)) @ q.T
+
+
+def _sqrt(m: Tensor) -> Tensor:
+    lam, q = torch.linalg.eigh(m)
+    return (q * lam.sqrt()) @ q.T
+
+
+def _spread(samples: Tensor) -> float:
+    """max/min eigenvalue of the covariance of the flattened samples."""
+    flat = samples.reshape(samples.shape[0], -1)
+    lam = torch.linalg.eigvalsh(flat.T @ flat / flat.shape[0])
+    return float(lam.max() / lam.min())
+
+
+@pytest.mark.parametrize("max_factor_dim", [64, 4], ids=["triangular", "diagonal-left"])
+def test_whitening_fixed_point(max_factor_dim: int) -> None:
+    """Gradients from a Kronecker-structured Gaussian (covariance spread 100): after enough fitting steps (the
+    preconditioner's step annealed, as for any stochastic fixed point) P·G is white: spread under 1.5."""
+    g = torch.Generator().manual_seed(0)
+    d_out, d_in = 5, 4
+    left, right = _spd(d_out, 10.0, g), _spd(d_in, 10.0, g)  # vec covariance kron(L, R): spread 100
+    if max_factor_dim < d_out:
+        left = torch.diag(torch.logspace(0, 1, d_out, dtype=F64))  # a diagonal factor whitens a diagonal side
+    sl, sr = _sqrt(left), _sqrt(right)
+
+    def draw(n: int) -> Tensor:
+        return sl @ torch.randn(n, d_out, d_in, generator=g, dtype=F64) @ sr
+
+    pre = PSGD(d_out, d_in, dtype=F64, device=CPU, max_factor_dim=max_factor_dim, min_update_probability=1.0)
+    assert pre.q_l is None and pre.update_due()
+    anneal = {1000: 0.02, 3000: 0.005, 5000: 0.002}
+    for step, grad in enumerate(draw(8000)):
+        pre.lr_preconditioner = anneal.get(step, pre.lr_preconditioner)
+        pre.observe_grad(grad)
+        assert pre.close_statistics(1.0) is True
+    assert pre.refresh(0.0) is True and pre.updates == 8000
+    assert pre.q_l.dim() == (1 if max_factor_dim < d_out else 2) and pre.q_r.dim() == 2
+    fresh = draw(20000)
+    raw, whitened = _spread(fresh), _spread(torch.stack([pre.precondition(x) for x in fresh]))
+    assert raw > 90.0 and whitened < 1.5, (raw, whitened)
+
+
+def test_newton_form_fits_inverse_hessian_of_a_quadratic() -> None:
+    """loss = ½ tr(Wᵀ A W B) has the Kronecker Hessian B ⊗ A; the Newton form drives P·H towards the identity."""
+    g = torch.Generator().manual_seed(1)
+    a, b = _spd(4, 20.0, g), _spd(3, 5.0, g)
+    lin = nn.Linear(3, 4, bias=False).double()
+    manager = PreconditionerManager(
+        lin, "psgd", {"fit": "hessian", "min_update_probability": 1.0}, preconditioner_interval=1
+    )
+    pre = manager.layers[""].preconditioner
+
+    def loss() -> Tensor:
+        w = lin.weight
+        return 0.5 * torch.trace(w.T @ a @ w @ b)
+
+    for step in range(3000):
+        if step == 2000:
+            pre.lr_preconditioner = 0.02
+        manager.begin_step()
+        lin.zero_grad()
+        loss().backward()
+        assert fit_hessian(manager, loss, lin) == 1
+        manager.step()
+    hessian = torch.kron(a, b)  # row-major vec(W) of the 4 x 3 weight
+    p = torch.stack([pre.precondition(e.reshape(4, 3)).reshape(-1) for e in torch.eye(12, dtype=F64)], 1)
+    lam = torch.linalg.eigvals(p @ hessian).real
+    assert float(lam.max() / lam.min()) < 1.5  # against cond(H) = 100 for SGD
+    assert torch.linalg.cond(hessian) > 90
+
+
+def test_curvature_matvec_inverts_precondition() -> None:
+    g = torch.Generator().manual_seed(2)
+    pre = PSGD(4, 6, dtype=F64, device=CPU, max_factor_dim=5)  # triangular left, diagonal right
+    for grad in torch.randn(50, 4, 6, generator=g, dtype=F64) * torch.linspace(0.1, 3, 6, dtype=F64):
+        pre.observe_grad(grad)
+        pre.close_statistics(1.0)
+    pre.refresh(0.0)
+    v = torch.randn(4, 6, generator=g, dtype=F64)
+    torch.testing.assert_close(pre.curvature_matvec(pre.precondition(v)), v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pre.q_l, torch.triu(pre.q_l))  # Q stays upper triangular
+
+
+def test_schedule_and_state_round_trip() -> None:
+    assert update_probability(0, 1.0, 0.03, 0.001, 500) == 1.0
+    assert update_probability(10_000, 1.0, 0.03, 0.001, 500) == 0.03
+    pre = PSGD(3, 2, dtype=F64, device=CPU, max_update_probability=0.25, min_update_probability=0.25)
+    grads = torch.randn(13, 3, 2, dtype=F64)
+    done = []
+    for grad in grads[:12]:
+        pre.observe_grad(grad)
+        done.append(pre.close_statistics(1.0) is True)
+    assert done == [True, False, False, False] * 3  # p = 1/4: every fourth step, the first always
+    pre.refresh(0.0)
+    twin = PSGD(3, 2, dtype=F64, device=CPU, max_update_probability=0.25, min_update_probability=0.25)
+    twin.load_state_dict(pre.state_dict())
+    for p in (pre, twin):  # the same schedule position and probe stream after a resume
+        for grad in grads[12:]:
+            p.observe_grad(grad)
+            p.close_statistics(1.0)
+        p.refresh(0.0)
+    assert torch.equal(pre.q_l, twin.q_l) and torch.equal(pre.precondition(grads[0]), twin.precondition(grads[0]))
+
+
+def test_non_finite_gradient_keeps_q_and_norm_bound() -> None:
+    pre = PSGD(3, 2, dtype=F64, device=CPU)
+    pre.observe_grad(torch.randn(3, 2, dtype=F64))
+    pre.close_statistics(1.0)
+    q = pre.q_l.clone()
+    pre.observe_grad(torch.full((3, 2), float("nan"), dtype=F64))
+    assert pre.close_statistics(1.0) is False and torch.equal(pre.q_l, q)
+    m = torch.randn(6, 6, dtype=F64)
+    m = m @ m.T
+    bound, norm = float(norm_lower_bound(m)), float(torch.linalg.matrix_norm(m, 2))
+    assert norm / 2**0.5 <= bound <= norm * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("n", [7, 600, 1100])
+def test_triangular_products_equal_dense(n: int) -> None:
+    from lightning_soo.preconditioners.psgd import _gram, triu_matmul
+
+    g = torch.Generator().manual_seed(n)
+    q = torch.triu(torch.randn(n, n, generator=g, dtype=F64))
+    t = torch.randn(n, n, generator=g, dtype=F64)
+    torch.testing.assert_close(triu_matmul(t, q), torch.triu(t) @ q, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(_gram(q), q.T @ q, rtol=1e-12, atol=1e-10)
