@@ -6,6 +6,8 @@ callers can keep their last good preconditioner. Fallback order: the input dtype
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -14,6 +16,15 @@ def all_finite(*tensors: Tensor) -> bool:
     """No NaN or Inf in any tensor. One reduction pass each (NaN and Inf propagate into the sum), cheaper than
     ``isfinite(x).all()``; a finite tensor whose sum overflows counts as non-finite, which is the safe side."""
     return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+def finite_flag(*tensors: Tensor) -> Tensor:
+    """A 0-d bool tensor on the device: no NaN or Inf in any tensor (one reduction each; a finite tensor whose
+    sum overflows counts as non-finite, the safe side). Nothing is read back: decide with ``torch.where``."""
+    total = tensors[0].sum()
+    for t in tensors[1:]:
+        total = total + t.sum()
+    return torch.isfinite(total)
 
 
 def left_mul(m: Tensor, g: Tensor) -> Tensor:
@@ -112,3 +123,75 @@ def mean_eigenvalue(m: Tensor) -> float:
     """``tr(m) / dim``, for dense (2-D) or diagonal (1-D) factors."""
     d = m.diagonal() if m.dim() == 2 else m
     return float(d.mean()) if d.numel() else 0.0
+
+
+# -- many matrices at once: one batched call per group of equal shape, dtype and device -----------------------------
+def _groups(ms: list[Tensor]) -> list[list[int]]:
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, m in enumerate(ms):
+        groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
+    return list(groups.values())
+
+
+def damped_inverse_many(ms: list[Tensor], dampings: list[float]) -> list[Tensor | None]:
+    """``[damped_inverse(m, d) ...]`` with one batched Cholesky per group of equal shapes (a transformer's
+    blocks share theirs); a matrix whose factorisation fails falls back to ``damped_inverse`` alone. One device
+    read per group."""
+    out: list[Tensor | None] = [None] * len(ms)
+    for idx in _groups(ms):
+        s = torch.stack([ms[i] for i in idx])
+        s = (s + s.mT).mul_(0.5)
+        shift = torch.tensor([dampings[i] for i in idx], dtype=s.dtype, device=s.device)
+        s.diagonal(dim1=-2, dim2=-1).add_(shift.unsqueeze(-1))
+        chol, info = torch.linalg.cholesky_ex(s)
+        inv = torch.cholesky_inverse(chol)
+        ok = ((info == 0) & torch.isfinite(inv.sum((-2, -1)))).tolist()
+        for k, i in enumerate(idx):
+            out[i] = inv[k] if ok[k] else damped_inverse(ms[i], dampings[i])
+    return out
+
+
+def eigh_many(ms: list[Tensor]) -> list[tuple[Tensor, Tensor] | None]:
+    """``[eigh(m) ...]`` with one batched ``torch.linalg.eigh`` per group of equal shapes; a group whose batched
+    call fails, or a member whose result is not finite, falls back to ``eigh`` (with its retries) alone."""
+    out: list[tuple[Tensor, Tensor] | None] = [None] * len(ms)
+    for idx in _groups(ms):
+        s = torch.stack([ms[i] for i in idx])
+        try:
+            lam, q = _eigh((s + s.mT).mul_(0.5))
+            ok = (torch.isfinite(lam.sum(-1)) & torch.isfinite(q.sum((-2, -1)))).tolist()
+        except RuntimeError:
+            ok = [False] * len(idx)
+        for k, i in enumerate(idx):
+            out[i] = (lam[k].clamp(min=0), q[k]) if ok[k] else eigh(ms[i])
+    return out
+
+
+def inverse_root_many(
+    ms: list[Tensor], damping: float, exponent: float, relative: bool = False
+) -> list[tuple[Tensor, Tensor, float] | None]:
+    """``[inverse_root_eig(m, ...) ...]`` with batched eigendecompositions (``eigh_many``) and one device read for
+    every ``ρ`` and finiteness verdict; 1-D ``m`` are diagonal matrices."""
+    eigs: list[tuple[Tensor, Tensor | None] | None] = [None] * len(ms)
+    dense = [i for i, m in enumerate(ms) if m.dim() == 2]
+    for i, eig in zip(dense, eigh_many([ms[i] for i in dense]), strict=True):
+        eigs[i] = eig
+    for i, m in enumerate(ms):
+        if m.dim() == 1:
+            eigs[i] = (m.clamp(min=0), None)
+    present = [i for i, e in enumerate(eigs) if e is not None]
+    if not present:
+        return [None] * len(ms)
+    tops = torch.stack([eigs[i][0].amax() for i in present]).tolist()  # type: ignore[index]
+    out: list[tuple[Tensor, Tensor, float] | None] = [None] * len(ms)
+    roots: list[tuple[int, Tensor, Tensor, float]] = []
+    for i, top in zip(present, tops, strict=True):
+        lam, q = eigs[i]  # type: ignore[misc]
+        rho = max(damping * top if relative else damping, 1e-30)
+        lam = lam + rho
+        powered = lam.pow(-exponent)
+        roots.append((i, powered if q is None else (q * powered.unsqueeze(-2)) @ q.mT, lam, rho))
+    finite = torch.stack([torch.isfinite(root.sum()) for _, root, _, _ in roots]).tolist()
+    for (i, root, lam, rho), ok in zip(roots, finite, strict=True):
+        out[i] = (root, lam, rho) if ok and math.isfinite(rho) else None
+    return out

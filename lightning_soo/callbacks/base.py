@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, Optional, TypedDict
@@ -100,6 +101,7 @@ class SecondOrderCallback(Callback):
         self.options = options
         self.manager: PreconditionerManager | None = None
         self._pending_state: dict[str, Any] | None = None
+        self._pending_model: weakref.ref[pl.LightningModule] | None = None  # whose fit left _pending_state
         self._timer = StepTimer()
         self._last_logged_refreshes = -1
 
@@ -136,6 +138,16 @@ class SecondOrderCallback(Callback):
                 f"{type(self).__name__}: {len(self.manager.layers)} layer(s) preconditioned "
                 f"({', '.join(self.manager.layers) or 'none'})"
             )
+        if (
+            self._pending_state is not None
+            and self._pending_model is not None
+            and self._pending_model() is not pl_module
+        ):
+            rank_zero_info(
+                f"{type(self).__name__}: used for a new model, starting fresh (state carries over between fits of the "
+                "same model, or through a checkpoint)"
+            )
+            self._pending_state = None
         if self._pending_state is not None:
             self.manager.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -177,6 +189,7 @@ class SecondOrderCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.manager is not None:
             self._pending_state = self.manager.state_dict()
+            self._pending_model = weakref.ref(pl_module)
             self.manager.remove_hooks()
             self.manager = None
 
@@ -194,4 +207,4 @@ class SecondOrderCallback(Callback):
         if self.manager is not None:
             self.manager.load_state_dict(state_dict)
         else:
-            self._pending_state = state_dict
+            self._pending_state, self._pending_model = state_dict, None  # a checkpoint: applies to the next fit

@@ -10,6 +10,12 @@ from torch import nn
 from lightning_soo.capture.adapters import LayerAdapter, UnsupportedLayerError, WeightSharing, make_adapter
 
 
+def eager_name(name: str) -> str:
+    """The name without ``torch.compile``'s ``_orig_mod`` segments, so that ``exclude`` patterns, warnings and
+    checkpoints use the names of the eager model."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def discover(
     model: nn.Module, exclude: Sequence[str] = (), weight_sharing: WeightSharing = "expand"
 ) -> tuple[dict[str, LayerAdapter], dict[str, str]]:
@@ -31,7 +37,8 @@ def discover(
         for pname, _ in module.named_parameters(recurse=False):
             plain[f"{mname}.{pname}" if mname else pname] = reason
 
-    for mname, module in model.named_modules():
+    for raw_name, module in model.named_modules():
+        mname = eager_name(raw_name)
         try:
             adapter = make_adapter(module, weight_sharing)
         except UnsupportedLayerError as err:
@@ -49,7 +56,8 @@ def discover(
                 skip(mname, module, "frozen (requires_grad=False); preconditioned once unfrozen")
             covered.update(id(p) for p in params)
             adapters[mname] = adapter
-    for pname, p in model.named_parameters():
+    for raw_name, p in model.named_parameters():
+        pname = eager_name(raw_name)
         if id(p) not in covered and p.requires_grad and pname not in plain:
             plain[pname] = "not in a supported module"
     return adapters, plain

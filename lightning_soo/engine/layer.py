@@ -35,6 +35,35 @@ class Layer:
     warned: set[str] = field(default_factory=set)
 
 
+class OptimizerLayers:
+    """Which managed layers an optimizer steps (all of a layer's parameters in its groups), cached per optimizer;
+    parameters that were not in the model at set-up are named once in a warning (they keep their plain gradient)."""
+
+    def __init__(self, model: nn.Module, warn: Callable[[str], None]) -> None:
+        self._known = {id(p) for p in model.parameters()}
+        self._warn = warn
+        self._cache: dict[int, tuple[int, list[Layer]]] = {}
+
+    def layers_of(self, optimizer: torch.optim.Optimizer | None, layers: dict[str, Layer]) -> list[Layer]:
+        if optimizer is None:
+            return list(layers.values())
+        ids = [id(p) for group in optimizer.param_groups for p in group["params"]]
+        cached = self._cache.get(id(optimizer))
+        if cached is not None and cached[0] == len(ids):
+            return cached[1]
+        idset = set(ids)
+        unknown = idset - self._known
+        if unknown:
+            self._known |= unknown
+            self._warn(
+                f"{len(unknown)} parameter tensor(s) of the optimizer were not in the model when the preconditioner "
+                "was set up (modules added later); they keep their plain gradient"
+            )
+        mine = [layer for layer in layers.values() if all(id(p) in idset for p in layer.adapter.params)]
+        self._cache[id(optimizer)] = (len(ids), mine)
+        return mine
+
+
 FROZEN = object()  # forward-hook context of a frozen layer: its output gradient is not folded either
 
 

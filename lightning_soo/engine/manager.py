@@ -26,10 +26,10 @@ from torch import Tensor, nn
 
 from lightning_soo.capture import Capture, discover
 from lightning_soo.engine import state
-from lightning_soo.engine.damping import make_damping
+from lightning_soo.engine.damping import clip_cannot_protect, make_damping
 from lightning_soo.engine.distributed import DistributedPlan, reduce_statistics, world_size
-from lightning_soo.engine.layer import Layer, grad_sink, input_sink
-from lightning_soo.engine.postprocess import finite_updates, kl_scale, write_updates
+from lightning_soo.engine.layer import Layer, OptimizerLayers, grad_sink, input_sink
+from lightning_soo.engine.postprocess import Verdicts, settled, write_updates
 from lightning_soo.engine.schedule import ChangeMonitor, Schedule
 from lightning_soo.options import StepOptions
 from lightning_soo.preconditioners import get_method
@@ -95,13 +95,14 @@ class PreconditionerManager:
         self._scaled = False  # the open step's statistics were captured under a GradScaler
         self._processed: set[str] = set()
         self._reported = False
-        self._opt_cache: dict[int, tuple[int, list[Layer]]] = {}
+        self._warned: set[str] = set()  # manager-wide warnings already given
+        self._verdicts: Verdicts[Layer] = Verdicts()  # device-side flags of the step, read once by _settle
         self._build(model)
 
     # -- construction -------------------------------------------------------------------------------------
     def _build(self, model: nn.Module) -> None:
         adapters, self.skipped = discover(model, self.options.exclude, self.options.weight_sharing)
-        self._known_params = {id(p) for p in model.parameters()}
+        self._optimizers = OptimizerLayers(model, self.warn)
         for name, adapter in adapters.items():
             w = adapter.module.weight
             dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
@@ -114,6 +115,9 @@ class PreconditionerManager:
                     input_sink(adapter, pre, self.timings),
                     grad_sink(adapter, pre, self.timings, self.options.loss_reduction == "mean"),
                 )
+        if not self.layers:
+            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(self.skipped.items())[:8]) or "none"
+            self.warn(f"{type(model).__name__} has no layer {self.method.__name__} can precondition (skipped: {why})")
 
     # -- the step -------------------------------------------------------------------------------------
     def begin_step(self, batch_size: int | None = None) -> None:
@@ -172,24 +176,26 @@ class PreconditionerManager:
             raise RuntimeError("PreconditionerManager.step() called before begin_step()")
         if lr is None and optimizer is not None and optimizer.param_groups:
             lr = float(optimizer.param_groups[0]["lr"])
-        layers = self._layers_of(optimizer)
+        layers = self._optimizers.layers_of(optimizer, self.layers)
         fresh = [layer for layer in layers if layer.name not in self._processed]
         if fresh:
             self._update(fresh, self._output_scale(accumulation, grad_scaler), lr)
             self._processed.update(layer.name for layer in fresh)
         t0 = time.perf_counter()
         self._precondition(layers, optimizer, lr)
+        self._settle()
         self.timings["precondition"] += time.perf_counter() - t0
         if not self._reported and self.counters["refreshes"]:
             self._report_plain()
 
-    def _output_scale(self, accumulation: int, grad_scaler: Any) -> float:
+    def _output_scale(self, accumulation: int, grad_scaler: Any) -> float | Tensor:
         """``accumulation / loss_scale``: what maps this step's captured output gradients (the 1/N of a mean loss
         already undone by the hooks) to per-example gradients of the loss; see ``engine.layer``."""
         self._scaled = grad_scaler is not None and grad_scaler.is_enabled()
-        if not self._collecting:
-            return 1.0  # nothing captured: no need to read the scale (a device sync)
-        return accumulation / float(grad_scaler.get_scale()) if self._scaled else float(accumulation)
+        if not (self._collecting and self._scaled):
+            return float(accumulation)
+        scale = getattr(grad_scaler, "_get_scale_async", None)  # the scale as a tensor: no device sync
+        return accumulation / (scale() if scale is not None else grad_scaler.get_scale())
 
     # -- the public contract for schedulers -------------------------------------------------------------
     def set_schedule(
@@ -225,7 +231,7 @@ class PreconditionerManager:
         finally:
             self.capture.active = was_active
 
-    def _update(self, layers: list[Layer], output_scale: float, lr: float | None) -> None:
+    def _update(self, layers: list[Layer], output_scale: float | Tensor, lr: float | None) -> None:
         step = self._cycle
         if self._collecting:
             t0 = time.perf_counter()
@@ -237,39 +243,35 @@ class PreconditionerManager:
                     g = layer.adapter.grad_matrix()
                     if g is not None:
                         pre.observe_grad(g.to(pre.dtype))
-                closed = pre.close_statistics(output_scale)
+                rejected = pre.close_statistics(output_scale)
                 if pre.notice:
                     self._warn_once(layer, "notice", f"layer '{layer.name}': {pre.notice}")
                     pre.notice = None
-                if closed is False:
-                    self.counters["skipped_statistics"] += 1
-                    why = (
-                        "expected now and then under fp16 loss scaling, on the steps the GradScaler skips"
-                        if self._scaled
-                        else "the layer's inputs or output gradients held NaN or Inf: check the loss and learning rate"
-                    )
-                    self._warn_once(
-                        layer,
-                        "stats",
-                        f"non-finite statistics in layer '{layer.name}' were skipped ({why}); "
-                        "the last good ones are kept",
-                    )
+                if rejected is not None:
+                    self._verdicts.add("stats", [layer], [rejected])
             self.timings["statistics"] += time.perf_counter() - t0
         else:
             for layer in layers:
                 layer.preconditioner.discard_statistics()
         if self.schedule.refreshes(step):
+            self._settle()  # refresh steps may synchronise: the statistics' verdicts are needed now
             t0 = time.perf_counter()
             damping = self.damping(step, lr, self.batch_size) if self.damping is not None else 0.0
             self.last_damping = damping if self.damping is not None else None
+            if (message := clip_cannot_protect(damping, self.options)) and "damping" not in self._warned:
+                self._warned.add("damping")
+                self.warn(message)
             if world_size() > 1:  # each layer refreshed by its owner rank only
                 if self.plan is None:
                     self.plan = DistributedPlan(list(self.layers.values()), self.options.grad_worker_fraction)
                 self.plan.refresh(layers, lambda layer: self._refresh(layer, damping))
                 self.counters["bytes_broadcast"] = self.plan.bytes
-            else:
-                for layer in layers:
-                    self._refresh(layer, damping)
+            else:  # one batched decomposition per factor shape and method
+                for cls in {type(layer.preconditioner) for layer in layers}:
+                    group = [layer for layer in layers if type(layer.preconditioner) is cls]
+                    results = cls.refresh_many([layer.preconditioner for layer in group], damping)
+                    for layer, ok in zip(group, results, strict=True):
+                        self._refreshed(layer, ok)
             if self.monitor is not None:
                 self._watch_change(layers)
             self.timings["refresh"] += time.perf_counter() - t0
@@ -282,7 +284,10 @@ class PreconditionerManager:
             self.freeze()
 
     def _refresh(self, layer: Layer, damping: float) -> None:
-        ok = layer.preconditioner.refresh(damping)
+        self._refreshed(layer, layer.preconditioner.refresh(damping))
+
+    def _refreshed(self, layer: Layer, ok: bool | None) -> None:
+        """Count a layer's refresh; warn once on failure, raise after ``max_failures`` in a row."""
         if ok is None:
             return
         if ok:
@@ -316,39 +321,30 @@ class PreconditionerManager:
     def _precondition(self, layers: list[Layer], optimizer: torch.optim.Optimizer | None, lr: float | None) -> None:
         done = self._preconditioned(layers)
         o = self.options
-        updates, failed = finite_updates([(layer.adapter, g, out) for layer, g, out in done], o.grafting)
-        for index in failed:
-            layer = done[index][0]
-            self.counters["nonfinite_updates"] += 1
-            self._warn_once(
-                layer,
-                "update",
-                f"the preconditioned gradient of layer '{layer.name}' was not finite; its plain gradient was kept",
-            )
-        self.last_kl_scale = kl_scale(updates, o.kl_clip, optimizer, lr) if o.kl_clip and updates else 1.0
-        self.counters["preconditioned_steps"] += bool(updates)
-        capped = write_updates(updates, self.last_kl_scale, o.max_update_norm)
-        if capped:
-            self.counters["capped_updates"] = self.counters.get("capped_updates", 0) + capped
+        lrs: dict[int, float] = {}
+        if optimizer is not None and o.kl_clip is not None:
+            lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+        default = lr if lr is not None else 1.0
+        written = write_updates(
+            [(layer.adapter, g, out) for layer, g, out in done],
+            grafting=o.grafting,
+            kl_clip=o.kl_clip,
+            max_norm=o.max_update_norm,
+            lrs=[lrs.get(id(layer.adapter.params[0]), default) for layer, _, _ in done],
+        )
+        self.last_kl_scale = written.kl_scale
+        self.counters["preconditioned_steps"] += bool(done)
+        self._verdicts.add("update", [layer for layer, _, _ in done], written.nonfinite)
+        self._verdicts.add("capped", [layer for layer, _, _ in done], written.capped)
 
-    def _layers_of(self, optimizer: torch.optim.Optimizer | None) -> list[Layer]:
-        if optimizer is None:
-            return list(self.layers.values())
-        ids = [id(p) for group in optimizer.param_groups for p in group["params"]]
-        cached = self._opt_cache.get(id(optimizer))
-        if cached is not None and cached[0] == len(ids):
-            return cached[1]
-        idset = set(ids)
-        unknown = idset - self._known_params
-        if unknown:
-            self._known_params |= unknown
-            self.warn(
-                f"{len(unknown)} parameter tensor(s) of the optimizer were not in the model when the preconditioner "
-                "was set up (modules added later); they keep their plain gradient"
-            )
-        layers = [lay for lay in self.layers.values() if all(id(p) in idset for p in lay.adapter.params)]
-        self._opt_cache[id(optimizer)] = (len(ids), layers)
-        return layers
+    def _settle(self) -> None:
+        """Read the step's device-side verdicts in one transfer (the step's one host synchronisation); count and
+        warn about what they say."""
+        for kind, layer in self._verdicts.read():
+            count, message = settled(kind, layer.name, self._scaled)
+            self.counters[count] = self.counters.get(count, 0) + 1
+            if message:
+                self._warn_once(layer, kind, message)
 
     # -- reporting ------------------------------------------------------------------------------------
     def _warn_once(self, layer: Layer, kind: str, message: str) -> None:

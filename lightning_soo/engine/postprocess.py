@@ -1,73 +1,117 @@
 """Post-processing of the preconditioned gradients of one step, between ``P·G`` and ``p.grad``: layer-wise grafting,
-the finiteness check, KL clipping (kfac-pytorch's form) and the per-layer norm cap."""
+the finiteness check, KL clipping (kfac-pytorch's form) and the per-layer norm cap.
+
+Everything stays on the device: decisions are ``torch.where``, the KL scale and grafting ratios are tensors, and
+what the host needs to know (which layers were not finite or capped) comes back as flags the manager reads once per
+step, together with the statistics' flags.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
 
 from lightning_soo.capture.adapters import LayerAdapter
 
-Update = tuple[LayerAdapter, float, Tensor]  # (adapter, ⟨P·G, G⟩, preconditioned P·G)
 Item = tuple[LayerAdapter, Tensor, Tensor]  # (adapter, G, P·G)
+T = TypeVar("T")
 
 
-def finite_updates(items: Sequence[Item], grafting: str | None) -> tuple[list[Update], list[int]]:
-    """The (grafted) updates with their ``⟨P·G, G⟩``, and the indices of the items whose ``P·G`` is not finite
-    (those keep their plain gradient). The dot product is non-finite whenever ``P·G`` is, so one pass serves as the
-    finiteness check and the KL-clip term."""
-    updates: list[Update] = []
-    failed: list[int] = []
-    for index, (adapter, g, out) in enumerate(items):
-        if grafting == "sgd":
-            out = graft(out, g)
-        dot = float(torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1)))
-        if math.isfinite(dot):
-            updates.append((adapter, dot, out))
-        else:
-            failed.append(index)
-    return updates, failed
+@dataclass
+class Verdicts(Generic[T]):
+    """Device-side 0-d flags of one step (True: something happened to that layer), read back in one transfer."""
+
+    flags: list[tuple[str, T, Tensor]] = field(default_factory=list)
+
+    def add(self, kind: str, owners: Sequence[T], flags: Sequence[Tensor]) -> None:
+        self.flags += [(kind, owner, flag) for owner, flag in zip(owners, flags, strict=False)]
+
+    def read(self) -> list[tuple[str, T]]:
+        """The ``(kind, owner)`` of every raised flag; clears the step's flags. One host synchronisation."""
+        flags, self.flags = self.flags, []
+        if not flags:
+            return []
+        values = torch.stack([flag.reshape(()) for _, _, flag in flags]).tolist()
+        return [(kind, owner) for (kind, owner, _), value in zip(flags, values, strict=True) if value]
 
 
-def write_updates(updates: Sequence[Update], scale: float, max_norm: float | None) -> int:
-    """``p.grad ← scale · P·G`` per layer, each scaled down further to at most ``max_norm`` (Frobenius); returns
-    how many layers were capped."""
-    capped = 0
-    for adapter, _, out in updates:
-        s = scale
-        if max_norm is not None:
-            norm = float(out.norm()) * s
-            if norm > max_norm:
-                s *= max_norm / norm
-                capped += 1
-        adapter.set_grad_matrix(out if s == 1.0 else out * s)
-    return capped
+def settled(kind: str, name: str, scaled: bool) -> tuple[str, str | None]:
+    """The counter a raised flag of ``kind`` increments, and the warning it deserves (None: count only)."""
+    if kind == "capped":
+        return "capped_updates", None
+    if kind == "update":
+        return (
+            "nonfinite_updates",
+            f"the preconditioned gradient of layer '{name}' was not finite; its plain gradient stays",
+        )
+    why = (
+        "expected now and then under fp16 loss scaling, on the steps the GradScaler skips"
+        if scaled
+        else "the layer's inputs or output gradients held NaN or Inf: check the loss and learning rate"
+    )
+    return (
+        "skipped_statistics",
+        f"non-finite statistics in layer '{name}' were skipped ({why}); the last good ones stay",
+    )
 
 
-def kl_scale(
-    updates: Sequence[Update], kl_clip: float, optimizer: torch.optim.Optimizer | None, lr: float | None
-) -> float:
-    """``ν = min(1, √(kl_clip / Σ_l lr_l² ⟨P·G_l, G_l⟩))`` with each layer's own learning rate.
+@dataclass
+class Written:
+    """What ``write_updates`` did, as device tensors: per-layer flags and the KL scale."""
 
-    Scaling every preconditioned gradient by ν bounds the second-order model's predicted change
-    (the KL divergence for a Fisher) of the step, so a learning rate tuned for SGD cannot blow up.
-    """
-    lrs: dict[int, float] = {}
-    if optimizer is not None:
-        lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
-    default = lr if lr is not None else 1.0
-    total = 0.0
-    for adapter, dot, _ in updates:
-        total += lrs.get(id(adapter.params[0]), default) ** 2 * dot
-    if not total > 0.0:
-        return 1.0
-    return min(1.0, (kl_clip / total) ** 0.5)
+    nonfinite: list[Tensor]  # P·G of the layer was not finite: its plain gradient was kept
+    capped: list[Tensor]  # the layer's update was scaled down to ``max_update_norm``
+    kl_scale: Tensor | float  # ν of the step (1.0 without a KL clip)
 
 
 def graft(out: Tensor, grad: Tensor) -> Tensor:
     """``P·G`` rescaled to the Frobenius norm of ``G`` (SGD grafting); left alone when ``P·G`` is zero."""
     norm = out.norm()
-    return out * (grad.to(out.dtype).norm() / norm) if float(norm) > 0 else out
+    ratio = torch.where(norm > 0, grad.to(out.dtype).norm() / norm, torch.ones_like(norm))
+    return out * ratio
+
+
+def write_updates(
+    items: Sequence[Item],
+    *,
+    grafting: str | None,
+    kl_clip: float | None,
+    max_norm: float | None,
+    lrs: Sequence[float],
+) -> Written:
+    """``p.grad ← s_l · P·G_l`` for every item, ``s_l = ν · cap_l``, with ``P·G`` grafted first when asked.
+
+    ``ν = min(1, √(kl_clip / Σ_l lr_l² ⟨P·G_l, G_l⟩))`` (``lrs``: each item's learning rate) bounds the
+    second-order model's predicted change (the KL divergence for a Fisher) of the step; ``cap_l`` scales the layer
+    down to at most ``max_norm``. A layer whose ``P·G`` is not finite keeps its plain gradient and is left out of
+    the KL sum. No host synchronisation.
+    """
+    outs: list[Tensor] = []
+    dots: list[Tensor] = []
+    finite: list[Tensor] = []
+    for _, g, out in items:
+        if grafting == "sgd":
+            out = graft(out, g)
+        dot = torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1))  # non-finite whenever P·G is
+        ok = torch.isfinite(dot)
+        outs.append(out)
+        finite.append(ok)
+        dots.append(torch.where(ok, dot, torch.zeros_like(dot)))
+    nu: Tensor | float = 1.0
+    if kl_clip is not None and items:
+        total = torch.stack([dot * lr**2 for dot, lr in zip(dots, lrs, strict=True)]).sum()
+        ratio = (kl_clip / total).sqrt().clamp(max=1.0)
+        nu = torch.where(total > 0, ratio, torch.ones_like(total))
+    capped: list[Tensor] = []
+    for (adapter, g, _), out, ok in zip(items, outs, finite, strict=True):
+        scale = nu
+        if max_norm is not None:
+            norm = out.norm() * nu
+            capped.append(norm > max_norm)
+            scale = nu * (max_norm / norm).clamp(max=1.0)
+        adapter.set_grad_matrix(torch.where(ok, out * scale, g.to(out.dtype)))
+    return Written([~ok for ok in finite], capped, nu)

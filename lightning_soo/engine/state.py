@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from lightning_soo.capture.hooks import Capture
 from lightning_soo.engine.layer import Layer
 from lightning_soo.engine.schedule import ChangeMonitor, Schedule
+from lightning_soo.options import StepOptions
 
 
 class Stateful(Protocol):
@@ -21,6 +22,7 @@ class Stateful(Protocol):
     monitor: ChangeMonitor | None
     layers: dict[str, Layer]
     capture: Capture
+    options: StepOptions
     warn: Callable[[str], None]
 
 
@@ -49,9 +51,37 @@ def load_manager_state(manager: Stateful, state: dict[str, Any]) -> None:
     missing = [name for name in state["layers"] if name not in manager.layers]
     if missing:
         manager.warn(f"checkpoint has preconditioner state for unknown layers {missing}; it was ignored")
+    damping = rebuild_damping(manager)
+    rebuilt: list[str] = []
     for name, layer_state in state["layers"].items():
-        if name in manager.layers:
-            pre = manager.layers[name].preconditioner
-            pre.load_state_dict(layer_state)
-            if not pre.ready and manager.last_damping is not None:
-                pre.refresh(manager.last_damping)  # saved by a rank that did not own this layer: rebuild it
+        if name not in manager.layers:
+            continue
+        pre = manager.layers[name].preconditioner
+        try:
+            same = pre.load_state_dict(layer_state)
+        except ValueError as err:
+            raise ValueError(
+                f"the checkpoint's state of layer '{name}' does not fit the model: {err}. Was the layer resized? "
+                "Start without the checkpoint's callback state, or exclude the layer"
+            ) from None
+        if not same:
+            rebuilt.append(name)
+        if not pre.ready and damping is not None:
+            # options changed since the checkpoint (inverse mode, blocks, damping, ...), or saved by a rank that
+            # did not own this layer: the derived state is rebuilt from the loaded statistics
+            pre.refresh(damping)
+    if rebuilt:
+        manager.warn(
+            f"the options differ from the checkpoint's for {len(rebuilt)} layer(s) ({', '.join(rebuilt[:5])}"
+            f"{', ...' if len(rebuilt) > 5 else ''}): their preconditioners were rebuilt from the saved statistics"
+        )
+
+
+def rebuild_damping(manager: Stateful) -> float | None:
+    """The damping for rebuilding at load: the configured constant, else the last one the rule gave."""
+    value = manager.options.damping
+    if isinstance(value, (int, float)) and manager.options.uses_damping:
+        return float(value)
+    if not manager.options.uses_damping:
+        return 0.0
+    return manager.last_damping

@@ -38,6 +38,9 @@ class Preconditioner:
     state_tensors: tuple[str, ...] = ()
     #: plain-number attributes persisted by ``state_dict``
     state_numbers: tuple[str, ...] = ()
+    #: the attributes among ``state_tensors`` and ``state_numbers`` computed at refresh from the statistics: a
+    #: checkpoint's are used only when ``config()`` is unchanged, and rebuilt from its statistics otherwise
+    derived: tuple[str, ...] = ()
     #: a message for the user (e.g. an input was too large and was subsampled); the manager warns once per layer
     notice: str | None = None
 
@@ -102,13 +105,15 @@ class Preconditioner:
     def observe_grad(self, grad: Tensor) -> None:
         """Fold the mini-batch gradient matrix (methods with ``uses_grad``)."""
 
-    def close_statistics(self, output_scale: float) -> bool | None:
+    def close_statistics(self, output_scale: float | Tensor) -> Tensor | None:
         """Close this step's statistics. ``output_scale`` (accumulation / loss scale, see ``engine.layer``) maps
         the captured output-gradient rows to per-example gradients of the loss; a method applies it to its
         statistics as their degree in the output gradient says (K-FAC's B and Shampoo's factors: squared;
         Gauss-Newton's kept rows: linearly; statistics from the unscaled gradient: not at all).
 
-        Returns True when folded, False when rejected as non-finite, None when there was nothing to fold.
+        Returns None when there was nothing to fold, else a 0-d bool tensor on the device, True where the step's
+        statistics were rejected as non-finite (the last good ones kept). The manager reads every such flag of a
+        step at once: no method synchronises with the device here (beyond a first value's check).
         """
         return None
 
@@ -134,6 +139,12 @@ class Preconditioner:
         """Recompute the preconditioner from the statistics. True on success, False on numerical failure
         (the last good preconditioner is kept), None when there are no statistics yet."""
         raise NotImplementedError
+
+    @classmethod
+    def refresh_many(cls, pres: list[Preconditioner], damping: float) -> list[bool | None]:
+        """``[p.refresh(damping) for p in pres]``; methods batch the decompositions of equally shaped factors
+        (one ``torch.linalg`` call for every block of a transformer)."""
+        return [p.refresh(damping) for p in pres]
 
     def precondition(self, grad: Tensor) -> Tensor:
         """``P · G``."""
@@ -189,6 +200,15 @@ class Preconditioner:
         self.ready = ready > 0.5
         return rest
 
+    def config(self) -> dict[str, Any]:
+        """The options the derived state depends on (plain values); a checkpoint saved under another ``config``
+        has its derived state rebuilt from its statistics instead of loaded."""
+        keys = self.config_keys + (("damping",) if isinstance(self.options.damping, (int, float)) else ())
+        return {key: getattr(self.options, key) for key in keys}
+
+    #: the option names ``config`` reports (a constant damping is added)
+    config_keys: tuple[str, ...] = ()
+
     def _tensors(self) -> dict[str, Tensor]:
         out = {}
         for name in self.state_tensors:
@@ -197,11 +217,19 @@ class Preconditioner:
                 out[name] = value
         return out
 
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        """Set the ``state_tensors`` attributes from ``state`` (methods with other storage override this)."""
+    def _load_tensors(self, state: dict[str, Any], derived: bool) -> None:
+        """Set the ``state_tensors`` attributes from ``state`` (the ``derived`` ones only when ``derived``);
+        statistics are fitted to this layer's storage by ``fit_statistic`` (methods with other storage override
+        this)."""
         for name in self.state_tensors:
-            value = state.get(name)
-            setattr(self, name, None if value is None else value.to(self.device, self.dtype))
+            value = state.get(name) if derived or name not in self.derived else None
+            if value is not None and name not in self.derived:
+                value = self.fit_statistic(name, value)
+            setattr(self, name, None if value is None else value.to(self.device, self.dtype, copy=True))
+
+    def fit_statistic(self, name: str, saved: Tensor) -> Tensor:
+        """A saved statistic in the form this layer stores it now; raises ValueError when it cannot fit."""
+        return saved
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {k: v.detach().clone() for k, v in self._tensors().items()}
@@ -209,12 +237,33 @@ class Preconditioner:
             state[name] = getattr(self, name)
         state["ready"] = self.ready
         state["refreshes"] = self.refreshes
+        state["config"] = self.config()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._load_tensors(state)
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Load a ``state_dict``; returns False when its derived state was dropped (saved under another
+        ``config``): the preconditioner is then not ``ready`` until it is refreshed from the loaded statistics.
+
+        Raises:
+            ValueError: when a saved statistic does not fit this layer (its shape), naming both shapes.
+        """
+        same = state.get("config", self.config()) == self.config()
+        self._load_tensors(state, same)
         for name in self.state_numbers:
-            if name in state:
+            if name in state and (same or name not in self.derived):
                 setattr(self, name, state[name])
-        self.ready = bool(state.get("ready", False))
+        self.ready = bool(state.get("ready", False)) and same
         self.refreshes = int(state.get("refreshes", 0))
+        self._spectrum = None
+        return same
+
+
+def fit_square(name: str, saved: Tensor, dim: int, diagonal: bool) -> Tensor:
+    """A saved ``dim x dim`` statistic (dense, or its diagonal as a vector) in the requested form: a dense one
+    keeps its diagonal when the layer now stores a diagonal, a diagonal becomes a diagonal matrix otherwise."""
+    if saved.shape[0] != dim or (saved.dim() == 2 and saved.shape[1] != dim) or saved.dim() not in (1, 2):
+        want = (dim,) if diagonal else (dim, dim)
+        raise ValueError(f"saved `{name}` has shape {tuple(saved.shape)}, this layer needs {want}")
+    if diagonal:
+        return saved.diagonal().clone() if saved.dim() == 2 else saved
+    return torch.diag(saved) if saved.dim() == 1 else saved

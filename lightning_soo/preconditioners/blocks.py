@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_soo import linalg
 from lightning_soo.capture.adapters import IndexRows, Rows
+from lightning_soo.preconditioners.base import fit_square
 from lightning_soo.preconditioners.statistics import Factor
 
 
@@ -65,15 +65,11 @@ class BlockSide:
     def statistics_tensors(self) -> list[Tensor]:
         return [t for f in self.factors for t in f.statistics_tensors()]
 
-    def fold(self, decay: float | None, scale: float) -> None:
+    def fold(self, decay: float | None, scale: float | Tensor, keep: Tensor | None = None) -> bool:
         """Fold this step's mean (times ``scale``) into the running average with weight ``decay`` on the old
-        value; ``decay=None`` adds it instead (AdaGrad-style sums)."""
-        for f in self.factors:
-            if decay is None and f.value is not None:
-                f.value.add_(f.average(scale))
-                f.reset()
-            else:
-                f.fold(decay or 0.0, scale)
+        value (``decay=None`` adds it instead, AdaGrad-style), where the device flag ``keep`` holds; see
+        ``Factor.fold``."""
+        return all([f.fold(decay, scale, keep) for f in self.factors])
 
     def reset(self) -> None:
         for f in self.factors:
@@ -95,18 +91,11 @@ class BlockSide:
         return values[0] if len(values) == 1 else torch.block_diag(*values)
 
     # -- roots ----------------------------------------------------------------------------------------
-    def refresh(self, damping: float, relative: bool, exponent: float) -> bool:
-        """Recompute every block's root; False (nothing changed) when any block fails numerically."""
-        roots, lams, rhos = [], [], []
-        for value in self.values:
-            out = linalg.inverse_root_eig(value, damping, exponent, relative)
-            if out is None:
-                return False
-            roots.append(out[0])
-            lams.append(out[1])
-            rhos.append(out[2])
-        self.roots, self.lams, self.applied_damping = roots, lams, max(rhos)
-        return True
+    def set_roots(self, results: list[tuple[Tensor, Tensor, float]]) -> None:
+        """Take every block's ``(root, damped eigenvalues, ρ)`` from a refresh (``linalg.inverse_root_many``)."""
+        self.roots = [root for root, _, _ in results]
+        self.lams = [lam for _, lam, _ in results]
+        self.applied_damping = max(rho for _, _, rho in results)
 
     def apply(self, g: Tensor, left: bool, inverse: bool = False) -> Tensor:
         """``root · G`` (left) or ``G · root`` (right); with ``inverse`` the root's inverse ``(F + ρI)^(+e)``."""
@@ -142,15 +131,25 @@ class BlockSide:
             out[f"{prefix}_lam.{k}"] = self.lams[k]
         return out
 
-    def load(self, prefix: str, state: dict[str, Any], dtype: torch.dtype, device: torch.device) -> None:
-        def get(name: str) -> Tensor | None:
-            value = state.get(name)
-            return None if value is None else value.to(device, dtype)
+    def load(self, prefix: str, state: dict[str, Any], derived: bool) -> None:
+        """Statistics from ``state`` fitted to this side's blocks (a checkpoint saved with other blocks or
+        diagonal-ness gives the overlapping part of its block-diagonal statistic); roots only when ``derived``.
 
-        for k, f in enumerate(self.factors):
-            f.value = get(f"{prefix}.{k}")
-            self.roots[k] = get(f"{prefix}_root.{k}")
-            self.lams[k] = get(f"{prefix}_lam.{k}")
+        Raises:
+            ValueError: when the saved side's dimension is not this side's.
+        """
+        device, dtype = self.factors[0].device, self.factors[0].dtype
+        saved = [state[f"{prefix}.{k}"] for k in range(len(state)) if f"{prefix}.{k}" in state]
+        whole = None
+        if saved:
+            whole = torch.cat(saved) if saved[0].dim() == 1 else torch.block_diag(*saved)
+            whole = fit_square(prefix, whole, self.dim, self.diagonal).to(device, dtype)
+        for k, (f, s) in enumerate(zip(self.factors, self.slices, strict=True)):
+            f.value = None if whole is None else (whole[s] if self.diagonal else whole[s, s]).clone()
+            roots = state.get(f"{prefix}_root.{k}") if derived else None
+            lams = state.get(f"{prefix}_lam.{k}") if derived else None
+            self.roots[k] = None if roots is None else roots.to(device, dtype, copy=True)
+            self.lams[k] = None if lams is None else lams.to(device, dtype, copy=True)
 
     def shared_tensors(self, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
         """Roots and eigenvalues (allocated when missing), which a layer's owner rank broadcasts."""

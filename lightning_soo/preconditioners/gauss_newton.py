@@ -116,6 +116,8 @@ class GaussNewton(Preconditioner):
     options_type = GaussNewtonOptions
     options: GaussNewtonOptions
     state_numbers = ("damping",)
+    derived = ("damping",)  # and the Cholesky factor (``_load_tensors``)
+    config_keys = ("damping_mode", "max_examples")
 
     def build(self) -> None:
         self.max_examples = self.options.max_examples
@@ -124,6 +126,7 @@ class GaussNewton(Preconditioner):
         # this step's basis tensors, possibly gathered across ranks: [U] (materialised) or [H or one-hot index, Δ]
         self._pending: list[Tensor] | None = None
         self.latest: Basis | None = None  # basis of the last statistics step
+        self._unsettled: tuple[Basis | None, Tensor] | None = None  # (basis before it, is it finite?)
         self.basis: Basis | None = None  # basis of the current preconditioner
         self.chol: Tensor | None = None  # Cholesky factor of K + NρI
         self.damping = 0.0
@@ -152,7 +155,7 @@ class GaussNewton(Preconditioner):
     def gathered(self, tensors: list[Tensor]) -> None:
         self._pending = tensors
 
-    def close_statistics(self, output_scale: float) -> bool | None:
+    def close_statistics(self, output_scale: float | Tensor) -> Tensor | None:
         pending = self._pack()
         self._pending = None
         if not pending or pending[-1].shape[0] == 0:
@@ -162,17 +165,25 @@ class GaussNewton(Preconditioner):
         else:
             h = pending[0] if pending[0].is_floating_point() else IndexRows(pending[0], self.d_in)
             basis = RowBasis(h, pending[1] * output_scale)
-        if not linalg.all_finite(*(t for t in basis.tensors() if t.is_floating_point())):
-            return False
+        keep = linalg.finite_flag(*(t for t in basis.tensors() if t.is_floating_point()))
         if basis.n > self.max_examples:
-            keep = torch.linspace(0, basis.n - 1, self.max_examples, device=self.device).round().long()
             self.notice = (
                 f"{basis.n} examples in one step exceed `max_examples`={self.max_examples} of the N x N solve; "
                 f"an evenly spaced subset of {self.max_examples} is used (raise `max_examples` for the exact curvature)"
             )
-            basis = basis.select(keep)
+            basis = basis.select(torch.linspace(0, basis.n - 1, self.max_examples, device=self.device).round().long())
+        if self._unsettled is None:
+            self._unsettled = (self.latest, keep)  # the last settled basis, kept until the new one is known finite
         self.latest = basis
-        return True
+        return ~keep
+
+    def _settle(self) -> None:
+        """Back to the last finite basis if this step's was not (read at refresh, where a sync is allowed)."""
+        if self._unsettled is not None:
+            previous, keep = self._unsettled
+            self._unsettled = None
+            if not bool(keep):
+                self.latest = previous
 
     def discard_statistics(self) -> None:
         self._chunks.clear()
@@ -180,6 +191,7 @@ class GaussNewton(Preconditioner):
 
     # -- preconditioner -----------------------------------------------------------------------------------
     def refresh(self, damping: float) -> bool | None:
+        self._settle()
         basis = self.latest
         if basis is None:
             return None
@@ -208,6 +220,7 @@ class GaussNewton(Preconditioner):
         return self.basis.combine(self.basis.project(v), v.shape) / self.basis.n + self.damping * v
 
     def refresh_cost(self) -> float:
+        self._settle()
         n = self.latest.n if self.latest is not None else self.max_examples
         return float(n**3) + 1.0
 
@@ -228,6 +241,7 @@ class GaussNewton(Preconditioner):
 
     # -- persistence and sharing ----------------------------------------------------------------------
     def _tensors(self) -> dict[str, Tensor]:
+        self._settle()
         if self.basis is None:
             return {}
         names = ["u"] if isinstance(self.basis, DenseBasis) else ["h", "d"]
@@ -235,22 +249,34 @@ class GaussNewton(Preconditioner):
         out["chol"] = self.chol
         return out
 
-    def _load_tensors(self, state: dict[str, Any]) -> None:
+    def _load_tensors(self, state: dict[str, Any], derived: bool) -> None:
         self.basis = self.latest = self.chol = None
         if "chol" not in state:
             return
-        cast = {"device": self.device, "dtype": self.dtype}
-        self.chol = state["chol"].to(**cast)
+        cast = {"device": self.device, "dtype": self.dtype, "copy": True}  # never alias the caller's state
         if "u" in state:
+            self._check("u", state["u"], 1, (self.d_out, self.d_in))
             self.basis = DenseBasis(state["u"].to(**cast))
         else:
-            h = state["h"]
-            h = IndexRows(h.to(self.device), self.d_in) if not h.is_floating_point() else h.to(**cast)
-            self.basis = RowBasis(h, state["d"].to(**cast))
+            h, d = state["h"], state["d"]
+            if h.is_floating_point():
+                self._check("h", h, 1, (self.d_in,))
+            self._check("d", d, 1, (self.d_out,))
+            h = IndexRows(h.to(self.device, copy=True), self.d_in) if not h.is_floating_point() else h.to(**cast)
+            self.basis = RowBasis(h, d.to(**cast))
         self.latest = self.basis
+        self.chol = state["chol"].to(**cast) if derived else None
+
+    @staticmethod
+    def _check(name: str, saved: Tensor, start: int, shape: tuple[int, ...]) -> None:
+        if tuple(saved.shape[start:]) != shape:
+            raise ValueError(
+                f"saved `{name}` has shape {tuple(saved.shape)}, this layer needs (N, {', '.join(map(str, shape))})"
+            )
 
     def inverse_tensors(self) -> list[Tensor]:
         """The Cholesky factor of the latest basis (same on every rank after the gather), or zeros."""
+        self._settle()
         n = self.latest.n if self.latest is not None else 0
         adopted = self.basis is self.latest and self.chol is not None and self.chol.shape[0] == n
         header = self._header_tensor(float(adopted), self.damping)

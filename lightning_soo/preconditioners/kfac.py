@@ -22,8 +22,13 @@ from torch import Tensor
 from lightning_soo import linalg
 from lightning_soo.capture.adapters import Rows
 from lightning_soo.options import KFACOptions, StepOptions
-from lightning_soo.preconditioners.base import Preconditioner
+from lightning_soo.preconditioners.base import Preconditioner, fit_square
 from lightning_soo.preconditioners.statistics import Factor
+
+
+def _mean(factor: Tensor) -> Tensor:
+    """``tr / dim`` of a dense (2-D) or diagonal (1-D) factor, on the device."""
+    return (factor.diagonal() if factor.dim() == 2 else factor).mean()
 
 
 def _eig(factor: Tensor) -> tuple[Tensor, Tensor | None] | None:
@@ -41,6 +46,8 @@ class KFAC(Preconditioner):
     state_tensors = ("a", "b", "a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b")
     symmetric_statistics = True  # Σ h̄h̄ᵀ and Σ ggᵀ
     state_numbers = ("damping", "rho_a", "rho_b")
+    derived = ("a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b", "damping", "rho_a", "rho_b")
+    config_keys = ("inverse", "max_factor_dim")
 
     def build(self) -> None:
         self.factor_decay, self.inverse = self.options.factor_decay, self.options.inverse
@@ -72,6 +79,10 @@ class KFAC(Preconditioner):
     def b(self, value: Tensor | None) -> None:
         self._b.value = value
 
+    def fit_statistic(self, name: str, saved: Tensor) -> Tensor:
+        factor = self._a if name == "a" else self._b
+        return fit_square(name, saved, factor.dim, factor.diagonal)
+
     @property
     def diagonal_sides(self) -> tuple[bool, bool]:
         """(input side A diagonal, output side B diagonal)."""
@@ -83,16 +94,16 @@ class KFAC(Preconditioner):
     def observe_output_grads(self, rows: Tensor, n_examples: int, ctx: Any) -> None:
         self._b.add(rows, n_examples)
 
-    def close_statistics(self, output_scale: float) -> bool | None:
+    def close_statistics(self, output_scale: float | Tensor) -> Tensor | None:
         if not (self._a.pending and self._b.pending):
             self.discard_statistics()
             return None
-        if not linalg.all_finite(self._a.step_sum, self._b.step_sum):
-            self.discard_statistics()
-            return False
-        self._a.fold(self.factor_decay)
-        self._b.fold(self.factor_decay, output_scale**2)  # B is quadratic in the output gradient
-        return True
+        keep = linalg.finite_flag(self._a.step_sum, self._b.step_sum)
+        ok = self._a.fold(self.factor_decay, 1.0, keep)
+        ok = self._b.fold(self.factor_decay, output_scale**2, keep) and ok  # B is quadratic in δ
+        if not ok:  # a first value was not finite: start again at the next statistics step
+            self._a.value = self._b.value = None
+        return ~keep
 
     def statistics_tensors(self) -> list[Tensor]:
         return self._a.statistics_tensors() + self._b.statistics_tensors()
@@ -102,27 +113,50 @@ class KFAC(Preconditioner):
         self._b.reset()
 
     def refresh(self, damping: float) -> bool | None:
-        a, b = self.a, self.b
-        if a is None or b is None:
-            return None
-        if self.inverse == "eigen":
-            ea, eb = _eig(a), _eig(b)
-            if ea is None or eb is None:
-                return False
-            self.lam_a, self.q_a = ea
-            self.lam_b, self.q_b = eb
-        else:
-            ma, mb = linalg.mean_eigenvalue(a), linalg.mean_eigenvalue(b)
-            pi = math.sqrt(ma / mb) if ma > 0 and mb > 0 else 1.0
-            ra, rb = math.sqrt(damping) * pi, math.sqrt(damping) / pi
-            a_inv = 1.0 / (a + ra) if a.dim() == 1 else linalg.damped_inverse(a, ra)
-            b_inv = 1.0 / (b + rb) if b.dim() == 1 else linalg.damped_inverse(b, rb)
-            if a_inv is None or b_inv is None or not linalg.all_finite(a_inv, b_inv):
-                return False
-            self.a_inv, self.b_inv = a_inv, b_inv
-            self.rho_a, self.rho_b = ra, rb
-        self.damping = self.applied_damping = float(damping)
-        return self.refreshed()
+        return self.refresh_many([self], damping)[0]
+
+    @classmethod
+    def refresh_many(cls, pres: list[Preconditioner], damping: float) -> list[bool | None]:
+        """Refresh every layer's inverses with one batched decomposition per factor shape."""
+        todo = [p for p in pres if isinstance(p, KFAC) and p.a is not None and p.b is not None]
+        done: dict[int, bool] = {}
+        eigen = [p for p in todo if p.inverse == "eigen"]
+        dense = [(p, m) for p in eigen for m in (p.a, p.b) if m.dim() == 2]
+        eigs = dict(zip((id(m) for _, m in dense), linalg.eigh_many([m for _, m in dense]), strict=True))
+        for p in eigen:
+            ea, eb = (eigs[id(m)] if m.dim() == 2 else _eig(m) for m in (p.a, p.b))
+            if ea is not None and eb is not None:
+                (p.lam_a, p.q_a), (p.lam_b, p.q_b) = ea, eb
+            done[id(p)] = ea is not None and eb is not None
+        chol = [p for p in todo if p.inverse != "eigen"]
+        means = torch.stack([t for p in chol for t in (_mean(p.a), _mean(p.b))]).tolist() if chol else []
+        shifts = {}
+        for k, p in enumerate(chol):
+            ma, mb = means[2 * k], means[2 * k + 1]
+            pi = math.sqrt(ma / mb) if ma > 0 and mb > 0 and math.isfinite(ma / mb) else 1.0
+            shifts[id(p)] = (math.sqrt(damping) * pi, math.sqrt(damping) / pi)
+        mats = [(p, m, shifts[id(p)][j]) for p in chol for j, m in enumerate((p.a, p.b)) if m.dim() == 2]
+        invs = linalg.damped_inverse_many([m for _, m, _ in mats], [r for _, _, r in mats])
+        by_matrix = {id(m): inv for (_, m, _), inv in zip(mats, invs, strict=True)}
+        for p in chol:
+            ra, rb = shifts[id(p)]
+            a_inv = 1.0 / (p.a + ra) if p.a.dim() == 1 else by_matrix[id(p.a)]
+            b_inv = 1.0 / (p.b + rb) if p.b.dim() == 1 else by_matrix[id(p.b)]
+            ok = a_inv is not None and b_inv is not None and (p.a.dim() == 2 or linalg.all_finite(a_inv))
+            ok = ok and (p.b.dim() == 2 or linalg.all_finite(b_inv))  # dense inverses were checked in the batch
+            if ok:
+                p.a_inv, p.b_inv, p.rho_a, p.rho_b = a_inv, b_inv, ra, rb
+            done[id(p)] = ok
+        out: list[bool | None] = []
+        for p in pres:
+            if id(p) not in done:
+                out.append(None)
+            elif done[id(p)]:
+                p.damping = p.applied_damping = float(damping)  # type: ignore[attr-defined]
+                out.append(p.refreshed())
+            else:
+                out.append(False)
+        return out
 
     def precondition(self, grad: Tensor) -> Tensor:
         g = grad.to(self.dtype)

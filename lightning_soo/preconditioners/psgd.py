@@ -33,19 +33,20 @@ from torch import Tensor
 from lightning_soo import linalg
 from lightning_soo.linalg import left_mul, right_mul
 from lightning_soo.options import PSGDOptions
-from lightning_soo.preconditioners.base import Preconditioner
+from lightning_soo.preconditioners.base import Preconditioner, fit_square
 
 
 def norm_lower_bound(a: Tensor) -> Tensor:
     """A cheap lower bound of the spectral norm of a symmetric ``a`` (within about √2 of it, per Li): the norm of
     ``a`` applied to its largest column, normalised."""
     scale = a.abs().amax()
-    if float(scale) == 0.0:
-        return scale
-    a = a / scale
-    col = a[:, int(a.square().sum(0).argmax())]
+    one = torch.ones_like(scale)
+    a = a / torch.where(scale > 0, scale, one)
+    col = a.index_select(1, a.square().sum(0).argmax().reshape(1)).squeeze(1)  # no device sync for the index
     x = col @ a
-    return scale * torch.linalg.vector_norm((x / torch.linalg.vector_norm(x)) @ a.mT)
+    norm = torch.linalg.vector_norm(x)
+    bound = scale * torch.linalg.vector_norm((x / torch.where(norm > 0, norm, one)) @ a.mT)
+    return torch.where(scale > 0, bound, torch.zeros_like(scale))
 
 
 def update_probability(step: int, p_max: float, p_min: float, decay: float, flat: int) -> float:
@@ -94,6 +95,9 @@ class PSGD(Preconditioner):
     options_type = PSGDOptions
     options: PSGDOptions
     state_numbers = ("updates", "steps_seen", "accumulated")
+    state_tensors = ("q_l", "q_r", "p_l", "p_r")
+    derived = ("p_l", "p_r")
+    config_keys = ("max_factor_dim",)
 
     def build(self) -> None:
         o = self.options
@@ -151,7 +155,7 @@ class PSGD(Preconditioner):
         self._ranks = torch.ones((), dtype=self.dtype, device=self.device)
         return [self._pair[1], self._ranks]
 
-    def close_statistics(self, output_scale: float) -> bool | None:
+    def close_statistics(self, output_scale: float | Tensor) -> Tensor | None:
         pair, self._pair = self._pair, None
         if pair is None:
             return None
@@ -162,18 +166,18 @@ class PSGD(Preconditioner):
             h, self._ranks = h / self._ranks, None
         if v is None:
             v = self.probe()
-        if not linalg.all_finite(h):
-            return False
-        if self.q_l is None:
+        if self.q_l is None:  # the first pair sets Q's scale: checked on the host, once
+            if not linalg.all_finite(h):
+                return torch.ones((), dtype=torch.bool, device=self.device)
             self._initialise(v, h)
         saved = (self.q_l.clone(), self.q_r.clone())
         self._update(v, h)
-        if not linalg.all_finite(self.q_l, self.q_r):
-            self.q_l, self.q_r = saved
-            return False
+        keep = linalg.finite_flag(h, self.q_l, self.q_r)  # a rejected update leaves Q as it was
+        self.q_l.copy_(torch.where(keep, self.q_l, saved[0]))
+        self.q_r.copy_(torch.where(keep, self.q_r, saved[1]))
         self.updates += 1
         self._dirty = True
-        return True
+        return ~keep
 
     def discard_statistics(self) -> None:
         self._pair = self._ranks = None
@@ -202,10 +206,10 @@ class PSGD(Preconditioner):
         b = _solve_right(b, qr)  # · Q_r⁻¹
         for q, t1, t2 in ((ql, *_terms(a, b, True, ql.dim() == 1)), (qr, *_terms(a, b, False, qr.dim() == 1))):
             if q.dim() == 1:
-                step = self.lr_preconditioner / (float((t1 + t2).abs().amax()) + self.tiny)
+                step = self.lr_preconditioner / ((t1 + t2).abs().amax() + self.tiny)
                 q.sub_(step * (t1 - t2) * q)
             else:
-                step = self.lr_preconditioner / (float(norm_lower_bound(t1 + t2)) + self.tiny)
+                step = self.lr_preconditioner / (norm_lower_bound(t1 + t2) + self.tiny)
                 q.sub_(step * triu_matmul(t1 - t2, q))
 
     # -- preconditioner -----------------------------------------------------------------------------------
@@ -240,17 +244,19 @@ class PSGD(Preconditioner):
 
     # -- persistence and sharing ----------------------------------------------------------------------
     def _tensors(self) -> dict[str, Tensor]:
-        out = {k: getattr(self, k) for k in ("q_l", "q_r", "p_l", "p_r") if getattr(self, k) is not None}
-        out["rng"] = self.generator.get_state()
-        return out
+        return {**super()._tensors(), "rng": self.generator.get_state()}
 
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        for k in ("q_l", "q_r", "p_l", "p_r"):
-            value = state.get(k)
-            setattr(self, k, None if value is None else value.to(self.device, self.dtype))
+    def _load_tensors(self, state: dict[str, Any], derived: bool) -> None:
+        super()._load_tensors(state, derived)
         if "rng" in state:
             self.generator.set_state(state["rng"].cpu())
-        self._dirty = False
+        self._dirty = not derived  # P is formed again from the loaded Q at the next refresh
+
+    def fit_statistic(self, name: str, saved: Tensor) -> Tensor:
+        """A triangular ``Q`` saved dense keeps its diagonal when the side is now diagonal, and a diagonal one
+        becomes a diagonal (triangular) matrix."""
+        left = name == "q_l"
+        return fit_square(name, saved, self.d_out if left else self.d_in, self.diag_l if left else self.diag_r)
 
     def curvature_state(self) -> list[Tensor]:
         return [t for t in (self.p_l, self.p_r) if t is not None]

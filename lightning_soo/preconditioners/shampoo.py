@@ -34,6 +34,7 @@ class Shampoo(Preconditioner):
     options_type = ShampooOptions
     options: ShampooOptions
     symmetric_statistics = True
+    config_keys = ("exponent", "damping_mode", "max_factor_dim", "statistics")
 
     @classmethod
     def one_hot_diagonal(cls, options: StepOptions) -> bool:
@@ -83,18 +84,18 @@ class Shampoo(Preconditioner):
     def statistics_tensors(self) -> list[Tensor]:
         return self.left.statistics_tensors() + self.right.statistics_tensors()
 
-    def close_statistics(self, output_scale: float) -> bool | None:
+    def close_statistics(self, output_scale: float | Tensor) -> Tensor | None:
         if not (self.left.pending and self.right.pending):
             self.discard_statistics()
             return None
-        if not linalg.all_finite(*self.left.step_sums(), *self.right.step_sums()):
-            self.discard_statistics()
-            return False
+        keep = linalg.finite_flag(*self.left.step_sums(), *self.right.step_sums())
         scale = output_scale**2 if self.uses_hooks else 1.0  # both factors are quadratic in the output gradient
         decay = self.beta if self.accumulate == "ema" else None
-        for side in self.sides:
-            side.fold(decay, scale)
-        return True
+        if not all([side.fold(decay, scale, keep) for side in self.sides]):  # a first value was not finite
+            for side in self.sides:
+                for f in side.factors:
+                    f.value = None
+        return ~keep
 
     def discard_statistics(self) -> None:
         for side in self.sides:
@@ -102,16 +103,27 @@ class Shampoo(Preconditioner):
 
     # -- preconditioner -----------------------------------------------------------------------------------
     def refresh(self, damping: float) -> bool | None:
-        if not (self.left.has_values and self.right.has_values):
-            return None
-        saved = [(list(s.roots), list(s.lams)) for s in self.sides]
-        for side in self.sides:
-            if not side.refresh(damping, self.relative, self.exponent):
-                for s, (roots, lams) in zip(self.sides, saved, strict=True):  # keep the last good pair
-                    s.roots, s.lams = roots, lams
-                return False
-        self.applied_damping = max(side.applied_damping for side in self.sides)
-        return self.refreshed()
+        return self.refresh_many([self], damping)[0]
+
+    @classmethod
+    def refresh_many(cls, pres: list[Preconditioner], damping: float) -> list[bool | None]:
+        """Every block root of every layer from batched eigendecompositions (one per block shape and mode); a
+        layer any of whose blocks fails keeps its last good roots."""
+        todo = [p for p in pres if isinstance(p, Shampoo) and p.left.has_values and p.right.has_values]
+        results: dict[int, bool] = {}
+        for relative, exponent in {(p.relative, p.exponent) for p in todo}:
+            group = [p for p in todo if (p.relative, p.exponent) == (relative, exponent)]
+            values = [v for p in group for side in p.sides for v in side.values]
+            roots = iter(linalg.inverse_root_many(values, damping, exponent, relative))  # type: ignore[arg-type]
+            for p in group:
+                per_side = [[next(roots) for _ in side.values] for side in p.sides]
+                ok = all(r is not None for side in per_side for r in side)
+                if ok:
+                    for side, rs in zip(p.sides, per_side, strict=True):
+                        side.set_roots(rs)  # type: ignore[arg-type]
+                    p.applied_damping = max(side.applied_damping for side in p.sides)
+                results[id(p)] = ok
+        return [None if id(p) not in results else (p.refreshed() if results[id(p)] else False) for p in pres]
 
     def precondition(self, grad: Tensor) -> Tensor:
         g = grad.to(self.dtype)
@@ -129,9 +141,9 @@ class Shampoo(Preconditioner):
         named = {**self.left.named_tensors("l"), **self.right.named_tensors("r")}
         return {k: v for k, v in named.items() if v is not None}
 
-    def _load_tensors(self, state: dict[str, Any]) -> None:
-        self.left.load("l", state, self.dtype, self.device)
-        self.right.load("r", state, self.dtype, self.device)
+    def _load_tensors(self, state: dict[str, Any], derived: bool) -> None:
+        self.left.load("l", state, derived)
+        self.right.load("r", state, derived)
 
     def curvature_state(self) -> list[Tensor]:
         return [v for side in self.sides for v in side.values if v is not None]

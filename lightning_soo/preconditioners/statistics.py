@@ -16,14 +16,16 @@ class Factor:
 
     def __init__(self, dim: int, *, diagonal: bool, dtype: torch.dtype, device: torch.device) -> None:
         self.dim, self.diagonal = dim, diagonal
+        self.dtype, self.device = dtype, device
         shape = (dim,) if diagonal else (dim, dim)
         self._sum = torch.zeros(shape, dtype=dtype, device=device)
         self._count = torch.zeros((), dtype=dtype, device=device)  # a tensor so ranks can sum it with the sums
         self.value: Tensor | None = None
+        self._pending = False  # rows were added this step (kept on the host: no device sync to know it)
 
     @property
     def pending(self) -> bool:
-        return bool(self._count > 0)
+        return self._pending
 
     def statistics_tensors(self) -> list[Tensor]:
         """This step's sums and count, to be summed in place across ranks."""
@@ -45,28 +47,34 @@ class Factor:
         else:
             self._sum.addmm_(rows.mT, rows, alpha=scale)
         self._count.add_(count)
+        self._pending = True
 
-    def average(self, scale: float = 1.0) -> Tensor | None:
+    def average(self, scale: float | Tensor = 1.0) -> Tensor | None:
         """This step's mean times ``scale``; None when nothing was added."""
         if not self.pending:
             return None
-        return self._sum * (scale / float(self._count))
+        return self._sum * (scale / self._count)
 
-    def commit(self, batch: Tensor, decay: float) -> None:
-        if self.value is None or decay == 0.0:
-            self.value = batch
+    def fold(self, decay: float | None, scale: float | Tensor = 1.0, keep: Tensor | None = None) -> bool:
+        """Fold this step's mean times ``scale`` into the running average (weight ``decay`` on the old value;
+        None adds it instead, AdaGrad-style); where the device flag ``keep`` is False the old value stays. Returns
+        False (and folds nothing) when a first value would not be finite: that one check reads the device, once
+        per factor and run."""
+        mean = self._sum * (scale / self._count)
+        if self.value is None:
+            ok = keep is None or bool(keep)
+            self.value = mean if ok else None
+            self.reset()
+            return ok
+        if decay is None:
+            new = self.value + mean
+        elif decay == 0.0:
+            new = mean
         else:
-            self.value.mul_(decay).add_(batch, alpha=1.0 - decay)
+            new = self.value * decay + mean * (1.0 - decay)
+        self.value.copy_(new if keep is None else torch.where(keep, new, self.value))
         self.reset()
-
-    def fold(self, decay: float, scale: float = 1.0) -> None:
-        """Fold this step's mean times ``scale`` into the running average in place (no temporary)."""
-        weight = scale / float(self._count)
-        if self.value is None or decay == 0.0:
-            self.value = self._sum * weight
-        else:
-            self.value.mul_(decay).add_(self._sum, alpha=(1.0 - decay) * weight)
-        self.reset()
+        return True
 
     @property
     def step_sum(self) -> Tensor:
@@ -76,3 +84,4 @@ class Factor:
     def reset(self) -> None:
         self._sum.zero_()
         self._count.zero_()
+        self._pending = False

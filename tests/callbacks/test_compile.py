@@ -45,3 +45,30 @@ def test_compiled_module_matches_eager() -> None:
         torch.testing.assert_close(b1, b2, rtol=1e-4, atol=1e-6)
     for p1, p2 in zip(p_eager, p_comp, strict=True):
         torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_modules_keep_their_eager_names() -> None:
+    """Under ``torch.compile`` module names gain ``_orig_mod.``: exclude patterns and layer names use eager names."""
+    from torch import nn
+
+    from lightning_soo import PreconditionerManager
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.compile(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+
+    eager = PreconditionerManager(Net(), exclude=["net.2"])
+    assert list(eager.layers) == ["net.0"]
+    compiled_root = PreconditionerManager(torch.compile(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))))
+    assert list(compiled_root.layers) == ["0", "1"]
+
+
+def test_a_model_with_nothing_to_precondition_says_so() -> None:
+    from torch import nn
+
+    from lightning_soo import PreconditionerManager
+
+    messages: list[str] = []
+    PreconditionerManager(nn.Sequential(nn.LayerNorm(3), nn.GRU(3, 3)), warn=messages.append)
+    assert len(messages) == 1 and "no layer KFAC can precondition" in messages[0] and "0.weight" in messages[0]

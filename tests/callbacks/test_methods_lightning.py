@@ -98,3 +98,37 @@ def test_resume_continues_exactly(name: str, tmp_path) -> None:
     assert next(v for k, v in state.items() if k.endswith("Callback"))["steps"] == 10
     second = run(20, ckpt=path)
     torch.testing.assert_close(torch.tensor(first + second), torch.tensor(straight), rtol=1e-6, atol=0)
+
+
+def test_a_reused_callback_starts_fresh_on_a_new_model(caplog: pytest.LogCaptureFixture) -> None:
+    """One callback object: fit on model A, then on a wider model B: B starts at step 0 with its own state."""
+    cb = KFACCallback(preconditioner_interval=2)
+    trainer(max_steps=5, callbacks=[cb]).fit(MLP())
+    assert cb.state_dict()["steps"] == 5
+    wider = MLP(hidden=40)
+    with caplog.at_level("INFO"):
+        trainer(max_steps=3, callbacks=[cb]).fit(wider)
+    state = cb.state_dict()
+    assert state["steps"] == 3
+    assert state["layers"]["net.0"]["a"].shape == (13, 13) and state["layers"]["net.0"]["b"].shape == (40, 40)
+    assert any("starting fresh" in r.getMessage() for r in caplog.records)
+
+
+def test_a_callback_fitted_again_on_the_same_model_continues() -> None:
+    cb, model = KFACCallback(preconditioner_interval=2), MLP()
+    trainer(max_steps=4, callbacks=[cb]).fit(model)
+    trainer(max_steps=3, callbacks=[cb]).fit(model)
+    assert cb.state_dict()["steps"] == 7
+
+
+@pytest.mark.parametrize(("before", "after"), [("cholesky", "eigen"), ("eigen", "cholesky")])
+def test_resume_with_another_inverse_mode(before: str, after: str, tmp_path) -> None:
+    path = str(tmp_path / "k.ckpt")
+    t = trainer(max_steps=6, callbacks=[KFACCallback(inverse=before, preconditioner_interval=2)])
+    t.fit(MLP())
+    t.save_checkpoint(path)
+    torch.manual_seed(0)
+    rec, cb = LossRecorder(), KFACCallback(inverse=after, preconditioner_interval=2)
+    trainer(max_steps=10, callbacks=[cb, rec]).fit(MLP(), ckpt_path=path, weights_only=True)
+    assert len(rec.losses) == 4 and torch.isfinite(torch.tensor(rec.losses)).all()
+    assert cb.state_dict()["counters"]["preconditioned_steps"] == 10

@@ -122,7 +122,7 @@ def test_state_dict_round_trip() -> None:
         pre, g, _ = _run(module, [(x, torch.randn_like(module(x)))], damping=0.1)
         state = pre.state_dict()
         d_out, d_in = g.shape
-        fresh = GaussNewton(d_out, d_in, dtype=torch.float64, device=torch.device("cpu"))
+        fresh = GaussNewton(d_out, d_in, dtype=torch.float64, device=torch.device("cpu"), options=pre.options)
         fresh.load_state_dict(state)
         assert fresh.ready and torch.equal(fresh.precondition(g), pre.precondition(g))
 

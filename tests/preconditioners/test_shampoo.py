@@ -133,7 +133,7 @@ def test_state_dict_round_trip_with_blocks() -> None:
     assert {"l.0", "l.1", "r_root.1", "r_lam.0"} <= set(state)
     from lightning_soo import Shampoo
 
-    fresh = Shampoo(5, 7, dtype=torch.float64, device=torch.device("cpu"), max_factor_dim=4)
+    fresh = Shampoo(5, 7, dtype=torch.float64, device=torch.device("cpu"), options=pre.options)
     fresh.load_state_dict(state)
     assert fresh.ready and torch.equal(fresh.precondition(g), pre.precondition(g))
 

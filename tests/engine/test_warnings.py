@@ -1,0 +1,51 @@
+"""Warnings that say what happened: damping the KL clip cannot protect, non-finite statistics without fp16."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_soo import PreconditionerManager
+
+
+def _one_step(manager: PreconditionerManager, model: nn.Module, x: torch.Tensor) -> None:
+    manager.begin_step()
+    model(x).square().mean().backward()
+    manager.step()
+
+
+@pytest.mark.parametrize(("damping", "warned"), [(1e-8, True), (1e-3, True), (1e-2, False)])
+def test_damping_at_or_below_the_kl_clip_is_named(damping: float, warned: bool) -> None:
+    messages: list[str] = []
+    model = nn.Linear(3, 2)
+    manager = PreconditionerManager(
+        model, damping=damping, kl_clip=1e-3, preconditioner_interval=1, warn=messages.append
+    )
+    for _ in range(3):
+        _one_step(manager, model, torch.randn(4, 3))
+    clip = [m for m in messages if "kl_clip" in m]
+    assert len(clip) == (1 if warned else 0)
+    if warned:
+        assert f"√(kl_clip/damping) = {math.sqrt(1e-3 / damping):.3g}" in clip[0]
+
+
+def test_relative_damping_is_not_compared_with_the_clip() -> None:
+    messages: list[str] = []
+    model = nn.Linear(3, 2)
+    manager = PreconditionerManager(model, "shampoo", damping=1e-6, kl_clip=1e-3, warn=messages.append)
+    _one_step(manager, model, torch.randn(4, 3))
+    assert not [m for m in messages if "kl_clip" in m]
+
+
+def test_non_finite_statistics_without_a_scaler_do_not_blame_fp16() -> None:
+    messages: list[str] = []
+    model = nn.Linear(3, 2)
+    manager = PreconditionerManager(model, warn=messages.append)
+    x = torch.randn(4, 3)
+    x[0, 0] = math.nan
+    _one_step(manager, model, x)
+    (stats,) = [m for m in messages if "non-finite statistics" in m]
+    assert "fp16" not in stats and "NaN or Inf" in stats
