@@ -16,14 +16,16 @@ from torch import nn
 from lightning_soo import PreconditionerManager
 
 
-def mlp(sizes: tuple[int, ...] = (784, 512, 512, 10), seed: int = 0) -> nn.Sequential:
+def mlp(
+    sizes: tuple[int, ...] = (784, 512, 512, 10), seed: int = 0, device: torch.device | None = None
+) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers).to(device or torch.device("cpu"))
 
 
 def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
@@ -51,14 +53,16 @@ class Timing:
         return self.method_ms / self.sgd_ms
 
 
-def machine() -> dict[str, object]:
+def machine(device: torch.device | None = None) -> dict[str, object]:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None
     return {
+        "device": gpu or "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": cpu,
@@ -87,41 +91,76 @@ def make_step(
     return step
 
 
-def interleaved(sgd: StepFn, method: StepFn, block: int, blocks: int, warmup_blocks: int = 2) -> Timing:
+def pick_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto``; ``cuda`` without a GPU falls back to the CPU with a message saying so."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available here; measuring on the CPU instead", flush=True)
+        name = "cpu"
+    return torch.device(name)
+
+
+class Clock:
+    """Elapsed seconds between marks: ``perf_counter`` on the CPU; CUDA events on a GPU (kernels run
+    asynchronously, so host time would measure launches), read once after a synchronisation at the end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[object] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self.marks)]  # type: ignore[attr-defined]
+        return [b - a for a, b in itertools.pairwise(self.marks)]  # type: ignore[operator]
+
+
+def interleaved(
+    sgd: StepFn, method: StepFn, block: int, blocks: int, warmup_blocks: int = 2, device: torch.device | None = None
+) -> Timing:
     """Median per-step time of alternating blocks of ``block`` steps (a whole refresh period, so amortised inverses
-    are included): noise on a shared machine hits both sides alike."""
-    for _ in range(warmup_blocks):
-        for _ in range(block):
-            sgd()
-            method()
-    t_sgd, t_method = [], []
-    for _ in range(blocks):
-        t0 = time.perf_counter()
-        for _ in range(block):
-            sgd()
-        t1 = time.perf_counter()
-        for _ in range(block):
-            method()
-        t2 = time.perf_counter()
-        t_sgd.append((t1 - t0) / block)
-        t_method.append((t2 - t1) / block)
-    return Timing(1e3 * statistics.median(t_sgd), 1e3 * statistics.median(t_method))
+    are included): noise on a shared machine hits both sides alike. CUDA: timed by events."""
+    times = interleaved_many({"sgd": sgd, "method": method}, block, blocks, warmup_blocks, device, rotate=False)
+    return Timing(times["sgd"], times["method"])
 
 
-def interleaved_many(steps: dict[str, StepFn], block: int, blocks: int, warmup_blocks: int = 2) -> dict[str, float]:
+def interleaved_many(
+    steps: dict[str, StepFn],
+    block: int,
+    blocks: int,
+    warmup_blocks: int = 2,
+    device: torch.device | None = None,
+    rotate: bool = True,
+) -> dict[str, float]:
     """Median per-step milliseconds of each step function, timed in alternating blocks of ``block`` steps (the order
-    rotates every block), so machine noise falls on every contender alike."""
+    rotates every block unless ``rotate`` is off), so machine noise falls on every contender alike."""
     names = list(steps)
     for _ in range(warmup_blocks):
         for name in names:
             for _ in range(block):
                 steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    clock = Clock(device or torch.device("cpu"))
+    order_log: list[str] = []
     for b in range(blocks):
-        order = names[b % len(names) :] + names[: b % len(names)]
+        order = names[b % len(names) :] + names[: b % len(names)] if rotate else names
         for name in order:
-            t0 = time.perf_counter()
+            clock.mark()
             for _ in range(block):
                 steps[name]()
-            times[name].append((time.perf_counter() - t0) / block)
+            clock.mark()
+            order_log.append(name)
+    spans = clock.intervals()[::2]  # (start, end) pairs: every other interval is a block
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for name, span in zip(order_log, spans, strict=True):
+        times[name].append(span / block)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}

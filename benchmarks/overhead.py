@@ -1,11 +1,12 @@
 """Step-time overhead of the preconditioners over plain SGD, beside the FLOP floor computed from the layer shapes.
 
-MLP 784-512-512-10 on random data, SGD with momentum 0.9, two settings:
-batch 256 with statistics every step and inverses every 10 steps; batch 2048 with statistics every 10 and
-inverses every 100. Ratios are measured in one process, interleaved, as medians over blocks of a whole refresh
-period after warm-up.
+MLP 784-512-512-10 on random data, SGD with momentum 0.9, two settings: batch 256 with statistics every step and
+inverses every 10 steps; batch 2048 with statistics every 10 and inverses every 100. A third, ``deep``, is a
+48-layer width-128 MLP at batch 256 (statistics every step, refresh every 10): short kernels, where the per-layer
+Python work of a method shows. Ratios are measured in one process, interleaved, as medians over blocks of a whole
+refresh period after warm-up; on CUDA the blocks are timed with events.
 
-    python benchmarks/overhead.py [--quick] [--profile] [--out benchmarks/results/overhead.json]
+    python benchmarks/overhead.py [--quick] [--device cpu|cuda|auto] [--profile] [--out ...json]
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.common import forward_backward_flops, interleaved, linear_shapes, machine, make_step, mlp
+from benchmarks.common import (
+    forward_backward_flops,
+    interleaved,
+    linear_shapes,
+    machine,
+    make_step,
+    mlp,
+    pick_device,
+)
 from lightning_soo import PreconditionerManager
 
 
@@ -32,9 +41,14 @@ class Setting:
     batch: int
     statistics_interval: int
     preconditioner_interval: int
+    sizes: tuple[int, ...] = (784, 512, 512, 10)
 
 
-SETTINGS = {"256": Setting(256, 1, 10), "2048": Setting(2048, 10, 100)}
+SETTINGS = {
+    "256": Setting(256, 1, 10),
+    "2048": Setting(2048, 10, 100),
+    "deep": Setting(256, 1, 10, (128,) * 48 + (10,)),
+}
 TARGETS = {("kfac", "256"): 4.0, ("kfac", "2048"): 1.5, ("kfac-frozen", "2048"): 1.3, ("shampoo", "2048"): 1.5}
 
 
@@ -130,7 +144,8 @@ def psgd_flops(shapes: list[tuple[int, int]], s: Setting) -> float:
 def _kfac_frozen(model: nn.Module, s: Setting) -> PreconditionerManager:
     """K-FAC after one refresh on a batch like the benchmark's, then frozen: only the products remain."""
     manager = _kfac("cholesky")(model, s)
-    x, y = torch.randn(s.batch, 784), torch.randint(0, 10, (s.batch,))
+    device = next(model.parameters()).device
+    x, y = torch.randn(s.batch, s.sizes[0], device=device), torch.randint(0, 10, (s.batch,), device=device)
     manager.begin_step()
     nn.functional.cross_entropy(model(x), y).backward()
     manager.step()
@@ -150,23 +165,30 @@ METHODS: dict[str, tuple[Factory, Callable[[list[tuple[int, int]], Setting], flo
 }
 
 
-def measure(name: str, key: str, blocks: int, quick: bool) -> dict[str, object]:
+def measure(name: str, key: str, blocks: int, quick: bool, device: torch.device) -> dict[str, object]:
     s = SETTINGS[key]
     if quick:
-        s = Setting(min(s.batch, 64), s.statistics_interval, min(s.preconditioner_interval, 10))
+        sizes = s.sizes if len(s.sizes) <= 4 else s.sizes[:6] + s.sizes[-1:]
+        s = Setting(min(s.batch, 64), s.statistics_interval, min(s.preconditioner_interval, 10), sizes)
     factory, flops = METHODS[name]
     torch.manual_seed(0)
-    x, y = torch.randn(s.batch, 784), torch.randint(0, 10, (s.batch,))
-    sgd_model, model = mlp(), mlp()
+    x, y = torch.randn(s.batch, s.sizes[0], device=device), torch.randint(0, 10, (s.batch,), device=device)
+    sgd_model, model = mlp(s.sizes, device=device), mlp(s.sizes, device=device)
     manager = factory(model, s)
     timing = interleaved(
-        make_step(sgd_model, None, x, y), make_step(model, manager, x, y), s.preconditioner_interval, blocks
+        make_step(sgd_model, None, x, y),
+        make_step(model, manager, x, y),
+        s.preconditioner_interval,
+        blocks,
+        device=device,
     )
     shapes = linear_shapes(model)
     floor = 1 + flops(shapes, s) / forward_backward_flops(model, s.batch)
     return {
         "method": name,
         "setting": key,
+        "device": device.type,
+        "layers": len(s.sizes) - 1,
         "batch": s.batch,
         "statistics_interval": s.statistics_interval,
         "preconditioner_interval": s.preconditioner_interval,
@@ -176,7 +198,7 @@ def measure(name: str, key: str, blocks: int, quick: bool) -> dict[str, object]:
         "flop_floor": round(floor, 3),
         "ratio_over_floor": round(timing.ratio / floor, 3),
         "target": TARGETS.get((name, key)),
-        "manager_seconds": {k: round(v, 4) for k, v in manager.timings.items()},
+        "manager_seconds": {k: round(v, 4) for k, v in manager.timings.items()},  # events on CUDA
         "steps": manager.steps,
     }
 
@@ -187,9 +209,9 @@ def profile(key: str) -> None:
     from torch.profiler import profile as torch_profile
 
     s = SETTINGS[key]
-    model = mlp()
+    model = mlp(s.sizes)
     manager = _kfac("cholesky")(model, s)
-    x, y = torch.randn(s.batch, 784), torch.randint(0, 10, (s.batch,))
+    x, y = torch.randn(s.batch, s.sizes[0]), torch.randint(0, 10, (s.batch,))
     step = make_step(model, manager, x, y)
     for _ in range(s.preconditioner_interval):
         step()
@@ -208,19 +230,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--blocks", type=int, default=None, help="timed blocks per row (default: >= 30 steps)")
     parser.add_argument("--quick", action="store_true", help="tiny run for a smoke test")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to run (default cpu)")
     parser.add_argument("--profile", action="store_true", help="print where the time of a K-FAC step goes")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
     args = parser.parse_args(argv)
+    device = pick_device(args.device)
     rows = []
     t0 = time.perf_counter()
     for key in args.settings:
         for name in args.methods:
             s = SETTINGS[key]
             blocks = args.blocks or (2 if args.quick else max(5, -(-30 // s.preconditioner_interval) + 2))
-            rows.append(measure(name, key, blocks, args.quick))
+            rows.append(measure(name, key, blocks, args.quick, device))
             r = rows[-1]
             print(
-                f"{r['method']:<12} batch {r['batch']:>5}  stats/{r['statistics_interval']:<3}"
+                f"{r['method']:<12} {r['layers']:>2} layers batch {r['batch']:>5}  stats/{r['statistics_interval']:<3}"
                 f" inv/{r['preconditioner_interval']:<4}  SGD {r['sgd_ms']:8.2f} ms"
                 f"  method {r['method_ms']:8.2f} ms  ratio {r['ratio']:5.2f}x"
                 f"  floor {r['flop_floor']:5.2f}x  target {r['target'] or '-'}",
@@ -228,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     result = {
         "benchmark": "overhead",
-        "machine": machine(),
+        "machine": machine(device),
         "seconds": round(time.perf_counter() - t0, 1),
         "rows": rows,
     }

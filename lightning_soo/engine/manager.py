@@ -7,15 +7,13 @@ One optimizer step with a manager::
     manager.step(optimizer)       # close statistics, refresh when due, p.grad <- P·p.grad
     optimizer.step()
 
-``begin_step`` may be called once per micro-batch (gradient accumulation): the step stays open until ``step``.
-``step`` may be called several times per step (one call per optimizer, or a closure optimizer calling it per
-closure): statistics are closed and preconditioners refreshed once per layer and step, gradients rewritten at
-every call.
+``begin_step`` may be called per micro-batch (gradient accumulation): the step stays open until ``step``, which may
+be called several times (once per optimizer, or per closure): statistics are closed and preconditioners refreshed
+once per layer and step, gradients rewritten at every call. Steps that do not refresh read the device once.
 """
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +29,7 @@ from lightning_soo.engine.distributed import DistributedPlan, reduce_statistics,
 from lightning_soo.engine.layer import Layer, OptimizerLayers, grad_sink, input_sink
 from lightning_soo.engine.postprocess import Verdicts, settled, write_updates
 from lightning_soo.engine.schedule import ChangeMonitor, Schedule
+from lightning_soo.engine.timing import PhaseTimer
 from lightning_soo.options import StepOptions
 from lightning_soo.preconditioners import get_method
 from lightning_soo.preconditioners.base import Preconditioner
@@ -38,7 +37,7 @@ from lightning_soo.preconditioners.base import Preconditioner
 Warn = Callable[[str], None]
 
 
-def _warn(message: str) -> None:
+def _warn(message: str) -> None:  # the default ``warn``: Python warnings, pointing at the caller of the manager
     warnings.warn(message, UserWarning, stacklevel=3)
 
 
@@ -88,7 +87,7 @@ class PreconditionerManager:
         # preconditioned_steps: steps (optimizer calls) in which at least one gradient was rewritten
         names = ("refreshes", "failed_refreshes", "skipped_statistics", "nonfinite_updates", "preconditioned_steps")
         self.counters = dict.fromkeys(names, 0)
-        self.timings = {"statistics": 0.0, "refresh": 0.0, "precondition": 0.0}  # seconds, cumulative
+        self._timer = PhaseTimer(next(model.parameters(), torch.empty(0)).device)
         self._cycle = -1  # index of the current (or last) step
         self._open = False
         self._collecting = False
@@ -112,8 +111,8 @@ class PreconditionerManager:
             if pre.uses_hooks:
                 self.capture.attach(
                     adapter.module,
-                    input_sink(adapter, pre, self.timings),
-                    grad_sink(adapter, pre, self.timings, self.options.loss_reduction == "mean"),
+                    input_sink(adapter, pre, self._timer.totals),
+                    grad_sink(adapter, pre, self._timer.totals, self.options.loss_reduction == "mean"),
                 )
         if not self.layers:
             why = "; ".join(f"{name}: {reason}" for name, reason in sorted(self.skipped.items())[:8]) or "none"
@@ -181,10 +180,9 @@ class PreconditionerManager:
         if fresh:
             self._update(fresh, self._output_scale(accumulation, grad_scaler), lr)
             self._processed.update(layer.name for layer in fresh)
-        t0 = time.perf_counter()
-        self._precondition(layers, optimizer, lr)
+        with self._timer.phase("precondition"):
+            self._precondition(layers, optimizer, lr)
         self._settle()
-        self.timings["precondition"] += time.perf_counter() - t0
         if not self._reported and self.counters["refreshes"]:
             self._report_plain()
 
@@ -208,12 +206,11 @@ class PreconditionerManager:
     ) -> None:
         """Replace the refresh schedule (the seed's Table 1 shape): every ``frequent_interval`` steps for the first
         ``frequent_steps`` steps, then every ``preconditioner_interval`` steps or never (None: frozen)."""
-        statistics = statistics_interval or self.schedule.statistics_interval
-        schedule = Schedule(
-            statistics, preconditioner_interval, frequent_interval=frequent_interval, frequent_steps=frequent_steps
-        )
-        schedule.load_state_dict(self.schedule.state_dict())  # a freeze already made stays
-        self.schedule = schedule
+        every = statistics_interval or self.schedule.statistics_interval
+        phase = {"frequent_interval": frequent_interval, "frequent_steps": frequent_steps}
+        new = Schedule(every, preconditioner_interval, **phase)
+        new.load_state_dict(self.schedule.state_dict())  # a freeze already made stays
+        self.schedule = new
 
     def enable_adaptive_freeze(self, tolerance: float, patience: int) -> None:
         """Freeze once the curvature statistics change by less than ``tolerance`` (relative, between refreshes)
@@ -234,7 +231,17 @@ class PreconditionerManager:
     def _update(self, layers: list[Layer], output_scale: float | Tensor, lr: float | None) -> None:
         step = self._cycle
         if self._collecting:
-            t0 = time.perf_counter()
+            self._close_statistics(layers, output_scale)
+        else:
+            for layer in layers:
+                layer.preconditioner.discard_statistics()
+        if self.schedule.refreshes(step):
+            self._settle()  # refresh steps may synchronise: the statistics' verdicts are needed now
+            with self._timer.phase("refresh"):
+                self._refresh_due(layers, step, lr)
+
+    def _close_statistics(self, layers: list[Layer], output_scale: float | Tensor) -> None:
+        with self._timer.phase("statistics"):
             if world_size() > 1:
                 self.counters["bytes_reduced"] = self.counters.get("bytes_reduced", 0) + reduce_statistics(layers)
             for layer in layers:
@@ -249,32 +256,26 @@ class PreconditionerManager:
                     pre.notice = None
                 if rejected is not None:
                     self._verdicts.add("stats", [layer], [rejected])
-            self.timings["statistics"] += time.perf_counter() - t0
-        else:
-            for layer in layers:
-                layer.preconditioner.discard_statistics()
-        if self.schedule.refreshes(step):
-            self._settle()  # refresh steps may synchronise: the statistics' verdicts are needed now
-            t0 = time.perf_counter()
-            damping = self.damping(step, lr, self.batch_size) if self.damping is not None else 0.0
-            self.last_damping = damping if self.damping is not None else None
-            if (message := clip_cannot_protect(damping, self.options)) and "damping" not in self._warned:
-                self._warned.add("damping")
-                self.warn(message)
-            if world_size() > 1:  # each layer refreshed by its owner rank only
-                if self.plan is None:
-                    self.plan = DistributedPlan(list(self.layers.values()), self.options.grad_worker_fraction)
-                self.plan.refresh(layers, lambda layer: self._refresh(layer, damping))
-                self.counters["bytes_broadcast"] = self.plan.bytes
-            else:  # one batched decomposition per factor shape and method
-                for cls in {type(layer.preconditioner) for layer in layers}:
-                    group = [layer for layer in layers if type(layer.preconditioner) is cls]
-                    results = cls.refresh_many([layer.preconditioner for layer in group], damping)
-                    for layer, ok in zip(group, results, strict=True):
-                        self._refreshed(layer, ok)
-            if self.monitor is not None:
-                self._watch_change(layers)
-            self.timings["refresh"] += time.perf_counter() - t0
+
+    def _refresh_due(self, layers: list[Layer], step: int, lr: float | None) -> None:
+        damping = self.damping(step, lr, self.batch_size) if self.damping is not None else 0.0
+        self.last_damping = damping if self.damping is not None else None
+        if (message := clip_cannot_protect(damping, self.options)) and "damping" not in self._warned:
+            self._warned.add("damping")
+            self.warn(message)
+        if world_size() > 1:  # each layer refreshed by its owner rank only
+            if self.plan is None:
+                self.plan = DistributedPlan(list(self.layers.values()), self.options.grad_worker_fraction)
+            self.plan.refresh(layers, lambda layer: self._refresh(layer, damping))
+            self.counters["bytes_broadcast"] = self.plan.bytes
+        else:  # one batched decomposition per factor shape and method
+            for cls in {type(layer.preconditioner) for layer in layers}:
+                group = [layer for layer in layers if type(layer.preconditioner) is cls]
+                results = cls.refresh_many([layer.preconditioner for layer in group], damping)
+                for layer, ok in zip(group, results, strict=True):
+                    self._refreshed(layer, ok)
+        if self.monitor is not None:
+            self._watch_change(layers)
 
     def _watch_change(self, layers: list[Layer]) -> None:
         """Adaptive freeze: freeze once the curvature stopped changing."""
@@ -377,10 +378,15 @@ class PreconditionerManager:
             layer.preconditioner.discard_statistics()
 
     @property
+    def timings(self) -> dict[str, float]:
+        """Cumulative seconds in statistics, refresh and preconditioning (CUDA: read from events, a sync)."""
+        return self._timer.read()
+
+    @property
     def frozen(self) -> bool:
         return self.schedule.frozen
 
-    def remove_hooks(self) -> None:
+    def remove_hooks(self) -> None:  # what teardown calls; hooks come back only with a new manager
         self.capture.detach()
 
     # -- persistence ----------------------------------------------------------------------------------
