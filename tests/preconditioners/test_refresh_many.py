@@ -1,0 +1,54 @@
+"""Batched refreshes (one decomposition per factor shape) give the preconditioners the layer-by-layer path gives."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_soo import PreconditionerManager
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("kfac", {"inverse": "cholesky"}),
+        ("kfac", {"inverse": "eigen"}),
+        ("kfac", {"max_factor_dim": 5}),
+        ("shampoo", {}),
+        ("shampoo", {"damping_mode": "absolute", "max_factor_dim": 3}),
+    ],
+)
+def test_batched_refresh_equals_layer_by_layer(method: str, options: dict) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Linear(6, 3))
+    manager = PreconditionerManager(model, method, options, preconditioner_interval=1000)
+    manager.begin_step()
+    model(torch.randn(16, 4)).square().mean().backward()
+    manager.step()  # step 0 refreshes: the batched path
+    pres = [layer.preconditioner for layer in manager.layers.values()]
+    singles = copy.deepcopy(pres)
+    for p in singles:
+        assert p.refresh(1e-2)
+    assert type(pres[0]).refresh_many(pres, 1e-2) == [True] * len(pres)
+    g = torch.Generator().manual_seed(1)
+    for batched, single in zip(pres, singles, strict=True):
+        v = torch.randn(batched.d_out, batched.d_in, generator=g)
+        torch.testing.assert_close(batched.precondition(v), single.precondition(v), rtol=1e-10, atol=1e-12)
+
+
+def test_a_failing_member_falls_back_alone() -> None:
+    """A non-finite factor in a batch fails its own layer only; the others refresh."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    manager = PreconditionerManager(model, preconditioner_interval=1000, warn=lambda m: None)
+    manager.begin_step()
+    model(torch.randn(8, 4)).square().mean().backward()
+    manager.step()
+    pres = [layer.preconditioner for layer in manager.layers.values()]
+    pres[1].a = torch.full_like(pres[1].a, float("nan"))
+    assert type(pres[0]).refresh_many(pres, 1e-2) == [True, False, True]
