@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, spearman, verdict
+from seed_common import Clock, base_parser, pyplot, quiet, result_path, save, spearman, verdict
 
 from lightning_soo.app.data import digits
 from lightning_soo.app.train import train
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": clock.seconds,
     }
     save("batch_ratio_quick" if args.quick else "batch_ratio", payload, args.out)
-    plot(cells, sizes, batches, out_dir(args.out) / "batch_ratio.png")
+    plot(cells, sizes, batches, result_path("batch_ratio", "png", args.quick, args.out))
     return payload
 
 

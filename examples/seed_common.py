@@ -36,6 +36,14 @@ def out_dir(out: Path | None) -> Path:
     return out or RESULTS
 
 
+def result_path(name: str, suffix: str, quick: bool, out: Path | None) -> Path:
+    """Where a result goes: ``name_quick.suffix`` for ``--quick`` runs, so a smoke run never overwrites the
+    committed full-run results beside it."""
+    folder = out_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}{'_quick' if quick else ''}.{suffix}"
+
+
 def quiet() -> None:
     """Silence Lightning's per-run banners (hundreds of short runs)."""
     warnings.filterwarnings("ignore")

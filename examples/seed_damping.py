@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, spearman, verdict
+from seed_common import Clock, base_parser, pyplot, quiet, result_path, save, spearman, verdict
 
 from lightning_soo.app.data import digits
 from lightning_soo.app.train import train
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": clock.seconds,
     }
     save("damping_quick" if args.quick else "damping", payload, args.out)
-    plot(best, lrs, batches, out_dir(args.out) / "damping.png")
+    plot(best, lrs, batches, result_path("damping", "png", args.quick, args.out))
     return payload
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, verdict
+from seed_common import Clock, base_parser, pyplot, quiet, result_path, save, verdict
 
 from lightning_soo import KFACCallback
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": clock.seconds,
     }
     save("dataset_size_quick" if args.quick else "dataset_size", payload, args.out)
-    plot(results, out_dir(args.out) / "dataset_size.png")
+    plot(results, result_path("dataset_size", "png", args.quick, args.out))
     return payload
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, verdict
+from seed_common import Clock, base_parser, pyplot, quiet, result_path, save, verdict
 
 from lightning_soo import CurvatureScheduler
 from lightning_soo.app.data import digits
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": clock.seconds,
     }
     save("early_curvature_quick" if args.quick else "early_curvature", payload, args.out)
-    plot(table, fractions, out_dir(args.out) / "early_curvature.png")
+    plot(table, fractions, result_path("early_curvature", "png", args.quick, args.out))
     return payload
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, verdict
+from seed_common import Clock, base_parser, pyplot, quiet, result_path, save, verdict
 
 from lightning_soo.app.data import digits
 from lightning_soo.app.train import train
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": clock.seconds,
     }
     save("large_batch_quick" if args.quick else "large_batch", payload, args.out)
-    plot(best, batches, n, out_dir(args.out) / "large_batch.png")
+    plot(best, batches, n, result_path("large_batch", "png", args.quick, args.out))
     return payload
 
 

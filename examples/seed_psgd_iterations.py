@@ -50,7 +50,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from seed_common import Clock, base_parser, out_dir, pyplot, quiet, save, spearman, verdict
+from seed_common import Clock, base_parser, pyplot, quiet, result_path, save, spearman, verdict
 from torch.utils.data import DataLoader
 
 from lightning_soo import measure_quality
@@ -320,7 +320,15 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": clock.seconds,
     }
     save("psgd_iterations_quick" if args.quick else "psgd_iterations", payload, args.out)
-    plot(psgd, kfac, control[fixed_at[-1]], fixed_at[-1], batches, kfac_at, out_dir(args.out) / "psgd_iterations.png")
+    plot(
+        psgd,
+        kfac,
+        control[fixed_at[-1]],
+        fixed_at[-1],
+        batches,
+        kfac_at,
+        result_path("psgd_iterations", "png", args.quick, args.out),
+    )
     print(f"done in {clock.seconds}s")
     return payload
 

@@ -144,7 +144,9 @@ def damped_inverse_many(ms: list[Tensor], dampings: list[float]) -> list[Tensor 
         shift = torch.tensor([dampings[i] for i in idx], dtype=s.dtype, device=s.device)
         s.diagonal(dim1=-2, dim2=-1).add_(shift.unsqueeze(-1))
         chol, info = torch.linalg.cholesky_ex(s)
-        inv = torch.cholesky_inverse(chol)
+        factored = (info == 0).reshape(-1, 1, 1)  # failed members get an identity factor: their turn comes alone
+        eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
+        inv = torch.cholesky_inverse(torch.where(factored & torch.isfinite(chol), chol, eye))
         ok = ((info == 0) & torch.isfinite(inv.sum((-2, -1)))).tolist()
         for k, i in enumerate(idx):
             out[i] = inv[k] if ok[k] else damped_inverse(ms[i], dampings[i])

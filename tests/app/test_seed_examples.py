@@ -23,3 +23,21 @@ def test_seed_script_quick(script: Path, tmp_path: Path) -> None:
     results = list(tmp_path.glob("*_quick.json"))
     assert len(results) == 1 and "verdict" in json.loads(results[0].read_text())
     assert list(tmp_path.glob("*.png"))
+
+
+def test_quick_runs_leave_the_committed_results_alone(tmp_path: Path) -> None:
+    """A ``--quick`` run into the default results folder writes ``*_quick.*`` beside the committed results and
+    changes none of them."""
+    import hashlib
+    import shutil
+
+    copy = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    committed = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (copy / "results").iterdir()}
+    proc = subprocess.run(
+        [sys.executable, str(copy / "seed_damping.py"), "--quick"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (copy / "results").iterdir()}
+    assert {name: after[name] for name in committed} == committed
+    assert {"damping_quick.json", "damping_quick.png"} <= set(after) - set(committed)

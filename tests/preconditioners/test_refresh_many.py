@@ -52,3 +52,15 @@ def test_a_failing_member_falls_back_alone() -> None:
     pres = [layer.preconditioner for layer in manager.layers.values()]
     pres[1].a = torch.full_like(pres[1].a, float("nan"))
     assert type(pres[0]).refresh_many(pres, 1e-2) == [True, False, True]
+
+
+def test_a_singular_member_does_not_stop_the_batch() -> None:
+    """Cholesky fails on one member (a zero factor with no damping to speak of): it falls back alone."""
+    from lightning_soo import linalg
+
+    good = torch.eye(3) * 2.0
+    bad = torch.zeros(3, 3)
+    invs = linalg.damped_inverse_many([good, bad, good], [0.5, 0.0, 0.5])
+    torch.testing.assert_close(invs[0], torch.eye(3) / 2.5)
+    torch.testing.assert_close(invs[2], torch.eye(3) / 2.5)
+    assert invs[1] is None or torch.isfinite(invs[1]).all()
