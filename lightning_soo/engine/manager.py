@@ -95,6 +95,7 @@ class PreconditionerManager:
         self._scaled = False  # the open step's statistics were captured under a GradScaler
         self._processed: set[str] = set()
         self._reported = False
+        self._warned: set[str] = set()
         self._opt_cache: dict[int, tuple[int, list[Layer]]] = {}
         self._build(model)
 
@@ -354,6 +355,12 @@ class PreconditionerManager:
     def _warn_once(self, layer: Layer, kind: str, message: str) -> None:
         if kind not in layer.warned:
             layer.warned.add(kind)
+            self.warn(message)
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Warn the first time ``key`` is seen (diagnostics that degrade, such as a skipped measurement)."""
+        if key not in self._warned:
+            self._warned.add(key)
             self.warn(message)
 
     def plain_parameters(self) -> dict[str, str]:
