@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_soo.capture import Capture, discover
 from lightning_soo.engine import state
 from lightning_soo.engine.damping import make_damping
 from lightning_soo.engine.distributed import DistributedPlan, reduce_statistics, world_size
-from lightning_soo.engine.layer import Layer, grad_sink, input_sink
+from lightning_soo.engine.layer import Layer
 from lightning_soo.engine.postprocess import finite_updates, kl_scale, write_updates
 from lightning_soo.engine.schedule import ChangeMonitor, Schedule
+from lightning_soo.engine.wiring import wire
 from lightning_soo.options import StepOptions
 from lightning_soo.preconditioners import get_method
 from lightning_soo.preconditioners.base import Preconditioner
@@ -79,9 +79,7 @@ class PreconditionerManager:
         self.monitor = ChangeMonitor(o.freeze_tolerance, o.freeze_patience) if o.freeze_tolerance is not None else None
         self.last_kl_scale = 1.0
         self.warn = warn
-        self.capture = Capture()
-        self.layers: dict[str, Layer] = {}
-        self.skipped: dict[str, str] = {}  # parameter name -> reason it keeps its plain gradient
+        # set by _build: the wiring, and its capture, layers, skipped ({parameter: "ModuleType: reason"}), excluded
         self.steps = 0  # optimizer steps begun so far
         self.last_damping: float | None = None
         self.batch_size: int | None = None
@@ -101,20 +99,11 @@ class PreconditionerManager:
 
     # -- construction -------------------------------------------------------------------------------------
     def _build(self, model: nn.Module) -> None:
-        adapters, self.skipped = discover(model, self.options.exclude, self.options.weight_sharing)
+        self.wiring = wire(model, self.method, self.options, self.timings)
+        self.capture, self.layers = self.wiring.capture, self.wiring.layers
+        self.skipped, self.excluded = self.wiring.skipped, self.wiring.excluded
         self._known_params = {id(p) for p in model.parameters()}
-        for name, adapter in adapters.items():
-            w = adapter.module.weight
-            dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-            pre = self.method.for_layer(adapter, dtype=dtype, device=w.device, options=self.options)
-            layer = Layer(name, adapter.module, adapter, pre)
-            self.layers[name] = layer
-            if pre.uses_hooks:
-                self.capture.attach(
-                    adapter.module,
-                    input_sink(adapter, pre, self.timings),
-                    grad_sink(adapter, pre, self.timings, self.options.loss_reduction == "mean"),
-                )
+        self._census_due = self.capture.attached
 
     # -- the step -------------------------------------------------------------------------------------
     def begin_step(self, batch_size: int | None = None) -> None:
@@ -128,11 +117,16 @@ class PreconditionerManager:
         self.batch_size = batch_size
         self._cycle = self.steps
         self.steps += 1
-        self._processed.clear()
         if self.schedule.freezes(self._cycle) and not self.schedule.frozen:
             self.freeze()
         self._collecting = self.schedule.collects(self._cycle)
-        self.capture.active = self._collecting and self.capture.attached
+        if not self._reported and self.counters["refreshes"]:
+            self._report_plain()
+        self.wiring.open_step(self._collecting, self._processed)
+        self._processed.clear()
+        if self._collecting and self._census_due:  # once: find uses of managed weights that capture cannot see
+            self._census_due = False
+            self.wiring.start_census()
 
     @property
     def collecting(self) -> bool:
@@ -168,7 +162,8 @@ class PreconditionerManager:
         """
         if self._open:
             self._open = False
-            self.capture.active = False
+            if self.wiring.finish_census():
+                self._opt_cache.clear()
         if self._cycle < 0:
             raise RuntimeError("PreconditionerManager.step() called before begin_step()")
         if lr is None and optimizer is not None and optimizer.param_groups:
@@ -176,13 +171,16 @@ class PreconditionerManager:
         layers = self._layers_of(optimizer)
         fresh = [layer for layer in layers if layer.name not in self._processed]
         if fresh:
+            for layer in fresh:  # capture is per layer: closed by the step of the optimizer that owns it
+                layer.collecting = False
             self._update(fresh, self._output_scale(accumulation, grad_scaler), lr)
             self._processed.update(layer.name for layer in fresh)
+        self.capture.active = any(layer.collecting for layer in self.layers.values())
         t0 = time.perf_counter()
         self._precondition(layers, optimizer, lr)
         self.timings["precondition"] += time.perf_counter() - t0
-        if not self._reported and self.counters["refreshes"]:
-            self._report_plain()
+        if not self._reported and self.counters["refreshes"] and len(self._processed) == len(self.layers):
+            self._report_plain()  # else at the next begin_step, once the batch's other optimizers stepped
 
     def _output_scale(self, accumulation: int, grad_scaler: Any) -> float:
         """``accumulation / loss_scale``: what maps this step's captured output gradients (the 1/N of a mean loss
@@ -219,12 +217,8 @@ class PreconditionerManager:
     @contextmanager
     def capture_paused(self) -> Iterator[None]:
         """No statistics are captured inside (side passes such as the quality measurement)."""
-        was_active = self.capture.active
-        self.capture.active = False
-        try:
+        with self.wiring.paused():
             yield
-        finally:
-            self.capture.active = was_active
 
     def _update(self, layers: list[Layer], output_scale: float, lr: float | None) -> None:
         step = self._cycle
@@ -369,16 +363,19 @@ class PreconditionerManager:
         for layer in self.layers.values():
             elsewhere = self.plan is not None and self.plan.broadcast_gradients and not self.plan.owns(layer)
             if not layer.preconditioner.ready and not elsewhere:
-                for pname, _p in layer.module.named_parameters(recurse=False):
-                    plain.setdefault(f"{layer.name}.{pname}", "no statistics captured (its forward never ran)")
+                why = f"{type(layer.module).__name__}: no statistics captured (its forward never ran)"
+                for p in layer.adapter.params:
+                    plain.setdefault(self.wiring.param_name(p, layer.name), why)
         return plain
 
     def _report_plain(self) -> None:
         self._reported = True
         plain = self.plain_parameters()
-        if plain:
+        if plain or self.excluded:
             lines = "\n".join(f"  {name}: {why}" for name, why in sorted(plain.items()))
-            self.warn(f"{len(plain)} parameter(s) keep their plain gradient (not preconditioned):\n{lines}")
+            if self.excluded:
+                lines += f"\n  excluded by you: {', '.join(sorted(self.excluded))}"
+            self.warn(f"{len(plain) + len(self.excluded)} parameter(s) keep their plain gradient:\n{lines}")
 
     def freeze(self) -> None:
         """Stop collecting statistics and refreshing; remove the hooks. Preconditioning continues."""

@@ -17,7 +17,8 @@ Damping is absolute or (``damping_mode="relative"``) relative to the largest eig
 makes it independent of the loss's scale. The curvature is that of the latest statistics step (no running
 average: the Woodbury form needs the examples). More than ``max_examples`` examples in a step: an evenly spaced
 subset is kept (the notice says so). A module called several times per forward pass has each call's rows treated
-as further examples.
+as further examples. Rows whose output gradient is exactly zero are dropped when the step closes (the padding rule of
+``capture.adapters``): they are not examples.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo import linalg
-from lightning_soo.capture.adapters import IndexRows, Rows
+from lightning_soo.capture.adapters import Count, IndexRows, Rows
 from lightning_soo.options import GaussNewtonOptions
 from lightning_soo.preconditioners.base import Preconditioner
 
@@ -129,11 +130,12 @@ class GaussNewton(Preconditioner):
         self.damping = 0.0
 
     # -- statistics -------------------------------------------------------------------------------------
-    def observe_inputs(self, rows: Rows, n_examples: int) -> Rows:
+    def observe_inputs(self, rows: Rows, count: Count) -> Rows:
         return rows
 
-    def observe_output_grads(self, rows: Tensor, n_examples: int, ctx: Any) -> None:
-        self._chunks.append((ctx, rows, n_examples))
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any) -> None:
+        per_row = not isinstance(n_examples, int) or rows.shape[0] == n_examples  # a tensor: token rows
+        self._chunks.append((ctx, rows, rows.shape[0] if per_row else n_examples))
 
     def _pack(self) -> list[Tensor] | None:
         """This step's chunks as basis tensors: ``[H or index, Δ]`` when every row is an example, else ``[U]``."""
@@ -164,6 +166,12 @@ class GaussNewton(Preconditioner):
             basis = RowBasis(h, pending[1] * output_scale)
         if not linalg.all_finite(*(t for t in basis.tensors() if t.is_floating_point())):
             return False
+        if isinstance(basis, RowBasis):  # the padding rule: rows with a zero output gradient are not examples
+            real = (basis.d != 0).any(1)
+            if not bool(real.all()):
+                basis = basis.select(real.nonzero().squeeze(1))
+            if basis.n == 0:
+                return None
         if basis.n > self.max_examples:
             keep = torch.linspace(0, basis.n - 1, self.max_examples, device=self.device).round().long()
             self.notice = (

@@ -29,9 +29,11 @@ class Factor:
         """This step's sums and count, to be summed in place across ranks."""
         return [self._sum, self._count]
 
-    def add(self, rows: Rows, count: int, scale: float = 1.0, weights: Tensor | None = None) -> None:
-        """Add ``Σ x xᵀ`` over ``rows`` (times ``scale``); for one-hot rows, ``weights`` gives each row's weight."""
+    def add(self, rows: Rows, count: int | Tensor, scale: float = 1.0, weights: Tensor | None = None) -> None:
+        """Add ``Σ x xᵀ`` over ``rows`` (times ``scale``) and ``count`` to the divisor (a tensor when it depends on
+        the data); for one-hot rows, ``weights`` (default: the rows' own) gives each row's weight."""
         if isinstance(rows, IndexRows):
+            weights = weights if weights is not None else rows.weights
             if weights is not None:
                 ones = (weights * scale).to(self._sum.dtype)
             else:
