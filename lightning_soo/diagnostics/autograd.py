@@ -147,30 +147,40 @@ class CurvatureProducts:
         full[span] = vectors
         return self._difference(full)[span]
 
-    def _gradient(self) -> list[Tensor]:
+    def _gradient(self, params: list[Tensor]) -> list[Tensor]:
         _set_rng_states(self.rng)
-        out = torch.autograd.grad(_scalar_loss(self.loss_fn), self.params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(out, self.params, strict=True)]
+        out = torch.autograd.grad(_scalar_loss(self.loss_fn), params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(out, params, strict=True)]
 
     def _difference(self, vectors: Sequence[Tensor]) -> list[Tensor]:
-        saved = [p.detach().clone() for p in self.params]
+        unique = list({id(p): p for p in self.params}.values())  # a parameter may be listed once per layer using it
+        total = {id(p): torch.zeros_like(p) for p in unique}
+        for p, v in zip(self.params, vectors, strict=True):
+            total[id(p)] += v.to(p.dtype)
+        saved = [p.detach().clone() for p in unique]
         theta = torch.sqrt(sum((s.double().square().sum() for s in saved), torch.zeros((), dtype=torch.float64)))
-        v_norm = torch.sqrt(sum((v.double().square().sum() for v in vectors), torch.zeros((), dtype=torch.float64)))
+        v_norm = torch.sqrt(
+            sum((v.double().square().sum() for v in total.values()), torch.zeros((), dtype=torch.float64))
+        )
         if float(v_norm) == 0.0:
             return [torch.zeros_like(p) for p in self.params]
         eps = torch.finfo(saved[0].dtype).eps ** (1 / 3) * (1.0 + float(theta)) / float(v_norm)
+        grads = []
         try:
-            grads = []
             for sign in (1.0, -1.0):
                 with torch.no_grad():
-                    for p, s, v in zip(self.params, saved, vectors, strict=True):
-                        p.data.copy_(s + (sign * eps) * v.to(s.dtype))
-                grads.append(self._gradient())
+                    for p, s in zip(unique, saved, strict=True):
+                        p.data.copy_(s + (sign * eps) * total[id(p)])
+                grads.append(dict(zip((id(p) for p in unique), self._gradient(unique), strict=True)))
         finally:
             with torch.no_grad():
-                for p, s in zip(self.params, saved, strict=True):
+                for p, s in zip(unique, saved, strict=True):
                     p.data.copy_(s)
-        return [(gp - gm) / (2 * eps) for gp, gm in zip(*grads, strict=True)]
+        return [(grads[0][id(p)] - grads[1][id(p)]) / (2 * eps) for p in self.params]
+
+
+def _norm(tensors: list[Tensor]) -> Tensor:
+    return torch.sqrt(sum((t.double().square().sum() for t in tensors), torch.zeros((), dtype=torch.float64)))
 
 
 def first_line(err: BaseException) -> str:

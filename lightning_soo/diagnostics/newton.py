@@ -34,7 +34,7 @@ def fit_hessian(manager: PreconditionerManager, loss_fn: Callable[[], Tensor], m
         vectors = [
             t
             for lay, v in zip(layers, probes, strict=True)
-            for t in lay.adapter.from_matrix(v.to(lay.adapter.module.weight.dtype))
+            for t in lay.adapter.from_matrix(v.to(lay.adapter.weight.param.dtype))
         ]
         products = hvp(vectors)
     start = 0

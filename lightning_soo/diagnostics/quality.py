@@ -214,7 +214,7 @@ def measure_quality(
 
 def _probe(layer: Layer, gen: torch.Generator) -> Tensor:
     """A standard Gaussian matrix in the layer's gradient-matrix shape, dtype and device."""
-    w = layer.adapter.module.weight
+    w = layer.adapter.weight.param
     return torch.randn(layer.adapter.shape, generator=gen, dtype=w.dtype, device=gen.device).to(w.device)
 
 
@@ -246,7 +246,7 @@ def dense_hessian(
         hvp = CurvatureProducts(loss_fn, params, manager.warn_once)
         zeros = [torch.zeros_like(p) for p in params]
         for layer, span, size in zip(chosen, spans, sizes, strict=True):
-            w = layer.adapter.module.weight
+            w = layer.adapter.weight.param
             for k in range(size):
                 e = torch.zeros(size, dtype=w.dtype, device=w.device)
                 e[k] = 1.0
