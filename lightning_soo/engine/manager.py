@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -214,11 +214,9 @@ class PreconditionerManager:
         if self.monitor is None:
             self.monitor = ChangeMonitor(tolerance, patience)
 
-    @contextmanager
-    def capture_paused(self) -> Iterator[None]:
+    def capture_paused(self) -> AbstractContextManager[None]:
         """No statistics are captured inside (side passes such as the quality measurement)."""
-        with self.wiring.paused():
-            yield
+        return self.wiring.paused()
 
     def _update(self, layers: list[Layer], output_scale: float, lr: float | None) -> None:
         step = self._cycle

@@ -73,6 +73,21 @@ def combine_pairs(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return left, total * right  # type: ignore[return-value]
 
 
+def _factor_value(attr: str) -> tuple[Any, Any]:
+    """Getter and setter of the running value of the factor stored at ``attr`` (absent: None, ignored)."""
+
+    def get(self: Any) -> Tensor | None:
+        factor = self.__dict__.get(attr)
+        return None if factor is None else factor.value
+
+    def put(self: Any, value: Tensor | None) -> None:
+        factor = self.__dict__.get(attr)
+        if factor is not None:
+            factor.value = value
+
+    return get, put
+
+
 class KFAC(Preconditioner):
     """Kronecker-factored empirical Fisher of one layer."""
 
@@ -101,42 +116,11 @@ class KFAC(Preconditioner):
     def one_hot_diagonal(cls, options: StepOptions) -> bool:
         return True  # E[h hᵀ] of one-hot rows is exactly diagonal
 
-    # statistics live in the factors; expose the running averages as ``a`` and ``b``
-    @property
-    def a(self) -> Tensor | None:
-        return self._a.value
-
-    @a.setter
-    def a(self, value: Tensor | None) -> None:
-        self._a.value = value
-
-    @property
-    def b(self) -> Tensor | None:
-        return self._b.value
-
-    @b.setter
-    def b(self, value: Tensor | None) -> None:
-        self._b.value = value
-
-    @property
-    def a_t(self) -> Tensor | None:
-        """Input statistic of the transposed uses (on the output side)."""
-        return self._at.value if self.transposed_uses else None
-
-    @a_t.setter
-    def a_t(self, value: Tensor | None) -> None:
-        if self.transposed_uses:
-            self._at.value = value
-
-    @property
-    def b_t(self) -> Tensor | None:
-        """Output-gradient statistic of the transposed uses (on the input side)."""
-        return self._bt.value if self.transposed_uses else None
-
-    @b_t.setter
-    def b_t(self, value: Tensor | None) -> None:
-        if self.transposed_uses:
-            self._bt.value = value
+    # statistics live in the factors; expose the running averages as attributes (None: no such factor)
+    a = property(*_factor_value("_a"), doc="Input statistic A (input side).")
+    b = property(*_factor_value("_b"), doc="Output-gradient statistic B (output side).")
+    a_t = property(*_factor_value("_at"), doc="Input statistic of the transposed uses (output side).")
+    b_t = property(*_factor_value("_bt"), doc="Output-gradient statistic of the transposed uses (input side).")
 
     @property
     def diagonal_sides(self) -> tuple[bool, bool]:
