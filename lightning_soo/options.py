@@ -133,6 +133,7 @@ class ShampooOptions(StepOptions):
 
     damping: Optional[DampingSpec] = 1e-4
     grafting: Optional[Grafting] = "sgd"
+    kl_clip: Optional[float] = 1e-3  # a trust region after grafting: a ResNet at SGD's lr 0.1 diverged without it
     damping_mode: DampingMode = "relative"
     statistics: Literal["per_example", "gradient"] = "per_example"
     exponent: float = 0.25

@@ -11,6 +11,7 @@ import torch
 from typing_extensions import Unpack, override
 
 from lightning_soo.callbacks.base import SecondOrderCallback, StepArguments, training_loss_fn
+from lightning_soo.diagnostics.autograd import run_guarded
 from lightning_soo.diagnostics.newton import fit_hessian
 from lightning_soo.options import (
     DampingFn,
@@ -220,7 +221,8 @@ class PSGDCallback(SecondOrderCallback):
         manager = self.manager
         due = self.options.fit == "hessian" and manager is not None and manager.collecting
         if due and manager is not None and self._batch is not None:
-            fit_hessian(manager, training_loss_fn(pl_module, *self._batch), pl_module)
+            loss_fn = training_loss_fn(pl_module, *self._batch)
+            run_guarded("PSGD's Hessian fit", lambda: fit_hessian(manager, loss_fn, pl_module), manager.warn_once)
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
 

@@ -22,6 +22,7 @@ from typing_extensions import override
 from lightning_soo import checks as v
 from lightning_soo.callbacks.base import SecondOrderCallback, training_loss_fn
 from lightning_soo.callbacks.telemetry import log_scalars
+from lightning_soo.diagnostics.autograd import run_guarded
 from lightning_soo.diagnostics.metrics import PREFIX
 from lightning_soo.diagnostics.quality import QualityReport, measure_quality
 from lightning_soo.engine.manager import PreconditionerManager
@@ -153,12 +154,11 @@ class CurvatureScheduler(Callback):
         if not any(layer.preconditioner.ready for layer in manager.layers.values()):
             return
         loss_fn = training_loss_fn(pl_module, batch, batch_idx)
-        report = measure_quality(
-            manager,
-            loss_fn,
-            num_probes=self.num_probes,
-            model=pl_module,  # the same probes every time
-        )
+        reports: list[QualityReport] = []
+        measure = lambda: reports.append(measure_quality(manager, loss_fn, num_probes=self.num_probes, model=pl_module))  # noqa: E731
+        if not run_guarded("the curvature-quality measurement", measure, manager.warn_once):
+            return
+        report = reports[0]
         metrics = self._metrics(report, trainer)
         self.last_quality = metrics
         log_scalars(trainer, metrics)

@@ -2,27 +2,36 @@
 that hand a layer's inputs and output gradients over during training (hooks). Knows nothing of the maths."""
 
 from lightning_soo.capture.adapters import (
+    Conv1DAdapter,
     ConvAdapter,
     EmbeddingAdapter,
     IndexRows,
     LayerAdapter,
     LinearAdapter,
+    Observation,
+    Part,
     Rows,
     UnsupportedLayerError,
     make_adapter,
 )
-from lightning_soo.capture.discovery import discover
-from lightning_soo.capture.hooks import Capture
+from lightning_soo.capture.discovery import LayerSpec, Use, discover
+from lightning_soo.capture.hooks import Capture, Census
 
 __all__ = [
     "Capture",
+    "Census",
+    "Conv1DAdapter",
     "ConvAdapter",
     "EmbeddingAdapter",
     "IndexRows",
     "LayerAdapter",
+    "LayerSpec",
     "LinearAdapter",
+    "Observation",
+    "Part",
     "Rows",
     "UnsupportedLayerError",
+    "Use",
     "discover",
     "make_adapter",
 ]

@@ -1,17 +1,29 @@
-"""Layer adapters: one per module type, turning hook data into row matrices.
+"""Layer adapters: a managed layer seen as one matrix, and the rows its calls contribute.
 
-Every supported layer is seen as a matrix weight ``W`` of shape ``d_out x d_in`` (bias appended as a last
-column, the homogeneous coordinate). An adapter knows how to
+Every managed layer is a matrix weight ``W`` of shape ``d_out x d_in`` in the orientation of ``nn.Linear``
+(bias appended as a last column, the homogeneous coordinate). The weight may be a whole parameter, a block of rows
+of one (``nn.MultiheadAttention``'s packed ``in_proj_weight`` is one layer, its separate ``q/k/v_proj_weight`` are
+three, their bias a block of ``in_proj_bias``), or a parameter stored transposed (``nn.Embedding``: ``W = weightᵀ``;
+Hugging Face's ``Conv1D``: ``W = weightᵀ``). An adapter knows how to
 
-* turn the layer input into rows ``h̄`` (``rows x d_in``, a trailing 1 when there is a bias),
-* turn the gradient w.r.t. the layer output into rows ``δ`` (``rows x d_out``) and say how many examples they
-  stand for (the ``N`` of the loss average, used to undo the ``1/N`` of a mean loss),
-* read the parameter gradients as one matrix ``G`` and write a matrix back.
+* turn one call's input and output gradient into an ``Observation``: input rows ``h̄`` (``rows x d_in``, a trailing
+  1 when the call adds a bias), output-gradient rows ``δ`` (``rows x d_out``), and how many rows and examples they
+  stand for (the ``N`` of the loss average, used to undo the ``1/N`` of a mean loss);
+* read the parameters' gradients as one matrix ``G`` and write a matrix back.
 
 Weight sharing (sequence positions, spatial positions) follows K-FAC-expand by default: every position is a row.
 ``weight_sharing="reduce"`` averages inputs and sums output gradients over the shared positions instead
-(Eschenhagen et al., 2023). For ``nn.Linear`` under expand every row (every token) counts as an example, the
-convention of token-averaged language-model losses; for convolutions the batch dimension is the example.
+(Eschenhagen et al., 2023). For token layers (``nn.Linear`` and the other linear-like calls, ``nn.Embedding``) under
+expand every row (every token) counts as an example, the convention of token-averaged language-model losses; for
+convolutions the batch dimension is the example.
+
+Padding rule (token layers): a row whose output gradient is exactly zero is not an example. It enters neither the
+input statistic, nor the output-gradient statistic, nor the count ``N`` (a tensor, so the rule costs no device
+sync). Padding masked by the loss (``ignore_index``, a masked mean), and positions that causal or key-masked
+attention hides from every real position, are dropped, so padding a batch further changes nothing. A row whose
+gradient is zero for another reason (every unit after it inactive, a loss term already satisfied) contributes
+nothing to the exact Fisher ``E[g gᵀ]`` either; the rule then only removes it from K-FAC's input factor and from
+``N`` (the undo of a mean loss then takes such rows as if the loss had not counted them).
 """
 
 from __future__ import annotations
@@ -31,10 +43,12 @@ class UnsupportedLayerError(ValueError):
 
 @dataclass
 class IndexRows:
-    """Rows that are one-hot vectors, stored as their indices (embedding inputs)."""
+    """Rows that are one-hot vectors, stored as their indices (embedding inputs); ``weights`` (0 or 1 per row,
+    None: all 1) drops rows from the statistics."""
 
     index: Tensor  # (rows,) int64
     size: int  # length of each one-hot vector
+    weights: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -42,78 +56,100 @@ class IndexRows:
 
 
 Rows = Tensor | IndexRows
+Count = int | Tensor  # a tensor when it depends on the data (the padding rule): no device sync
 
 
-class LayerAdapter:
-    """Base adapter: grad matrix read/write for a weight plus optional bias."""
+@dataclass
+class Observation:
+    """One call's statistics: input rows (zero where dropped), output-gradient rows, the number of rows the
+    input statistic averages over, and the number of examples ``N`` (the output-gradient statistic's divisor)."""
 
-    module: nn.Module
+    h: Rows
+    d: Tensor
+    rows: Count
+    n: Count
 
-    def __init__(self, module: nn.Module, weight_sharing: WeightSharing = "expand") -> None:
-        self.module = module
-        self.weight_sharing = weight_sharing
 
-    @property
-    def has_bias(self) -> bool:
-        return getattr(self.module, "bias", None) is not None
+@dataclass
+class Part:
+    """A parameter, or the block ``rows`` of its first dimension."""
 
-    @property
-    def params(self) -> list[nn.Parameter]:
-        ps = [self.module.weight]
-        if self.has_bias:
-            ps.append(self.module.bias)
-        return ps
+    param: nn.Parameter
+    rows: slice | None = None
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(d_out, d_in) of the gradient matrix, bias column included in d_in."""
-        w = self.module.weight
-        return w.shape[0], w[0].numel() + int(self.has_bias)
+    def of(self, t: Tensor) -> Tensor:
+        return t if self.rows is None else t[self.rows]
 
-    def input_rows(self, x: Tensor) -> tuple[Rows, int]:
-        raise NotImplementedError
-
-    def output_rows(self, g: Tensor) -> tuple[Tensor, int]:
-        raise NotImplementedError
-
-    def to_matrix(self, tensors: list[Tensor]) -> Tensor:
-        """Parameter-shaped tensors (weight, bias) as one ``d_out x d_in`` matrix."""
-        m = tensors[0].reshape(tensors[0].shape[0], -1)
-        return torch.cat([m, tensors[1].unsqueeze(1)], dim=1) if self.has_bias else m
-
-    def from_matrix(self, m: Tensor) -> list[Tensor]:
-        """The inverse of ``to_matrix``: views shaped like the parameters."""
-        w = self.module.weight
-        if self.has_bias:
-            return [m[:, :-1].reshape(w.shape), m[:, -1]]
-        return [m.reshape(w.shape)]
-
-    def grad_matrix(self) -> Tensor | None:
-        """The parameters' gradient as one ``d_out x d_in`` matrix, or None when a part has no gradient."""
-        grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
-            return None
-        return self.to_matrix(grads)  # type: ignore[arg-type]
-
-    def set_grad_matrix(self, g: Tensor) -> None:
-        for p, part in zip(self.params, self.from_matrix(g), strict=True):
-            p.grad.copy_(part)
+    def full(self, block: Tensor) -> Tensor:
+        """``block`` placed in a zero tensor shaped like the parameter."""
+        if self.rows is None:
+            return block
+        out = block.new_zeros(self.param.shape)
+        out[self.rows] = block
+        return out
 
 
 def _with_ones(h: Tensor) -> Tensor:
     return torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
 
 
-class LinearAdapter(LayerAdapter):
-    """``nn.Linear`` with any number of leading dimensions."""
+def _token_mask(d: Tensor) -> Tensor:
+    """1 for rows with a non-zero output gradient, 0 for the others (the padding rule), in ``d``'s dtype."""
+    return (d != 0).any(1).to(d.dtype)
 
+
+class LayerAdapter:
+    """Base adapter: a linear-like layer (``nn.Linear`` and calls of ``F.linear``), weight plus optional bias."""
+
+    module: nn.Module
+    #: the weight is stored transposed (``d_in x d_out``)
+    transposed = False
+
+    def __init__(
+        self,
+        module: nn.Module,
+        weight_sharing: WeightSharing = "expand",
+        *,
+        weight: Part | None = None,
+        bias: Part | None = None,
+    ) -> None:
+        self.module = module
+        self.weight_sharing = weight_sharing
+        self.weight = weight if weight is not None else Part(module.weight)
+        if bias is None and weight is None and getattr(module, "bias", None) is not None:
+            bias = Part(module.bias)
+        self.bias = bias
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    @property
+    def parts(self) -> list[Part]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [part.param for part in self.parts]
+
+    def weight_matrix(self, w: Tensor) -> Tensor:
+        """A weight-shaped tensor (the block of this layer) as ``d_out x d_in_weight``."""
+        w = self.weight.of(w)
+        return w.t() if self.transposed else w.reshape(w.shape[0], -1)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the gradient matrix, bias column included in d_in."""
+        d_out, d_in = self.weight_matrix(self.weight.param.detach()).shape
+        return d_out, d_in + int(self.has_bias)
+
+    # -- rows -------------------------------------------------------------------------------------------
     def input_rows(self, x: Tensor) -> tuple[Rows, int]:
         if self.weight_sharing == "reduce" and x.dim() > 2:
             h = x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
         else:
             h = x.reshape(-1, x.shape[-1])
-        n = h.shape[0]
-        return (_with_ones(h) if self.has_bias else h), n
+        return (_with_ones(h) if self.has_bias else h), h.shape[0]
 
     def output_rows(self, g: Tensor) -> tuple[Tensor, int]:
         if self.weight_sharing == "reduce" and g.dim() > 2:
@@ -122,11 +158,68 @@ class LinearAdapter(LayerAdapter):
             d = g.reshape(-1, g.shape[-1])
         return d, d.shape[0]
 
+    def observe(self, x: Tensor, g: Tensor) -> Observation:
+        """The statistics of one call with input ``x`` and output gradient ``g``, padding rule applied."""
+        if self.weight_sharing == "reduce" and x.dim() > 2:
+            gs = g.reshape(g.shape[0], -1, g.shape[-1])
+            xs = x.reshape(x.shape[0], -1, x.shape[-1])
+            real = (gs != 0).any(2).to(xs.dtype)  # (examples, positions)
+            count = real.sum(1, keepdim=True)
+            h = (xs * real.unsqueeze(2)).sum(1) / count.clamp(min=1)  # mean over the real positions
+            d = gs.sum(1)
+            mask = (count.squeeze(1) > 0).to(d.dtype)
+        else:
+            h, d = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+            mask = _token_mask(d)
+        h = (_with_ones(h) if self.has_bias else h) * mask.unsqueeze(1)
+        n = mask.sum()
+        return Observation(h, d, n, n)
+
+    # -- gradient matrix --------------------------------------------------------------------------------
+    def to_matrix(self, tensors: list[Tensor]) -> Tensor:
+        """Parameter-shaped tensors (weight, bias) as one ``d_out x d_in`` matrix (this layer's block)."""
+        m = self.weight_matrix(tensors[0])
+        return torch.cat([m, self.bias.of(tensors[1]).unsqueeze(1)], dim=1) if self.bias is not None else m
+
+    def _blocks(self, m: Tensor) -> list[Tensor]:
+        """A matrix as blocks shaped like this layer's part of each parameter."""
+        w = m[:, :-1] if self.bias is not None else m
+        w = w.t() if self.transposed else w.reshape(self.weight.of(self.weight.param).shape)
+        return [w, m[:, -1]] if self.bias is not None else [w]
+
+    def from_matrix(self, m: Tensor) -> list[Tensor]:
+        """The inverse of ``to_matrix``: tensors shaped like the parameters (zero outside this layer's block)."""
+        return [part.full(block) for part, block in zip(self.parts, self._blocks(m), strict=True)]
+
+    def grad_matrix(self) -> Tensor | None:
+        """The parameters' gradient as one ``d_out x d_in`` matrix, or None when a part has no gradient."""
+        grads = [p.grad for p in self.params]
+        if any(g is None or g.is_sparse for g in grads):
+            return None
+        return self.to_matrix(grads)  # type: ignore[arg-type]
+
+    def set_grad_matrix(self, g: Tensor) -> None:
+        for part, block in zip(self.parts, self._blocks(g), strict=True):
+            part.of(part.param.grad).copy_(block)
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear`` with any number of leading dimensions."""
+
+
+class Conv1DAdapter(LayerAdapter):
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)`` and applied with
+    ``torch.addmm``; recognised by its structure (``nf`` attribute, 2-d weight of ``(nx, nf)``, bias of ``nf``)."""
+
+    transposed = True
+
 
 class ConvAdapter(LayerAdapter):
     """``nn.Conv1d/2d/3d``: input patches by unfolding; stride, padding (any mode), dilation honoured.
 
-    Grouped convolutions are refused (``UnsupportedLayerError``) and left to the plain gradient.
+    Grouped convolutions are refused (``UnsupportedLayerError``) and left to the plain gradient. Every spatial
+    position is a row and the batch dimension the example; the padding rule does not apply (positions with a zero
+    gradient come from pooling and activations, not from padding).
     """
 
     def __init__(self, module: nn.Module, weight_sharing: WeightSharing = "expand") -> None:
@@ -175,46 +268,46 @@ class ConvAdapter(LayerAdapter):
         d = g.sum(2) if self.weight_sharing == "reduce" else g.transpose(1, 2).reshape(-1, g.shape[1])
         return d, n
 
+    def observe(self, x: Tensor, g: Tensor) -> Observation:
+        h, _ = self.input_rows(x)
+        d, n = self.output_rows(g)
+        return Observation(h, d, h.shape[0], n)
+
 
 class EmbeddingAdapter(LayerAdapter):
     """``nn.Embedding``: inputs are one-hot (kept as indices); W is seen transposed, ``d_out`` = embedding dim."""
 
+    transposed = True
+
     def __init__(self, module: nn.Module, weight_sharing: WeightSharing = "expand") -> None:
-        super().__init__(module, weight_sharing)
+        super().__init__(module, "expand")  # an embedding has no shared positions to reduce over
         if module.sparse:
             raise UnsupportedLayerError("sparse embedding gradients are not preconditioned")
-
-    @property
-    def has_bias(self) -> bool:
-        return False
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        v, d = self.module.weight.shape
-        return d, v
 
     def input_rows(self, x: Tensor) -> tuple[Rows, int]:
         idx = x.reshape(-1)
         return IndexRows(idx, self.module.num_embeddings), idx.numel()
 
-    def output_rows(self, g: Tensor) -> tuple[Tensor, int]:
+    def observe(self, x: Tensor, g: Tensor) -> Observation:
         d = g.reshape(-1, g.shape[-1])
-        return d, d.shape[0]
-
-    def to_matrix(self, tensors: list[Tensor]) -> Tensor:
-        return tensors[0].t()
-
-    def from_matrix(self, m: Tensor) -> list[Tensor]:
-        return [m.t()]
-
-    def grad_matrix(self) -> Tensor | None:
-        g = self.module.weight.grad
-        if g is None or g.is_sparse:
-            return None
-        return g.t()
+        mask = _token_mask(d)
+        n = mask.sum()
+        return Observation(IndexRows(x.reshape(-1), self.weight.param.shape[0], mask), d, n, n)
 
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` by structure (no transformers import): a 2-d ``(nx, nf)`` weight and ``nf``."""
+    w, nf = getattr(module, "weight", None), getattr(module, "nf", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(w, nn.Parameter)
+        and w.dim() == 2
+        and isinstance(nf, int)
+        and w.shape[1] == nf
+    )
 
 
 def make_adapter(module: nn.Module, weight_sharing: WeightSharing = "expand") -> LayerAdapter | None:
@@ -225,7 +318,7 @@ def make_adapter(module: nn.Module, weight_sharing: WeightSharing = "expand") ->
     if isinstance(module, _CONV):
         return ConvAdapter(module, weight_sharing)
     if isinstance(module, nn.Embedding):
-        if weight_sharing == "reduce":
-            weight_sharing = "expand"  # an embedding has no shared positions to reduce over
         return EmbeddingAdapter(module, weight_sharing)
+    if is_conv1d(module):
+        return Conv1DAdapter(module, weight_sharing)
     return None

@@ -1,13 +1,84 @@
-"""Which layers of a model can be preconditioned, and why the other parameters cannot."""
+"""Which layers of a model can be preconditioned, how each is captured, and why the other parameters cannot.
+
+A managed layer is one weight (a parameter or a block of rows of one) and its bias, preconditioned once per step
+from the statistics of all its uses. A use is a module call whose forward hook sees the input and output
+(``nn.Linear``, ``nn.Conv*``, ``nn.Embedding``, Hugging Face's ``Conv1D``) or an ``F.linear`` call inside an
+``nn.MultiheadAttention`` forward (its projections never run as modules). A use is ``"normal"`` when its input
+side is the layer's input side, ``"transposed"`` when the orientation is swapped: a weight tied between an
+``nn.Embedding`` (layer ``W = weightᵀ``, vocabulary on the input side) and an ``nn.Linear`` head (vocabulary on
+its output side). Uses that capture cannot see (a tied weight in a convolution, a call of the weight outside its
+modules found by the census of ``hooks``) leave the whole parameter plain, with the reason.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 from torch import nn
 
-from lightning_soo.capture.adapters import LayerAdapter, UnsupportedLayerError, WeightSharing, make_adapter
+from lightning_soo.capture.adapters import (
+    EmbeddingAdapter,
+    LayerAdapter,
+    LinearAdapter,
+    Part,
+    UnsupportedLayerError,
+    WeightSharing,
+    make_adapter,
+)
+
+Role = Literal["normal", "transposed"]
+
+
+@dataclass
+class Use:
+    """One way a layer's weight is called: by ``module``'s forward (hooked) or inside an attention module
+    (``attention=True``: the ``F.linear`` calls of ``nn.MultiheadAttention``); ``rows`` makes the rows."""
+
+    module: nn.Module
+    rows: LayerAdapter
+    role: Role = "normal"
+    attention: bool = False
+
+
+@dataclass
+class LayerSpec:
+    """A managed layer: its adapter (the matrix view) and its uses."""
+
+    name: str
+    adapter: LayerAdapter
+    uses: list[Use] = field(default_factory=list)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.adapter.module
+
+    @property
+    def transposed_uses(self) -> bool:
+        return any(use.role == "transposed" for use in self.uses)
+
+
+def _attention_specs(name: str, mha: nn.MultiheadAttention, sharing: WeightSharing) -> list[LayerSpec]:
+    """``in_proj`` (packed) or ``q/k/v_proj`` (separate, bias a block of ``in_proj_bias``), and ``out_proj``."""
+    specs = []
+    e = mha.embed_dim
+    bias = mha.in_proj_bias
+    if mha._qkv_same_embed_dim:
+        weights = [("in_proj", mha.in_proj_weight, None)]
+        ranges = [slice(0, 3 * e)]
+    else:
+        weights = [(f"{k}_proj", getattr(mha, f"{k}_proj_weight"), None) for k in "qkv"]
+        ranges = [slice(i * e, (i + 1) * e) for i in range(3)]
+    for (short, w, _), rows in zip(weights, ranges, strict=True):
+        b = None if bias is None else Part(bias, None if mha._qkv_same_embed_dim else rows)
+        adapter = LayerAdapter(mha, "expand", weight=Part(w), bias=b)  # positions: (seq, batch) or (batch, seq)
+        specs.append(LayerSpec(f"{name}.{short}" if name else short, adapter, [Use(mha, adapter, attention=True)]))
+    out = LinearAdapter(mha.out_proj, "expand")
+    oname = f"{name}.out_proj" if name else "out_proj"
+    specs.append(LayerSpec(oname, out, [Use(mha, out, attention=True)]))
+    return specs
 
 
 def eager_name(name: str) -> str:
@@ -18,46 +89,88 @@ def eager_name(name: str) -> str:
 
 def discover(
     model: nn.Module, exclude: Sequence[str] = (), weight_sharing: WeightSharing = "expand"
-) -> tuple[dict[str, LayerAdapter], dict[str, str]]:
-    """(module name -> adapter for every preconditionable layer, parameter name -> reason it stays plain).
+) -> tuple[list[LayerSpec], dict[str, str], dict[str, str]]:
+    """(managed layers, parameter name -> reason it stays plain, parameter name -> excluded by the user).
 
-    Layers whose name matches an ``exclude`` pattern (``fnmatch``) are left out silently; tied parameters (one
-    tensor in several modules) and refused configurations are listed with their reason; frozen layers are managed
-    (and listed): they cost nothing while frozen and are preconditioned once unfrozen (fine-tuning).
+    Layers whose name matches an ``exclude`` pattern (``fnmatch``) are listed apart; frozen layers are managed (and
+    listed): they cost nothing while frozen and are preconditioned once unfrozen (fine-tuning).
     """
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    adapters: dict[str, LayerAdapter] = {}
+    by_param: dict[int, LayerSpec] = {}  # weight parameter -> its layer (a tied weight has one layer)
+    specs: list[LayerSpec] = []
     plain: dict[str, str] = {}
-    covered: set[int] = set()
+    excluded: dict[str, str] = {}
+    inside_attention: set[int] = set()
+    names = {id(p): eager_name(n) for n, p in model.named_parameters(remove_duplicate=False)}
 
-    def skip(mname: str, module: nn.Module, reason: str) -> None:
+    def skip(mname: str, module: nn.Module, reason: str) -> None:  # every direct parameter of ``module``
         for pname, _ in module.named_parameters(recurse=False):
-            plain[f"{mname}.{pname}" if mname else pname] = reason
+            plain.setdefault(f"{mname}.{pname}" if mname else pname, f"{type(module).__name__}: {reason}")
 
-    for raw_name, module in model.named_modules():
+    broken: dict[int, str] = {}  # tied weights with a use capture cannot see
+    for raw_name, module in model.named_modules(remove_duplicate=False):
         mname = eager_name(raw_name)
+        if id(module) in inside_attention:
+            continue
+        attention = isinstance(module, nn.MultiheadAttention)
         try:
-            adapter = make_adapter(module, weight_sharing)
+            adapter = None if attention else make_adapter(module, weight_sharing)
         except UnsupportedLayerError as err:
             skip(mname, module, str(err))
             continue
-        if adapter is None:
+        if adapter is None and not attention:
             continue
-        params = list(module.parameters(recurse=False))
         if any(fnmatch.fnmatchcase(mname, pat) for pat in exclude):
-            covered.update(id(p) for p in params)
-        elif any(owners[id(p)] > 1 for p in params):
-            skip(mname, module, "tied to another module")
-        else:
-            if not all(p.requires_grad for p in adapter.params):  # managed, so it is preconditioned once unfrozen
-                skip(mname, module, "frozen (requires_grad=False); preconditioned once unfrozen")
-            covered.update(id(p) for p in params)
-            adapters[mname] = adapter
+            for pname, _ in module.named_parameters():
+                excluded[f"{mname}.{pname}" if mname else pname] = "excluded by you"
+            inside_attention.update(id(m) for m in module.modules())
+            continue
+        if attention:
+            inside_attention.update(id(m) for m in module.modules())
+            specs.extend(_attention_specs(mname, module, weight_sharing))  # type: ignore[arg-type]
+            continue
+        assert adapter is not None
+        known = by_param.get(id(adapter.weight.param))
+        if known is None:
+            spec = LayerSpec(mname, adapter, [Use(module, adapter)])
+            by_param[id(adapter.weight.param)] = spec
+            specs.append(spec)
+            continue
+        if any(u.module is module for u in known.uses):
+            continue  # the same module registered under two names
+        # a weight tied to a layer found before: another use, in the same or the swapped orientation
+        if not {type(known.adapter), type(adapter)} <= {LinearAdapter, EmbeddingAdapter}:
+            broken[id(adapter.weight.param)] = f"weight tied between {type(known.module).__name__} and " + (
+                f"{type(module).__name__} '{mname}', a use that is not captured"
+            )
+            continue
+        same = adapter.transposed == known.adapter.transposed
+        rows = adapter if same else LinearAdapter(module, weight_sharing, weight=adapter.weight)
+        known.uses.append(Use(module, rows, "normal" if same else "transposed"))
+        if adapter.has_bias and (not same or known.adapter.bias is None):  # not part of the tied layer
+            plain[f"{mname}.bias" if mname else "bias"] = (
+                f"{type(module).__name__}: bias of a module whose weight is tied"
+            )
+            rows.bias = None
+        elif adapter.has_bias and adapter.bias.param is not known.adapter.bias.param:  # type: ignore[union-attr]
+            broken[id(adapter.weight.param)] = "weight tied between modules with different biases"
+    for spec in [s for s in specs if id(s.adapter.weight.param) in broken]:
+        specs.remove(spec)
+        for p in spec.adapter.params:
+            plain[names.get(id(p), spec.name)] = (
+                f"{type(spec.module).__name__}: {broken[id(spec.adapter.weight.param)]}"
+            )
+    covered = {id(p) for spec in specs for p in spec.adapter.params}
     for raw_name, p in model.named_parameters():
         pname = eager_name(raw_name)
-        if id(p) not in covered and p.requires_grad and pname not in plain:
-            plain[pname] = "not in a supported module"
-    return adapters, plain
+        if id(p) in covered or pname in plain or pname in excluded or not p.requires_grad:
+            continue
+        owner = raw_name.rsplit(".", 1)[0] if "." in raw_name else ""
+        module = model.get_submodule(owner) if owner else model
+        plain[pname] = f"{type(module).__name__}: not in a supported module"
+    for spec in specs:
+        if not all(p.requires_grad for p in spec.adapter.params):
+            for p in spec.adapter.params:
+                plain.setdefault(
+                    names.get(id(p), spec.name), "frozen (requires_grad=False); preconditioned once unfrozen"
+                )
+    return specs, plain, excluded

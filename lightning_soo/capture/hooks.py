@@ -1,10 +1,24 @@
-"""Hook registration. Knows nothing of the maths: it hands a layer's input to ``on_input`` during the forward
-pass and the gradient w.r.t. the layer's output to ``on_output_grad`` during the backward pass.
+"""Hook registration. Knows nothing of the maths: it hands a call's input to ``on_call`` during the forward pass,
+which returns what to do with the gradient w.r.t. the call's output during the backward pass (or None: nothing).
 
 The output gradient comes from a tensor hook registered on the output inside the forward hook (only when the
 output requires grad). Unlike ``register_full_backward_hook`` this works when an in-place op such as
 ``ReLU(inplace=True)`` follows the layer. Capture happens only while ``active`` is set and grad mode is on, so
-validation, sanity checks and ``torch.no_grad`` cost one flag check per layer call.
+validation, sanity checks and ``torch.no_grad`` cost one flag check per layer call; which layers are still
+collecting is the sink's business (capture is per layer).
+
+Three mechanisms:
+
+* ``Capture.attach``: a forward hook on a module whose forward makes the call (``nn.Linear``, ``nn.Conv*``,
+  ``nn.Embedding``, ``Conv1D``).
+* ``Capture.attach_attention``: ``nn.MultiheadAttention`` makes its projections with ``F.linear`` inside
+  ``F.multi_head_attention_forward``, on its parameters or on row blocks of them. During its forward (a pre-hook
+  and an always-called forward hook) ``torch.nn.functional.linear`` is replaced by a function that hands calls
+  on those weights to their sinks, with the row block the weight is of the parameter.
+* ``Census``: once, on the first statistics step, a ``TorchFunctionMode`` sees every torch call that uses a
+  managed parameter, and reports the uses made outside the modules that capture it (``F.linear(x, wte.weight)``
+  in a parent's forward, ``x @ w.T``): those parameters must stay plain, never get one use's curvature applied
+  to the gradient of all. Other steps carry no mode.
 """
 
 from __future__ import annotations
@@ -13,15 +27,23 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-InputSink = Callable[[Tensor], Any]
-GradSink = Callable[[Tensor, Any], None]
+GradCallback = Callable[[Tensor], None]
+#: ``on_call(x, rows)``: the call's input and the block of the layer's output rows it makes (None: all)
+OnCall = Callable[[Tensor, slice | None], GradCallback | None]
+
+
+def _hook_output(output: Tensor, callback: GradCallback | None) -> None:
+    if callback is not None:
+        output.register_hook(lambda grad: callback(grad.detach()))
 
 
 class Capture:
-    """Forward hooks on a set of modules, all removable at once."""
+    """Forward hooks (and attention-module patches) on a set of modules, all removable at once."""
 
     def __init__(self) -> None:
         self.active = False
@@ -31,20 +53,42 @@ class Capture:
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def attach(self, module: nn.Module, on_input: InputSink, on_output_grad: GradSink) -> None:
+    def attach(self, module: nn.Module, on_call: OnCall) -> None:
         def forward_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self.active or not torch.is_grad_enabled():
                 return
             if not isinstance(output, Tensor) or not output.requires_grad or not args:
                 return
-            ctx = on_input(args[0].detach())
-
-            def grad_hook(grad: Tensor) -> None:
-                on_output_grad(grad.detach(), ctx)
-
-            output.register_hook(grad_hook)
+            _hook_output(output, on_call(args[0].detach(), None))
 
         self._handles.append(module.register_forward_hook(forward_hook))
+
+    def attach_attention(self, module: nn.Module, weights: dict[int, OnCall]) -> None:
+        """``weights``: parameter id -> sink, for the parameters whose ``F.linear`` calls (on them or on a block
+        of their rows) ``module``'s forward makes."""
+        saved: list[Any] = []
+
+        def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+            out = saved[-1](x, weight, bias)
+            if not self.active or not torch.is_grad_enabled() or not out.requires_grad:
+                return out
+            base = weight if weight._base is None else weight._base
+            on_call = weights.get(id(base))
+            if on_call is not None:
+                _hook_output(out, on_call(x.detach(), _row_block(weight, base)))
+            return out
+
+        def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            if self.active and torch.is_grad_enabled():
+                saved.append(F.linear)
+                F.linear = linear  # looked up at call time by F.multi_head_attention_forward
+
+        def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if saved:
+                F.linear = saved.pop()
+
+        self._handles.append(module.register_forward_pre_hook(pre_hook))
+        self._handles.append(module.register_forward_hook(post_hook, always_call=True))
 
     def detach(self) -> None:
         """Remove every hook this object registered."""
@@ -52,3 +96,54 @@ class Capture:
             handle.remove()
         self._handles.clear()
         self.active = False
+
+
+def _row_block(weight: Tensor, base: Tensor) -> slice | None:
+    """The rows of ``base`` that the view ``weight`` is (None: all of it)."""
+    if weight is base or weight.shape == base.shape:
+        return None
+    start = (weight.data_ptr() - base.data_ptr()) // (base.element_size() * base.stride(0))
+    return slice(start, start + weight.shape[0])
+
+
+class Census(TorchFunctionMode):
+    """Finds the uses of managed parameters that capture does not see.
+
+    ``owners`` maps a parameter id to the modules whose calls capture it; a torch call that takes the parameter (or
+    a view of it) and returns a tensor that requires grad is a use, seen when the innermost module running is one of
+    those owners (tracked by pre- and post-forward hooks during the census). ``foreign`` collects the others as
+    parameter id -> description.
+    """
+
+    def __init__(self, model: nn.Module, owners: dict[int, set[int]]) -> None:
+        super().__init__()
+        self.owners = owners
+        self.stack: list[int] = []
+        self.foreign: dict[int, str] = {}
+        self._handles = [
+            nn.modules.module.register_module_forward_pre_hook(lambda m, a: self.stack.append(id(m))),
+            nn.modules.module.register_module_forward_hook(lambda m, a, o: self._pop(), always_call=True),
+        ]
+        self._model_modules = {id(m) for m in model.modules()}
+
+    def _pop(self) -> None:
+        if self.stack:
+            self.stack.pop()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if not isinstance(out, Tensor) or not out.requires_grad:
+            return out
+        inner = next((m for m in reversed(self.stack) if m in self._model_modules), None)
+        for arg in (*args, *(kwargs or {}).values()):
+            if isinstance(arg, Tensor) and arg is not out:
+                base = arg if arg._base is None else arg._base
+                owners = self.owners.get(id(base))
+                if owners is not None and inner not in owners and id(base) not in self.foreign:
+                    self.foreign[id(base)] = getattr(func, "__name__", str(func))
+        return out
+
+    def close(self) -> dict[int, str]:
+        for handle in self._handles:
+            handle.remove()
+        return self.foreign

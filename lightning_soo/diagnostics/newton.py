@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from lightning_soo.diagnostics.autograd import hvp, loss_gradients
+from lightning_soo.diagnostics.autograd import CurvatureProducts
 from lightning_soo.diagnostics.quality import isolated
 from lightning_soo.engine.manager import PreconditionerManager
 from lightning_soo.preconditioners.psgd import PSGD
@@ -29,14 +29,14 @@ def fit_hessian(manager: PreconditionerManager, loss_fn: Callable[[], Tensor], m
         return 0
     params = [p for lay in layers for p in lay.adapter.params]
     with isolated(manager, model):
-        grads = loss_gradients(loss_fn, params)
+        hvp = CurvatureProducts(loss_fn, params, manager.warn_once)
         probes = [lay.preconditioner.probe() for lay in layers]  # type: ignore[attr-defined]
         vectors = [
             t
             for lay, v in zip(layers, probes, strict=True)
-            for t in lay.adapter.from_matrix(v.to(lay.adapter.module.weight.dtype))
+            for t in lay.adapter.from_matrix(v.to(lay.adapter.weight.param.dtype))
         ]
-        products = hvp(grads, params, vectors)
+        products = hvp(vectors)
     start = 0
     for lay, v in zip(layers, probes, strict=True):
         n = len(lay.adapter.params)

@@ -25,7 +25,9 @@ is the Hessian restricted to the managed parameters. Two ways to probe (``mode``
   target a block-diagonal method aims at. The model figures are sums over layers: the criterion against the
   block-diagonal part of H.
 
-Hessian-vector products are exact (double backward; finite differences are wrong across ReLU kinks). The pass
+Hessian-vector products are exact (double backward, attention on its math kernel); where a model's ops have no
+double backward they fall back to finite differences of gradients with a warning (``diagnostics.autograd``). The
+pass
 leaves no trace: ``torch.autograd.grad`` does not touch ``.grad``, the forward runs on copies of the model's
 buffers (BatchNorm running statistics), the global RNG streams (dropout) are restored, probes come from a private
 generator, and the manager's capture is off during it. It may run inside an open training step, even between the
@@ -45,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_soo import checks as v
-from lightning_soo.diagnostics.autograd import hvp, loss_gradients, preserved_state
+from lightning_soo.diagnostics.autograd import CurvatureProducts, preserved_state
 from lightning_soo.engine.layer import Layer
 from lightning_soo.engine.manager import PreconditionerManager
 
@@ -188,16 +190,16 @@ def measure_quality(
     spans = _spans(chosen)
     sums = [[0.0] * 4 for _ in chosen]
     with isolated(manager, model):
-        grads = loss_gradients(loss_fn, params)
+        hvp = CurvatureProducts(loss_fn, params, manager.warn_once)
         for _ in range(num_probes):
             thetas = [_probe(layer, gen) for layer in chosen]
             if mode == "joint":
                 vectors = [t for layer, th in zip(chosen, thetas, strict=True) for t in layer.adapter.from_matrix(th)]
-                hv = hvp(grads, params, vectors)
+                hv = hvp(vectors)
                 products = [layer.adapter.to_matrix(hv[s]) for layer, s in zip(chosen, spans, strict=True)]
             else:
                 products = [
-                    layer.adapter.to_matrix(hvp(grads[s], params[s], layer.adapter.from_matrix(th)))
+                    layer.adapter.to_matrix(hvp(layer.adapter.from_matrix(th), s))
                     for layer, s, th in zip(chosen, spans, thetas, strict=True)
                 ]
             for acc, layer, th, gh in zip(sums, chosen, thetas, products, strict=True):
@@ -212,7 +214,7 @@ def measure_quality(
 
 def _probe(layer: Layer, gen: torch.Generator) -> Tensor:
     """A standard Gaussian matrix in the layer's gradient-matrix shape, dtype and device."""
-    w = layer.adapter.module.weight
+    w = layer.adapter.weight.param
     return torch.randn(layer.adapter.shape, generator=gen, dtype=w.dtype, device=gen.device).to(w.device)
 
 
@@ -241,16 +243,16 @@ def dense_hessian(
     dtype = torch.float64
     columns = []
     with isolated(manager, model):
-        grads = loss_gradients(loss_fn, params)
+        hvp = CurvatureProducts(loss_fn, params, manager.warn_once)
         zeros = [torch.zeros_like(p) for p in params]
         for layer, span, size in zip(chosen, spans, sizes, strict=True):
-            w = layer.adapter.module.weight
+            w = layer.adapter.weight.param
             for k in range(size):
                 e = torch.zeros(size, dtype=w.dtype, device=w.device)
                 e[k] = 1.0
                 vectors = list(zeros)
                 vectors[span] = layer.adapter.from_matrix(e.reshape(layer.adapter.shape))
-                hv = hvp(grads, params, vectors)
+                hv = hvp(vectors)
                 col = [lay.adapter.to_matrix(hv[s]).reshape(-1) for lay, s in zip(chosen, spans, strict=True)]
                 columns.append(torch.cat(col).to(dtype).cpu())
     h = torch.stack(columns, dim=1) if columns else torch.zeros(0, 0, dtype=dtype)

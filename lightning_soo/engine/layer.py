@@ -1,12 +1,22 @@
-"""The managed-layer record, and what the capture hooks do with its data: turn it into rows and fold them into the
-layer's statistics (float32, float64 for float64 models; outside autocast; timed; never traced by ``torch.compile``).
+"""The managed-layer record, and what the capture hooks do with its data: turn one call into rows and fold them
+into the layer's statistics (float32, float64 for float64 models; outside autocast; timed; never traced by
+``torch.compile``).
+
+Everything happens in the backward pass: the forward hook keeps a reference to the call's input (the tensor autograd
+already saves for the weight gradient of a linear layer: no extra memory) and the output-gradient hook forms both
+statistics from it, so the rows a call contributes can depend on the output gradient (the padding rule of
+``capture.adapters``: rows whose output gradient is exactly zero are not examples).
 
 Normalisation of the output gradients happens in two steps, both named here. Autograd hands the hooks
-``δ = ∂(loss · s)/∂output`` with ``s = 1 / (N · accumulation) · loss_scale`` for a mean loss. ``grad_sink`` undoes
+``δ = ∂(loss · s)/∂output`` with ``s = 1 / (N · accumulation) · loss_scale`` for a mean loss. The sink undoes
 the ``1/N`` of a mean loss (``N`` counted from the rows the adapter makes, known only at hook time). The rest,
 ``output_scale = accumulation / loss_scale``, is the same for every layer of a step and known only when the step
 closes (the loss scale of a ``GradScaler``); the manager passes it to ``Preconditioner.close_statistics``, where
 each method applies it to the statistics it kept as their degree in ``δ`` says.
+
+Capture is per layer: ``Layer.collecting`` is set for every layer when a statistics step begins and cleared when
+that layer's statistics are closed (the ``step`` of the optimizer that owns it), so with several optimizers
+(a GAN) each network's statistics come from the passes of the batch up to its own optimizer step.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_soo.capture.adapters import LayerAdapter
+from lightning_soo.capture.adapters import IndexRows, LayerAdapter, Observation
+from lightning_soo.capture.discovery import Use
+from lightning_soo.capture.hooks import GradCallback, OnCall
 from lightning_soo.preconditioners.base import Preconditioner
 
 
@@ -31,8 +43,10 @@ class Layer:
     module: nn.Module
     adapter: LayerAdapter
     preconditioner: Preconditioner
+    uses: list[Use] = field(default_factory=list)
     failures: int = 0  # consecutive failed refreshes
     warned: set[str] = field(default_factory=set)
+    collecting: bool = False  # statistics of the open step are being captured for this layer
 
 
 class OptimizerLayers:
@@ -43,6 +57,10 @@ class OptimizerLayers:
         self._known = {id(p) for p in model.parameters()}
         self._warn = warn
         self._cache: dict[int, tuple[int, list[Layer]]] = {}
+
+    def clear(self) -> None:
+        """Forget the cached layer lists (the managed layers changed)."""
+        self._cache.clear()
 
     def layers_of(self, optimizer: torch.optim.Optimizer | None, layers: dict[str, Layer]) -> list[Layer]:
         if optimizer is None:
@@ -64,9 +82,6 @@ class OptimizerLayers:
         return mine
 
 
-FROZEN = object()  # forward-hook context of a frozen layer: its output gradient is not folded either
-
-
 class _no_autocast:
     """Disable autocast around statistics (fp32 maths) only when it is on: the check is cheaper than the context."""
 
@@ -84,34 +99,50 @@ class _no_autocast:
             self.ctx.__exit__(*exc)
 
 
-def input_sink(adapter: LayerAdapter, pre: Preconditioner, timings: dict[str, float]) -> Callable[[Tensor], Any]:
-    weight = adapter.module.weight
+def _fit(obs: Observation, shape: tuple[int, int], rows: slice | None, transposed: bool) -> Observation:
+    """Place one call's rows in the layer's coordinates: the output-gradient columns of a row block, and a zero
+    bias column for a call without the layer's bias."""
+    d_out, d_in = (shape[1], shape[0]) if transposed else shape
+    d = obs.d
+    if rows is not None and d.shape[1] != d_out:
+        full = d.new_zeros(d.shape[0], d_out)
+        full[:, rows] = d
+        d = full
+    h = obs.h
+    if not isinstance(h, IndexRows) and h.shape[1] < d_in:
+        h = torch.cat([h, h.new_zeros(h.shape[0], d_in - h.shape[1])], dim=1)
+    return Observation(h, d, obs.rows, obs.n)
 
-    def sink(x: Tensor) -> Any:
-        if not weight.requires_grad:  # frozen (fine-tuning): no statistics
-            return FROZEN
-        t0 = time.perf_counter()
-        with _no_autocast(x):
-            rows, n = adapter.input_rows(x if not x.is_floating_point() else x.to(pre.dtype))
-            ctx = pre.observe_inputs(rows, n)
-        timings["statistics"] += time.perf_counter() - t0
-        return ctx
 
-    return torch.compiler.disable(sink)  # under torch.compile: run as plain Python, never traced
+def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean: bool, timings: dict) -> None:
+    """Fold one call's statistics into ``layer`` (in the backward pass)."""
+    if not layer.collecting:
+        return
+    pre = layer.preconditioner
+    t0 = time.perf_counter()
+    with _no_autocast(g):
+        xs = x if not x.is_floating_point() else x.to(pre.dtype)
+        transposed = use.role == "transposed"
+        obs = _fit(use.rows.observe(xs, g.to(pre.dtype)), layer.adapter.shape, rows, transposed)
+        d = obs.d * obs.n if mean else obs.d  # undo the 1/N of a mean loss: per-example output gradients
+        if transposed:
+            pre.observe_transposed(obs.h, d, obs.rows, obs.n)  # type: ignore[arg-type]
+        else:
+            ctx = pre.observe_inputs(obs.h, obs.rows)
+            pre.observe_output_grads(d, obs.n, ctx)
+    timings["statistics"] += time.perf_counter() - t0
 
 
-def grad_sink(
-    adapter: LayerAdapter, pre: Preconditioner, timings: dict[str, float], mean: bool
-) -> Callable[[Tensor, Any], None]:
-    def sink(g: Tensor, ctx: Any) -> None:
-        if ctx is FROZEN:
-            return
-        t0 = time.perf_counter()
-        with _no_autocast(g):
-            rows, n = adapter.output_rows(g.to(pre.dtype))
-            if mean:
-                rows = rows * n  # undo the 1/N of a mean loss: per-example output gradients
-            pre.observe_output_grads(rows, n, ctx)
-        timings["statistics"] += time.perf_counter() - t0
+_fold_eager = torch.compiler.disable(_fold)  # under torch.compile: run as plain Python, never traced
 
-    return torch.compiler.disable(sink)
+
+def use_sink(layer: Layer, use: Use, timings: dict[str, float], mean: bool) -> OnCall:
+    """``on_call(x, rows)`` for one use of ``layer``: keeps the input, folds the statistics in the backward pass."""
+    weight = layer.adapter.weight.param
+
+    def on_call(x: Tensor, rows: slice | None) -> GradCallback | None:
+        if not layer.collecting or not weight.requires_grad:  # closed for this step, or frozen (fine-tuning)
+            return None
+        return lambda g: _fold_eager(layer, use, x, g, rows, mean, timings)
+
+    return torch.compiler.disable(on_call)

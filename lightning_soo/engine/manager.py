@@ -15,21 +15,21 @@ once per layer and step, gradients rewritten at every call. Steps that do not re
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_soo.capture import Capture, discover
 from lightning_soo.engine import state
 from lightning_soo.engine.damping import clip_cannot_protect, make_damping
 from lightning_soo.engine.distributed import DistributedPlan, reduce_statistics, world_size
-from lightning_soo.engine.layer import Layer, OptimizerLayers, grad_sink, input_sink
+from lightning_soo.engine.layer import Layer, OptimizerLayers
 from lightning_soo.engine.postprocess import Verdicts, settled, write_updates
 from lightning_soo.engine.schedule import ChangeMonitor, Schedule
 from lightning_soo.engine.timing import PhaseTimer
+from lightning_soo.engine.wiring import wire
 from lightning_soo.options import StepOptions
 from lightning_soo.preconditioners import get_method
 from lightning_soo.preconditioners.base import Preconditioner
@@ -78,9 +78,7 @@ class PreconditionerManager:
         self.monitor = ChangeMonitor(o.freeze_tolerance, o.freeze_patience) if o.freeze_tolerance is not None else None
         self.last_kl_scale = 1.0
         self.warn = warn
-        self.capture = Capture()
-        self.layers: dict[str, Layer] = {}
-        self.skipped: dict[str, str] = {}  # parameter name -> reason it keeps its plain gradient
+        # set by _build: the wiring, and its capture, layers, skipped ({parameter: "ModuleType: reason"}), excluded
         self.steps = 0  # optimizer steps begun so far
         self.last_damping: float | None = None
         self.batch_size: int | None = None
@@ -100,20 +98,11 @@ class PreconditionerManager:
 
     # -- construction -------------------------------------------------------------------------------------
     def _build(self, model: nn.Module) -> None:
-        adapters, self.skipped = discover(model, self.options.exclude, self.options.weight_sharing)
+        self.wiring = wire(model, self.method, self.options, self._timer.totals)
+        self.capture, self.layers = self.wiring.capture, self.wiring.layers
+        self.skipped, self.excluded = self.wiring.skipped, self.wiring.excluded
         self._optimizers = OptimizerLayers(model, self.warn)
-        for name, adapter in adapters.items():
-            w = adapter.module.weight
-            dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-            pre = self.method.for_layer(adapter, dtype=dtype, device=w.device, options=self.options)
-            layer = Layer(name, adapter.module, adapter, pre)
-            self.layers[name] = layer
-            if pre.uses_hooks:
-                self.capture.attach(
-                    adapter.module,
-                    input_sink(adapter, pre, self._timer.totals),
-                    grad_sink(adapter, pre, self._timer.totals, self.options.loss_reduction == "mean"),
-                )
+        self._census_due = self.capture.attached
         if not self.layers:
             why = "; ".join(f"{name}: {reason}" for name, reason in sorted(self.skipped.items())[:8]) or "none"
             self.warn(f"{type(model).__name__} has no layer {self.method.__name__} can precondition (skipped: {why})")
@@ -130,11 +119,16 @@ class PreconditionerManager:
         self.batch_size = batch_size
         self._cycle = self.steps
         self.steps += 1
-        self._processed.clear()
         if self.schedule.freezes(self._cycle) and not self.schedule.frozen:
             self.freeze()
         self._collecting = self.schedule.collects(self._cycle)
-        self.capture.active = self._collecting and self.capture.attached
+        if not self._reported and self.counters["refreshes"]:
+            self._report_plain()
+        self.wiring.open_step(self._collecting, self._processed)
+        self._processed.clear()
+        if self._collecting and self._census_due:  # once: find uses of managed weights that capture cannot see
+            self._census_due = False
+            self.wiring.start_census()
 
     @property
     def collecting(self) -> bool:
@@ -170,7 +164,8 @@ class PreconditionerManager:
         """
         if self._open:
             self._open = False
-            self.capture.active = False
+            if self.wiring.finish_census():
+                self._optimizers.clear()
         if self._cycle < 0:
             raise RuntimeError("PreconditionerManager.step() called before begin_step()")
         if lr is None and optimizer is not None and optimizer.param_groups:
@@ -178,13 +173,16 @@ class PreconditionerManager:
         layers = self._optimizers.layers_of(optimizer, self.layers)
         fresh = [layer for layer in layers if layer.name not in self._processed]
         if fresh:
+            for layer in fresh:  # capture is per layer: closed by the step of the optimizer that owns it
+                layer.collecting = False
             self._update(fresh, self._output_scale(accumulation, grad_scaler), lr)
             self._processed.update(layer.name for layer in fresh)
+        self.capture.active = any(layer.collecting for layer in self.layers.values())
         with self._timer.phase("precondition"):
             self._precondition(layers, optimizer, lr)
         self._settle()
-        if not self._reported and self.counters["refreshes"]:
-            self._report_plain()
+        if not self._reported and self.counters["refreshes"] and len(self._processed) == len(self.layers):
+            self._report_plain()  # else at the next begin_step, once the batch's other optimizers stepped
 
     def _output_scale(self, accumulation: int, grad_scaler: Any) -> float | Tensor:
         """``accumulation / loss_scale``: what maps this step's captured output gradients (the 1/N of a mean loss
@@ -218,15 +216,9 @@ class PreconditionerManager:
         if self.monitor is None:
             self.monitor = ChangeMonitor(tolerance, patience)
 
-    @contextmanager
-    def capture_paused(self) -> Iterator[None]:
+    def capture_paused(self) -> AbstractContextManager[None]:
         """No statistics are captured inside (side passes such as the quality measurement)."""
-        was_active = self.capture.active
-        self.capture.active = False
-        try:
-            yield
-        finally:
-            self.capture.active = was_active
+        return self.wiring.paused()
 
     def _update(self, layers: list[Layer], output_scale: float | Tensor, lr: float | None) -> None:
         step = self._cycle
@@ -251,9 +243,6 @@ class PreconditionerManager:
                     if g is not None:
                         pre.observe_grad(g.to(pre.dtype))
                 rejected = pre.close_statistics(output_scale)
-                if pre.notice:
-                    self._warn_once(layer, "notice", f"layer '{layer.name}': {pre.notice}")
-                    pre.notice = None
                 if rejected is not None:
                     self._verdicts.add("stats", [layer], [rejected])
 
@@ -289,6 +278,9 @@ class PreconditionerManager:
 
     def _refreshed(self, layer: Layer, ok: bool | None) -> None:
         """Count a layer's refresh; warn once on failure, raise after ``max_failures`` in a row."""
+        if notice := layer.preconditioner.notice:  # e.g. Gauss-Newton subsampled its examples
+            self._warn_once(layer, "notice", f"layer '{layer.name}': {notice}")
+            layer.preconditioner.notice = None
         if ok is None:
             return
         if ok:
@@ -353,22 +345,31 @@ class PreconditionerManager:
             layer.warned.add(kind)
             self.warn(message)
 
+    def warn_once(self, key: str, message: str) -> None:
+        """Warn the first time ``key`` is seen (diagnostics that degrade, such as a skipped measurement)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            self.warn(message)
+
     def plain_parameters(self) -> dict[str, str]:
         """Parameters that keep their plain gradient, with the reason."""
         plain = dict(self.skipped)
         for layer in self.layers.values():
             elsewhere = self.plan is not None and self.plan.broadcast_gradients and not self.plan.owns(layer)
             if not layer.preconditioner.ready and not elsewhere:
-                for pname, _p in layer.module.named_parameters(recurse=False):
-                    plain.setdefault(f"{layer.name}.{pname}", "no statistics captured (its forward never ran)")
+                why = f"{type(layer.module).__name__}: no statistics captured (its forward never ran)"
+                for p in layer.adapter.params:
+                    plain.setdefault(self.wiring.param_name(p, layer.name), why)
         return plain
 
     def _report_plain(self) -> None:
         self._reported = True
         plain = self.plain_parameters()
-        if plain:
+        if plain or self.excluded:
             lines = "\n".join(f"  {name}: {why}" for name, why in sorted(plain.items()))
-            self.warn(f"{len(plain)} parameter(s) keep their plain gradient (not preconditioned):\n{lines}")
+            if self.excluded:
+                lines += f"\n  excluded by you: {', '.join(sorted(self.excluded))}"
+            self.warn(f"{len(plain) + len(self.excluded)} parameter(s) keep their plain gradient:\n{lines}")
 
     def freeze(self) -> None:
         """Stop collecting statistics and refreshing; remove the hooks. Preconditioning continues."""

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_soo.capture.adapters import EmbeddingAdapter, LayerAdapter, Rows
+from lightning_soo.capture.adapters import Count, EmbeddingAdapter, LayerAdapter, Rows
 from lightning_soo.options import StepOptions
 
 
@@ -43,6 +43,8 @@ class Preconditioner:
     derived: tuple[str, ...] = ()
     #: a message for the user (e.g. an input was too large and was subsampled); the manager warns once per layer
     notice: str | None = None
+    #: the method can take uses of the weight in the swapped orientation (a tied embedding and head)
+    supports_transposed: ClassVar[bool] = False
 
     @classmethod
     def one_hot_diagonal(cls, options: StepOptions) -> bool:
@@ -51,13 +53,28 @@ class Preconditioner:
 
     @classmethod
     def for_layer(
-        cls, adapter: LayerAdapter, *, dtype: torch.dtype, device: torch.device, options: StepOptions | None = None
+        cls,
+        adapter: LayerAdapter,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        options: StepOptions | None = None,
+        transposed_uses: bool = False,
     ) -> Preconditioner:
-        """Build the preconditioner of one layer."""
+        """Build the preconditioner of one layer (``transposed_uses``: the weight also has uses in the swapped
+        orientation, see ``observe_transposed``)."""
         d_out, d_in = adapter.shape
         opts = options if options is not None else cls.options_type()
         diagonal = isinstance(adapter, EmbeddingAdapter) and cls.one_hot_diagonal(opts)
-        return cls(d_out, d_in, dtype=dtype, device=device, options=opts, input_diagonal=diagonal)
+        return cls(
+            d_out,
+            d_in,
+            dtype=dtype,
+            device=device,
+            options=opts,
+            input_diagonal=diagonal,
+            transposed_uses=transposed_uses,
+        )
 
     def __init__(
         self,
@@ -68,6 +85,7 @@ class Preconditioner:
         device: torch.device,
         options: StepOptions | None = None,
         input_diagonal: bool = False,
+        transposed_uses: bool = False,
         **overrides: Any,
     ) -> None:
         """``options`` (default: the method's defaults) with ``overrides`` applied, e.g. ``KFAC(4, 3, dtype=...,
@@ -78,6 +96,7 @@ class Preconditioner:
         self.d_out, self.d_in = d_out, d_in
         self.dtype, self.device = dtype, device
         self.input_diagonal = input_diagonal
+        self.transposed_uses = transposed_uses
         self.ready = False  # a preconditioner exists (precondition may be called)
         self.applied_damping: float | None = None  # the damping in the current preconditioner (for the dashboard)
         self.refreshes = 0
@@ -95,12 +114,18 @@ class Preconditioner:
         return True
 
     # -- statistics -------------------------------------------------------------------------------------
-    def observe_inputs(self, rows: Rows, n_examples: int) -> Any:
-        """Fold layer-input rows into this step's sums; the return value is handed to observe_output_grads."""
+    def observe_inputs(self, rows: Rows, count: Count) -> Any:
+        """Fold layer-input rows (``count``: how many rows the input statistic averages over; rows dropped by the
+        padding rule are zero) into this step's sums; the return value is handed to observe_output_grads."""
         return None
 
-    def observe_output_grads(self, rows: Tensor, n_examples: int, ctx: Any) -> None:
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any) -> None:
         """Fold per-example output-gradient rows (up to the step's constant ``output_scale``)."""
+
+    def observe_transposed(self, inputs: Tensor, grads: Tensor, count: Count, n_examples: Count) -> None:
+        """Fold a use in the swapped orientation: its input rows lie on this layer's output side (``d_out``) and
+        its per-example output-gradient rows on the input side (``d_in``); methods with ``supports_transposed``."""
+        raise NotImplementedError(f"{type(self).__name__} does not take uses in the swapped orientation")
 
     def observe_grad(self, grad: Tensor) -> None:
         """Fold the mini-batch gradient matrix (methods with ``uses_grad``)."""

@@ -44,7 +44,7 @@ class BlockSide:
         self.applied_damping = 0.0  # the largest ρ_b of the last refresh
 
     # -- statistics -------------------------------------------------------------------------------------
-    def add(self, rows: Rows, count: int, weights: Tensor | None = None) -> None:
+    def add(self, rows: Rows, count: int | Tensor, weights: Tensor | None = None) -> None:
         """Add ``Σ x xᵀ`` of ``rows`` block by block (one-hot rows: ``weights`` per row)."""
         if isinstance(rows, IndexRows):
             self.factors[0].add(rows, count, weights=weights)

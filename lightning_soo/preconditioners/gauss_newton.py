@@ -17,7 +17,8 @@ Damping is absolute or (``damping_mode="relative"``) relative to the largest eig
 makes it independent of the loss's scale. The curvature is that of the latest statistics step (no running
 average: the Woodbury form needs the examples). More than ``max_examples`` examples in a step: an evenly spaced
 subset is kept (the notice says so). A module called several times per forward pass has each call's rows treated
-as further examples.
+as further examples. Rows whose output gradient is exactly zero are dropped when the step closes (the padding rule of
+``capture.adapters``): they are not examples.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo import linalg
-from lightning_soo.capture.adapters import IndexRows, Rows
+from lightning_soo.capture.adapters import Count, IndexRows, Rows
 from lightning_soo.options import GaussNewtonOptions
 from lightning_soo.preconditioners.base import Preconditioner
 
@@ -132,11 +133,12 @@ class GaussNewton(Preconditioner):
         self.damping = 0.0
 
     # -- statistics -------------------------------------------------------------------------------------
-    def observe_inputs(self, rows: Rows, n_examples: int) -> Rows:
+    def observe_inputs(self, rows: Rows, count: Count) -> Rows:
         return rows
 
-    def observe_output_grads(self, rows: Tensor, n_examples: int, ctx: Any) -> None:
-        self._chunks.append((ctx, rows, n_examples))
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any) -> None:
+        per_row = not isinstance(n_examples, int) or rows.shape[0] == n_examples  # a tensor: token rows
+        self._chunks.append((ctx, rows, rows.shape[0] if per_row else n_examples))
 
     def _pack(self) -> list[Tensor] | None:
         """This step's chunks as basis tensors: ``[H or index, Δ]`` when every row is an example, else ``[U]``."""
@@ -166,24 +168,34 @@ class GaussNewton(Preconditioner):
             h = pending[0] if pending[0].is_floating_point() else IndexRows(pending[0], self.d_in)
             basis = RowBasis(h, pending[1] * output_scale)
         keep = linalg.finite_flag(*(t for t in basis.tensors() if t.is_floating_point()))
-        if basis.n > self.max_examples:
-            self.notice = (
-                f"{basis.n} examples in one step exceed `max_examples`={self.max_examples} of the N x N solve; "
-                f"an evenly spaced subset of {self.max_examples} is used (raise `max_examples` for the exact curvature)"
-            )
-            basis = basis.select(torch.linspace(0, basis.n - 1, self.max_examples, device=self.device).round().long())
         if self._unsettled is None:
             self._unsettled = (self.latest, keep)  # the last settled basis, kept until the new one is known finite
         self.latest = basis
         return ~keep
 
     def _settle(self) -> None:
-        """Back to the last finite basis if this step's was not (read at refresh, where a sync is allowed)."""
-        if self._unsettled is not None:
-            previous, keep = self._unsettled
-            self._unsettled = None
-            if not bool(keep):
-                self.latest = previous
+        """At refresh (where reading the device is allowed): back to the last finite basis if this step's was not;
+        else drop the rows that are not examples (the padding rule: a zero output gradient) and keep at most
+        ``max_examples`` (evenly spaced, with a notice)."""
+        if self._unsettled is None:
+            return
+        previous, keep = self._unsettled
+        self._unsettled = None
+        if not bool(keep):
+            self.latest = previous
+            return
+        basis = self.latest
+        if isinstance(basis, RowBasis):
+            real = (basis.d != 0).any(1)
+            if not bool(real.all()):
+                basis = basis.select(real.nonzero().squeeze(1))
+        if basis is not None and basis.n > self.max_examples:
+            self.notice = (
+                f"{basis.n} examples in one step exceed `max_examples`={self.max_examples} of the N x N solve; "
+                f"an evenly spaced subset of {self.max_examples} is used (raise `max_examples` for the exact curvature)"
+            )
+            basis = basis.select(torch.linspace(0, basis.n - 1, self.max_examples, device=self.device).round().long())
+        self.latest = basis if basis is None or basis.n > 0 else previous
 
     def discard_statistics(self) -> None:
         self._chunks.clear()

@@ -9,6 +9,20 @@ Two inverse modes:
   ``P·G = Q_B [(Q_Bᵀ G Q_A) ⊘ (λ_B λ_Aᵀ + ρ)] Q_Aᵀ``; four matrix products per step.
 
 A side wider than ``max_factor_dim`` (or an embedding's one-hot input side) is kept diagonal.
+
+A weight with uses in both orientations (an embedding tied to the output head: ``W = weightᵀ`` is ``D x V``, the
+embedding's one-hot rows on the vocabulary side ``V``, the head's inputs on ``D`` and its output gradients on
+``V``) keeps one factor pair per orientation, in the weight's own coordinates: ``(B, A)`` from the normal uses and
+``(A_t, B_t)`` from the transposed ones, each the sum over its uses' rows. The curvature of the sum of uses,
+``C ≈ B ⊗ A + A_t ⊗ B_t`` (cross terms between uses dropped, as K-FAC drops them between positions), is not a
+Kronecker product; it is approximated by one with the same trace (``combine_pairs``): with ``m(·)`` the mean
+eigenvalue (trace / dimension), ``s_u = m(L_u) m(R_u)`` the mean eigenvalue of use ``u``'s product and
+``w_u = s_u / Σ s``,
+
+    L = Σ_u w_u L_u / m(L_u),    R = (Σ_u s_u) · Σ_u w_u R_u / m(R_u),
+
+exact when there is one orientation or when the uses' normalised factors agree, and ``tr(L ⊗ R) = Σ_u tr(L_u ⊗ R_u)``
+always. ``L`` (output side) and ``R`` (input side) then take the places of ``B`` and ``A`` above.
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo import linalg
-from lightning_soo.capture.adapters import Rows
+from lightning_soo.capture.adapters import Count, Rows
 from lightning_soo.options import KFACOptions, StepOptions
 from lightning_soo.preconditioners.base import Preconditioner, fit_square
 from lightning_soo.preconditioners.statistics import Factor
@@ -38,12 +52,54 @@ def _eig(factor: Tensor) -> tuple[Tensor, Tensor | None] | None:
     return linalg.eigh(factor)
 
 
+def _mean_eig(f: Tensor) -> Tensor:
+    return (f if f.dim() == 1 else f.diagonal()).mean()
+
+
+def _dense(f: Tensor) -> Tensor:
+    return torch.diag(f) if f.dim() == 1 else f
+
+
+def combine_pairs(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """One Kronecker pair ``(L, R)`` standing for ``Σ_u L_u ⊗ R_u`` with the same trace (see the module docstring).
+    A side stays diagonal only when it is diagonal in every pair."""
+    if len(pairs) == 1:
+        return pairs[0]
+    means = [(_mean_eig(l_u).clamp(min=1e-30), _mean_eig(r_u).clamp(min=1e-30)) for l_u, r_u in pairs]
+    sizes = [ml * mr for ml, mr in means]
+    total = sum(sizes)
+    diag_l = all(l_u.dim() == 1 for l_u, _ in pairs)
+    diag_r = all(r_u.dim() == 1 for _, r_u in pairs)
+    left: Tensor = 0  # type: ignore[assignment]
+    right: Tensor = 0  # type: ignore[assignment]
+    for (l_u, r_u), (ml, mr), s in zip(pairs, means, sizes, strict=True):
+        left = left + (s / total) * (l_u if diag_l else _dense(l_u)) / ml
+        right = right + (s / total) * (r_u if diag_r else _dense(r_u)) / mr
+    return left, total * right  # type: ignore[return-value]
+
+
+def _factor_value(attr: str) -> tuple[Any, Any]:
+    """Getter and setter of the running value of the factor stored at ``attr`` (absent: None, ignored)."""
+
+    def get(self: Any) -> Tensor | None:
+        factor = self.__dict__.get(attr)
+        return None if factor is None else factor.value
+
+    def put(self: Any, value: Tensor | None) -> None:
+        factor = self.__dict__.get(attr)
+        if factor is not None:
+            factor.value = value
+
+    return get, put
+
+
 class KFAC(Preconditioner):
     """Kronecker-factored empirical Fisher of one layer."""
 
     options_type = KFACOptions
     options: KFACOptions
-    state_tensors = ("a", "b", "a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b")
+    supports_transposed = True
+    state_tensors = ("a", "b", "a_t", "b_t", "a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b")
     symmetric_statistics = True  # Σ h̄h̄ᵀ and Σ ggᵀ
     state_numbers = ("damping", "rho_a", "rho_b")
     derived = ("a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b", "damping", "rho_a", "rho_b")
@@ -55,6 +111,11 @@ class KFAC(Preconditioner):
         wide = self.options.max_factor_dim
         self._a = Factor(self.d_in, diagonal=self.input_diagonal or self.d_in > wide, **kw)
         self._b = Factor(self.d_out, diagonal=self.d_out > wide, **kw)
+        self._factors = [self._a, self._b]
+        if self.transposed_uses:  # inputs of the transposed uses on the output side, their gradients on the input
+            self._at = Factor(self.d_out, diagonal=self.d_out > wide, **kw)
+            self._bt = Factor(self.d_in, diagonal=self.d_in > wide, **kw)
+            self._factors += [self._at, self._bt]
         self.a_inv = self.b_inv = self.lam_a = self.q_a = self.lam_b = self.q_b = None
         self.damping = self.rho_a = self.rho_b = 0.0
 
@@ -62,22 +123,11 @@ class KFAC(Preconditioner):
     def one_hot_diagonal(cls, options: StepOptions) -> bool:
         return True  # E[h hᵀ] of one-hot rows is exactly diagonal
 
-    # statistics live in the factors; expose the running averages as ``a`` and ``b``
-    @property
-    def a(self) -> Tensor | None:
-        return self._a.value
-
-    @a.setter
-    def a(self, value: Tensor | None) -> None:
-        self._a.value = value
-
-    @property
-    def b(self) -> Tensor | None:
-        return self._b.value
-
-    @b.setter
-    def b(self, value: Tensor | None) -> None:
-        self._b.value = value
+    # statistics live in the factors; expose the running averages as attributes (None: no such factor)
+    a = property(*_factor_value("_a"), doc="Input statistic A (input side).")
+    b = property(*_factor_value("_b"), doc="Output-gradient statistic B (output side).")
+    a_t = property(*_factor_value("_at"), doc="Input statistic of the transposed uses (output side).")
+    b_t = property(*_factor_value("_bt"), doc="Output-gradient statistic of the transposed uses (input side).")
 
     def fit_statistic(self, name: str, saved: Tensor) -> Tensor:
         factor = self._a if name == "a" else self._b
@@ -86,31 +136,62 @@ class KFAC(Preconditioner):
     @property
     def diagonal_sides(self) -> tuple[bool, bool]:
         """(input side A diagonal, output side B diagonal)."""
+        if self.transposed_uses:
+            return self._a.diagonal and self._bt.diagonal, self._b.diagonal and self._at.diagonal
         return self._a.diagonal, self._b.diagonal
 
-    def observe_inputs(self, rows: Rows, n_examples: int) -> None:
-        self._a.add(rows, rows.shape[0])
+    def observe_inputs(self, rows: Rows, count: Count) -> None:
+        self._a.add(rows, count)
 
-    def observe_output_grads(self, rows: Tensor, n_examples: int, ctx: Any) -> None:
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any) -> None:
         self._b.add(rows, n_examples)
 
+    def observe_transposed(self, inputs: Tensor, grads: Tensor, count: Count, n_examples: Count) -> None:
+        self._at.add(inputs, count)
+        self._bt.add(grads, n_examples)
+
+    def _pairs_pending(self) -> list[tuple[Factor, Factor, bool]]:
+        """(input factor, gradient factor, transposed) of each orientation with statistics this step."""
+        pairs = [(self._a, self._b, False)]
+        if self.transposed_uses:
+            pairs.append((self._at, self._bt, True))
+        return [(a, b, t) for a, b, t in pairs if a.pending and b.pending]
+
     def close_statistics(self, output_scale: float | Tensor) -> Tensor | None:
-        if not (self._a.pending and self._b.pending):
+        pending = self._pairs_pending()
+        if not pending:
             self.discard_statistics()
             return None
-        keep = linalg.finite_flag(self._a.step_sum, self._b.step_sum)
-        ok = self._a.fold(self.factor_decay, 1.0, keep)
-        ok = self._b.fold(self.factor_decay, output_scale**2, keep) and ok  # B is quadratic in δ
+        keep = linalg.finite_flag(*(f.step_sum for a, b, _ in pending for f in (a, b)))
+        ok = True
+        for a, b, _ in pending:
+            ok = a.fold(self.factor_decay, 1.0, keep) and ok
+            ok = b.fold(self.factor_decay, output_scale**2, keep) and ok  # B is quadratic in the output gradient
         if not ok:  # a first value was not finite: start again at the next statistics step
-            self._a.value = self._b.value = None
+            for a, b, _ in pending:
+                a.value = b.value = None
+        self.discard_statistics()  # an orientation without both halves this step
         return ~keep
 
     def statistics_tensors(self) -> list[Tensor]:
-        return self._a.statistics_tensors() + self._b.statistics_tensors()
+        return [t for f in self._factors for t in f.statistics_tensors()]
 
     def discard_statistics(self) -> None:
-        self._a.reset()
-        self._b.reset()
+        for f in self._factors:
+            f.reset()
+
+    def effective_factors(self) -> tuple[Tensor, Tensor] | None:
+        """``(A, B)``: the input- and output-side factors the preconditioner is computed from (the uses of both
+        orientations combined by ``combine_pairs``); None before statistics."""
+        pairs = []
+        if self.a is not None and self.b is not None:
+            pairs.append((self.b, self.a))
+        if self.a_t is not None and self.b_t is not None:
+            pairs.append((self.a_t, self.b_t))
+        if not pairs:
+            return None
+        left, right = combine_pairs(pairs)
+        return right, left
 
     def refresh(self, damping: float) -> bool | None:
         return self.refresh_many([self], damping)[0]
@@ -118,32 +199,34 @@ class KFAC(Preconditioner):
     @classmethod
     def refresh_many(cls, pres: list[Preconditioner], damping: float) -> list[bool | None]:
         """Refresh every layer's inverses with one batched decomposition per factor shape."""
-        todo = [p for p in pres if isinstance(p, KFAC) and p.a is not None and p.b is not None]
+        factors = {id(p): f for p in pres if isinstance(p, KFAC) and (f := p.effective_factors()) is not None}
+        todo = [p for p in pres if id(p) in factors]
         done: dict[int, bool] = {}
         eigen = [p for p in todo if p.inverse == "eigen"]
-        dense = [(p, m) for p in eigen for m in (p.a, p.b) if m.dim() == 2]
-        eigs = dict(zip((id(m) for _, m in dense), linalg.eigh_many([m for _, m in dense]), strict=True))
+        dense = [m for p in eigen for m in factors[id(p)] if m.dim() == 2]
+        eigs = dict(zip((id(m) for m in dense), linalg.eigh_many(dense), strict=True))
         for p in eigen:
-            ea, eb = (eigs[id(m)] if m.dim() == 2 else _eig(m) for m in (p.a, p.b))
+            ea, eb = (eigs[id(m)] if m.dim() == 2 else _eig(m) for m in factors[id(p)])
             if ea is not None and eb is not None:
                 (p.lam_a, p.q_a), (p.lam_b, p.q_b) = ea, eb
             done[id(p)] = ea is not None and eb is not None
         chol = [p for p in todo if p.inverse != "eigen"]
-        means = torch.stack([t for p in chol for t in (_mean(p.a), _mean(p.b))]).tolist() if chol else []
+        means = torch.stack([_mean(m) for p in chol for m in factors[id(p)]]).tolist() if chol else []
         shifts = {}
         for k, p in enumerate(chol):
             ma, mb = means[2 * k], means[2 * k + 1]
             pi = math.sqrt(ma / mb) if ma > 0 and mb > 0 and math.isfinite(ma / mb) else 1.0
             shifts[id(p)] = (math.sqrt(damping) * pi, math.sqrt(damping) / pi)
-        mats = [(p, m, shifts[id(p)][j]) for p in chol for j, m in enumerate((p.a, p.b)) if m.dim() == 2]
+        mats = [(p, m, shifts[id(p)][j]) for p in chol for j, m in enumerate(factors[id(p)]) if m.dim() == 2]
         invs = linalg.damped_inverse_many([m for _, m, _ in mats], [r for _, _, r in mats])
         by_matrix = {id(m): inv for (_, m, _), inv in zip(mats, invs, strict=True)}
         for p in chol:
             ra, rb = shifts[id(p)]
-            a_inv = 1.0 / (p.a + ra) if p.a.dim() == 1 else by_matrix[id(p.a)]
-            b_inv = 1.0 / (p.b + rb) if p.b.dim() == 1 else by_matrix[id(p.b)]
-            ok = a_inv is not None and b_inv is not None and (p.a.dim() == 2 or linalg.all_finite(a_inv))
-            ok = ok and (p.b.dim() == 2 or linalg.all_finite(b_inv))  # dense inverses were checked in the batch
+            fa, fb = factors[id(p)]
+            a_inv = 1.0 / (fa + ra) if fa.dim() == 1 else by_matrix[id(fa)]
+            b_inv = 1.0 / (fb + rb) if fb.dim() == 1 else by_matrix[id(fb)]
+            ok = a_inv is not None and b_inv is not None and (fa.dim() == 2 or linalg.all_finite(a_inv))
+            ok = ok and (fb.dim() == 2 or linalg.all_finite(b_inv))  # dense inverses were checked in the batch
             if ok:
                 p.a_inv, p.b_inv, p.rho_a, p.rho_b = a_inv, b_inv, ra, rb
             done[id(p)] = ok

@@ -6,6 +6,7 @@ Statistics, as running averages (``accumulate="ema"``, weight ``beta`` on the ol
   per-example gradients ``G_n = δ_n h̄_nᵀ``: ``L = Σ_n G_n G_nᵀ = Δᵀ diag(‖h̄_n‖²) Δ`` and
   ``R = Σ_n G_nᵀ G_n = H̄ᵀ diag(‖δ_n‖²) H̄``, divided by the number of examples. Under weight sharing every row
   (position) is treated as an example, as in K-FAC-expand; ``weight_sharing="reduce"`` makes one row per example.
+  A use of a tied weight in the swapped orientation adds its rows the same way (``observe_transposed``).
 * ``statistics="gradient"``: classic Shampoo from the mini-batch gradient, ``L = G Gᵀ``, ``R = Gᵀ G`` (no hooks).
 
 Damping is absolute or relative to each block's largest eigenvalue. A side wider than ``max_factor_dim`` is split
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo import linalg
-from lightning_soo.capture.adapters import IndexRows, Rows
+from lightning_soo.capture.adapters import Count, IndexRows, Rows
 from lightning_soo.options import ShampooOptions, StepOptions
 from lightning_soo.preconditioners.base import Preconditioner
 from lightning_soo.preconditioners.blocks import BlockSide
@@ -35,6 +36,7 @@ class Shampoo(Preconditioner):
     options: ShampooOptions
     symmetric_statistics = True
     config_keys = ("exponent", "damping_mode", "max_factor_dim", "statistics")
+    supports_transposed = True
 
     @classmethod
     def one_hot_diagonal(cls, options: StepOptions) -> bool:
@@ -65,10 +67,16 @@ class Shampoo(Preconditioner):
         return self.right.dense_value()
 
     # -- statistics ---------------------------------------------------------------------------------------
-    def observe_inputs(self, rows: Rows, n_examples: int) -> Rows:
+    def observe_inputs(self, rows: Rows, count: Count) -> Rows:
         return rows  # kept until the output gradients of the same rows arrive
 
-    def observe_output_grads(self, rows: Tensor, n_examples: int, ctx: Any) -> None:
+    def observe_transposed(self, inputs: Tensor, grads: Tensor, count: Count, n_examples: Count) -> None:
+        """A use in the swapped orientation (a tied head): each row's gradient is ``h δᵀ`` in this layer's
+        coordinates, so ``L += ‖δ‖² h hᵀ`` and ``R += ‖h‖² δ δᵀ`` (a diagonal side keeps the diagonal)."""
+        self.left.add(inputs * grads.square().sum(1, keepdim=True).sqrt(), n_examples)
+        self.right.add(grads * inputs.square().sum(1, keepdim=True).sqrt(), n_examples)
+
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any) -> None:
         h: Rows = ctx
         if isinstance(h, IndexRows):
             self.left.add(rows, n_examples)  # ‖h̄_n‖ = 1 for one-hot rows

@@ -31,9 +31,11 @@ class Factor:
         """This step's sums and count, to be summed in place across ranks."""
         return [self._sum, self._count]
 
-    def add(self, rows: Rows, count: int, scale: float = 1.0, weights: Tensor | None = None) -> None:
-        """Add ``Σ x xᵀ`` over ``rows`` (times ``scale``); for one-hot rows, ``weights`` gives each row's weight."""
+    def add(self, rows: Rows, count: int | Tensor, scale: float = 1.0, weights: Tensor | None = None) -> None:
+        """Add ``Σ x xᵀ`` over ``rows`` (times ``scale``) and ``count`` to the divisor (a tensor when it depends on
+        the data); for one-hot rows, ``weights`` (default: the rows' own) gives each row's weight."""
         if isinstance(rows, IndexRows):
+            weights = weights if weights is not None else rows.weights
             if weights is not None:
                 ones = (weights * scale).to(self._sum.dtype)
             else:
@@ -59,10 +61,12 @@ class Factor:
         """Fold this step's mean times ``scale`` into the running average (weight ``decay`` on the old value;
         None adds it instead, AdaGrad-style); where the device flag ``keep`` is False the old value stays. Returns
         False (and folds nothing) when a first value would not be finite: that one check reads the device, once
-        per factor and run."""
-        mean = self._sum * (scale / self._count)
+        per factor and run. A step whose count is zero (every row was padding) folds nothing."""
+        counted = self._count > 0
+        keep = counted if keep is None else keep & counted
+        mean = self._sum * (scale / torch.where(counted, self._count, torch.ones_like(self._count)))
         if self.value is None:
-            ok = keep is None or bool(keep)
+            ok = bool(keep)
             self.value = mean if ok else None
             self.reset()
             return ok
@@ -72,7 +76,7 @@ class Factor:
             new = mean
         else:
             new = self.value * decay + mean * (1.0 - decay)
-        self.value.copy_(new if keep is None else torch.where(keep, new, self.value))
+        self.value.copy_(torch.where(keep, new, self.value))
         self.reset()
         return True
 

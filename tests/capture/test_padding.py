@@ -1,0 +1,102 @@
+"""The padding rule: padding a batch further, with a loss that ignores padding, changes no method's ``P·G``; and
+what the rule does to rows whose gradient is zero for another reason."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_soo import PreconditionerManager
+from tests.reference import with_ones
+
+pytestmark = pytest.mark.usefixtures("float64")
+VOCAB, LENGTHS = 11, (3, 5, 8, 2)
+
+
+class TokenModel(nn.Module):
+    """Embedding, causal self-attention (nn.MultiheadAttention), a per-token MLP and a head."""
+
+    def __init__(self, attention: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 6)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True) if attention else None
+        self.fc = nn.Linear(6, 8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.emb(tokens)
+        if self.attn is not None:
+            t = tokens.shape[1]
+            mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+            x = x + self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+        return self.head(torch.tanh(self.fc(x)))
+
+
+def _batch(length: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.zeros(len(LENGTHS), length, dtype=torch.long)
+    labels = torch.full((len(LENGTHS), length), -100)
+    for i, n in enumerate(LENGTHS):
+        tokens[i, :n] = torch.randint(1, VOCAB, (n,), generator=g)
+        labels[i, :n] = torch.randint(0, VOCAB, (n,), generator=g)
+    return tokens, labels
+
+
+def _preconditioned(model: nn.Module, length: int, method: str, **options) -> tuple[Tensor, dict[str, Tensor]]:
+    manager = PreconditionerManager(model, method, kl_clip=None, warn=lambda m: None, **options)
+    tokens, labels = _batch(length)
+    manager.begin_step()
+    loss = F.cross_entropy(model(tokens).reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    loss.backward()
+    manager.step()
+    assert manager.layers and all(layer.preconditioner.ready for layer in manager.layers.values())
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+METHODS = [
+    ("kfac", {"inverse": "cholesky", "factor_decay": 0.0}),
+    ("kfac", {"inverse": "eigen", "factor_decay": 0.0}),
+    ("kfac", {"inverse": "cholesky", "factor_decay": 0.0, "weight_sharing": "reduce"}),
+    ("kfac", {"inverse": "eigen", "factor_decay": 0.0, "weight_sharing": "reduce"}),
+    ("shampoo", {"statistics": "per_example"}),
+    ("gauss_newton", {}),
+]
+
+
+@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize(("method", "options"), METHODS)
+def test_padding_to_8_or_24_gives_the_same_update(method: str, options: dict, attention: bool) -> None:
+    torch.manual_seed(0)
+    model = TokenModel(attention)
+    short, long = copy.deepcopy(model), copy.deepcopy(model)
+    loss8, g8 = _preconditioned(short, 8, method, **options)
+    loss24, g24 = _preconditioned(long, 24, method, **options)
+    torch.testing.assert_close(loss8, loss24)
+    for name in g8:
+        error = float((g8[name] - g24[name]).norm() / g8[name].norm())
+        assert error < 1e-5, (name, error)
+
+
+def test_legitimately_zero_rows_leave_the_factors_and_the_count() -> None:
+    """An example whose output gradient is exactly zero (its target already met) is not an example for K-FAC:
+    A and B average over the other rows, and the 1/N undo of the mean loss counts N' = N − 1 rows."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    x = torch.randn(6, 4)
+    y = torch.randn(6, 3)
+    manager = PreconditionerManager(lin, "kfac", factor_decay=0.0, kl_clip=None, warn=lambda m: None)
+    manager.begin_step()
+    out = lin(x)
+    y[2] = out[2].detach()  # example 2: zero loss, zero gradient
+    (0.5 * (out - y).square().sum(1)).mean().backward()
+    manager.step()
+    pre = manager.layers[""].preconditioner
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    h = with_ones(x)[keep]
+    g = (lin(x) - y).detach()[keep]  # per-example output gradients of the kept rows
+    torch.testing.assert_close(pre.a, h.T @ h / 5)
+    torch.testing.assert_close(pre.b, (5 / 6) ** 2 * g.T @ g / 5)

@@ -1,0 +1,171 @@
+"""Tiny configurations of model code people train (random init, no hub access), shared by the integration tests
+and the coverage table: each entry builds ``(model, batch, loss_fn)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Case = tuple[nn.Module, Tensor, Callable[[nn.Module, Tensor], Tensor]]
+VOCAB, T, B = 64, 12, 4
+
+
+def _tokens() -> Tensor:
+    return torch.randint(0, VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0))
+
+
+def _lm_loss(model: nn.Module, tokens: Tensor) -> Tensor:
+    out = model(tokens[:, :-1])
+    logits = out.logits if hasattr(out, "logits") else out
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def _images(channels: int = 3, size: int = 16) -> Tensor:
+    return torch.randn(B, channels, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _classify(model: nn.Module, x: Tensor) -> Tensor:
+    out = model(x)
+    logits = out.logits if hasattr(out, "logits") else out
+    return F.cross_entropy(logits, torch.arange(x.shape[0]) % logits.shape[-1])
+
+
+def gpt2() -> Case:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=16, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config), _tokens(), _lm_loss
+
+
+def llama(tied: bool) -> Case:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=T,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config), _tokens(), _lm_loss
+
+
+def vit() -> Case:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, num_labels=4,
+    )  # fmt: skip
+    return ViTForImageClassification(config), _images(), _classify
+
+
+def resnet() -> Case:
+    """transformers' ResNet (the torchvision architecture, BasicBlock layers; see the README for why not
+    torchvision itself)."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=4)
+    return ResNetForImageClassification(config), _images(), _classify
+
+
+class Encoder(nn.Module):
+    """``nn.TransformerEncoder`` over embedded tokens with a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
+        return self.head(self.encoder(self.emb(tokens), mask=mask, is_causal=True))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's shape: token and position embeddings, blocks of causal SDPA attention and an MLP, LayerNorms, and
+    ``self.wte.weight = self.lm_head.weight``."""
+
+    def __init__(self, d: int = 16, heads: int = 2, layers: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(T, d)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "ln1": nn.LayerNorm(d),
+                    "attn": nn.Linear(d, 3 * d),
+                    "proj": nn.Linear(d, d),
+                    "ln2": nn.LayerNorm(d),
+                    "fc": nn.Linear(d, 4 * d),
+                    "out": nn.Linear(4 * d, d),
+                }
+            )
+            for _ in range(layers)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, VOCAB, bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        b, t = tokens.shape
+        x = self.wte(tokens) + self.wpe(torch.arange(t))
+        for blk in self.blocks:
+            q, k, v = blk["attn"](blk["ln1"](x)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
+            x = x + blk["proj"](y)
+            x = x + blk["out"](F.gelu(blk["fc"](blk["ln2"](x))))
+        return self.lm_head(self.ln_f(x))
+
+
+def encoder() -> Case:
+    return Encoder(), _tokens(), _lm_loss
+
+
+def nanogpt() -> Case:
+    return NanoGPT(), _tokens(), _lm_loss
+
+
+CASES: dict[str, Callable[[], Case]] = {
+    "resnet (transformers)": resnet,
+    "vit (transformers)": vit,
+    "gpt2": gpt2,
+    "llama": lambda: llama(False),
+    "llama tied": lambda: llama(True),
+    "nanogpt tied": nanogpt,
+    "TransformerEncoder": encoder,
+}
+
+
+def coverage(model: nn.Module, batch: Tensor, loss_fn, method: str, steps: int = 3) -> tuple[float, list[float]]:
+    """(share of trainable elements whose gradient the manager rewrote at the last step, losses) over ``steps``
+    SGD steps on one batch."""
+    from lightning_soo import PreconditionerManager
+
+    torch.manual_seed(0)
+    manager = PreconditionerManager(model, method, warn=lambda m: None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses, share = [], 0.0
+    for _ in range(steps):
+        opt.zero_grad()
+        manager.begin_step()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        before = {id(p): p.grad.clone() for p in model.parameters() if p.grad is not None}
+        manager.step(opt)
+        total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        changed = sum(
+            p.numel() for p in model.parameters() if id(p) in before and not torch.equal(before[id(p)], p.grad)
+        )
+        share = changed / total
+        opt.step()
+        losses.append(float(loss.detach()))
+    return share, losses
