@@ -73,7 +73,7 @@ class PreconditionerManager:
         merged = {**(method_options or {}), **changes}
         self.options: StepOptions = base.updated(**merged) if merged else base
         o = self.options
-        self.damping = make_damping(o.damping) if o.uses_damping else None
+        self.damping = make_damping(o.damping) if o.uses_damping else None  # type: ignore[arg-type]
         self.schedule = Schedule(o.statistics_interval, o.preconditioner_interval)
         self.plan: DistributedPlan | None = None  # built at the first refresh under torch.distributed
         self.monitor = ChangeMonitor(o.freeze_tolerance, o.freeze_patience) if o.freeze_tolerance is not None else None
@@ -105,7 +105,7 @@ class PreconditionerManager:
         for name, adapter in adapters.items():
             w = adapter.module.weight
             dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-            pre = self.method.for_layer(adapter, dtype=dtype, device=w.device, options=self.options)
+            pre = self.method.for_layer(adapter, dtype=dtype, device=w.device, options=self.options)  # type: ignore[arg-type]
             layer = Layer(name, adapter.module, adapter, pre)
             self.layers[name] = layer
             if pre.uses_hooks:

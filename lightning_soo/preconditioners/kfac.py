@@ -48,7 +48,12 @@ class KFAC(Preconditioner):
         wide = self.options.max_factor_dim
         self._a = Factor(self.d_in, diagonal=self.input_diagonal or self.d_in > wide, **kw)
         self._b = Factor(self.d_out, diagonal=self.d_out > wide, **kw)
-        self.a_inv = self.b_inv = self.lam_a = self.q_a = self.lam_b = self.q_b = None
+        self.a_inv: Tensor | None = None
+        self.b_inv: Tensor | None = None
+        self.lam_a: Tensor | None = None
+        self.q_a: Tensor | None = None
+        self.lam_b: Tensor | None = None
+        self.q_b: Tensor | None = None
         self.damping = self.rho_a = self.rho_b = 0.0
 
     @classmethod
