@@ -46,9 +46,10 @@ class DigitsMLP(L.LightningModule):
         self.log("test_acc", self.test_acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.hparams.optimizer == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        hp = self.hparams
+        if hp["optimizer"] == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=hp["lr"])
+        return torch.optim.SGD(self.parameters(), lr=hp["lr"], momentum=hp["momentum"])
 
 
 class _Curve(Callback):

@@ -96,7 +96,7 @@ class CurvatureScheduler(Callback):
     # -- wiring ---------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        targets = [cb for cb in trainer.callbacks if isinstance(cb, SecondOrderCallback)]
+        targets = [cb for cb in trainer.callbacks if isinstance(cb, SecondOrderCallback)]  # type: ignore[attr-defined]
         if not targets:
             raise RuntimeError(
                 "CurvatureScheduler needs exactly one preconditioner callback in the Trainer and found none: add "

@@ -39,7 +39,8 @@ def add_layout(trainer: pl.Trainer) -> None:
     (``soo/method``: ``lightning-soo report`` titles its plots with it)."""
     if not trainer.is_global_zero:
         return
-    methods = sorted({m for cb in trainer.callbacks if isinstance(m := getattr(type(cb), "method", None), str)})
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    methods = sorted({m for cb in callbacks if isinstance(m := getattr(type(cb), "method", None), str)})
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger) and not getattr(logger, "_soo_layout_written", False):
             logger.experiment.add_custom_scalars(layout())

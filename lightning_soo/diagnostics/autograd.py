@@ -42,7 +42,7 @@ def preserved_state(model: nn.Module | None) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def loss_gradients(loss_fn: Callable[[], Tensor], params: list[Tensor]) -> tuple[Tensor | None, ...]:
+def loss_gradients(loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
     """``∇L`` of the managed parameters with its graph (None where a parameter does not affect the loss)."""
     loss = loss_fn()
     if not isinstance(loss, Tensor) or loss.numel() != 1:
