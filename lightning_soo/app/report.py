@@ -81,14 +81,23 @@ def _legend_below(ax: Any, handles: list[Any] | None = None) -> None:
 
 def _damping_panel(ax: Any, series: Series) -> None:
     """Damping (log axis, no offset), refreshes counted per refresh on a twin axis, the freeze as a line."""
-    names = {"soo/damping": "damping (set)", "soo/damping_applied": "damping applied (mean over layers)"}
-    for tag, name in names.items():
+    from matplotlib.ticker import MaxNLocator
+
+    styles = {  # the set value wide and pale, the applied one thin on top: equal values stay both visible
+        "soo/damping": ("damping (set)", {"lw": 4, "alpha": 0.4}),
+        "soo/damping_applied": ("damping applied (mean over layers)", {"lw": 1.2}),
+    }
+    values = []
+    for tag, (name, style) in styles.items():
         if tag in series:
-            ax.plot(*series[tag], label=name)
+            ax.plot(*series[tag], label=name, **style)
+            values += [v for v in series[tag][1] if v > 0]
     handles = list(ax.get_lines())
     if handles:
         ax.set_yscale("log")
         ax.set_ylabel("damping ρ")
+        if values and max(values) < 1.5 * min(values):  # about constant: a decade around it, not an edge
+            ax.set_ylim(min(values) / 3, max(values) * 3)
     else:
         ax.set_yticks([])
         ax.text(0.02, 0.95, "no damping (PSGD)", transform=ax.transAxes, fontsize=8, va="top", color="0.4")
@@ -98,6 +107,8 @@ def _damping_panel(ax: Any, series: Series) -> None:
         handles += twin.step(steps, values, where="post", color="tab:green", label="refreshes")
         twin.set_ylabel("refreshes", color="tab:green")
         twin.ticklabel_format(axis="y", useOffset=False, style="plain")
+        twin.yaxis.set_major_locator(MaxNLocator(integer=True))
+        twin.set_ylim(bottom=0)
     if "soo/frozen" in series:
         steps, values = series["soo/frozen"]
         frozen = [s for s, v in zip(steps, values, strict=True) if v > 0.5]
@@ -115,11 +126,11 @@ def plot_run(series: Series, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), dpi=110, layout="constrained")
-    quality_missing = "no data: curvature quality is measured by a CurvatureScheduler (quality_every_n_steps)"
+    quality_missing = "no data:\ncurvature quality is measured\nby a CurvatureScheduler"
     panels = [
         (axes[0, 0], "soo/quality_index/", "quality index (1 = SGD, lower is better)", quality_missing),
         (axes[0, 1], "soo/criterion/", "curvature criterion c(P)", quality_missing),
-        (axes[1, 1], "soo/ms_per_step/", "time per step in the library (ms)", "no data: no step timings logged"),
+        (axes[1, 1], "soo/ms_per_step/", "time per step in the library (ms)", "no data:\nno step timings logged"),
     ]
     for ax, prefix, label, missing in panels:
         ax.set_title(label, fontsize=10)

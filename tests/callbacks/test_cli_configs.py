@@ -138,3 +138,14 @@ def test_curvature_config_alone_says_which_config_to_add(tmp_path: Path) -> None
     proc = _cli("--config", str(ROOT / "lightning_soo" / "configs" / "curvature.yaml"), cwd=tmp_path)
     assert proc.returncode != 0
     assert "found none" in proc.stderr and "lightning-soo config kfac > kfac.yaml" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "name", ["KFACCallback", "ShampooCallback", "GaussNewtonCallback", "PSGDCallback", "CurvatureScheduler"]
+)
+def test_first_docstring_line_is_a_sentence(name: str) -> None:
+    """LightningCLI's help shows the first docstring line as the callback's title: a whole sentence."""
+    import lightning_soo
+
+    first = (getattr(lightning_soo, name).__doc__ or "").strip().splitlines()[0]
+    assert first.endswith(".") and first.count(". ") == 0 and len(first) <= 110, first
