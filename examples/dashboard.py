@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             KFACCallback(preconditioner_interval=2),
             CurvatureScheduler(frequent_fraction=0.3, frequent_interval=2, interval=None, quality_every_n_steps=3),
         ],
-        logger=TensorBoardLogger(str(args.out), name="", version="kfac"),
+        logger=TensorBoardLogger(str(args.out), name="kfac"),  # kfac/version_N: a new folder per run
         log_every_n_steps=1,
         enable_checkpointing=False,
     )

@@ -1,10 +1,44 @@
-"""The ``lightning-soo`` command. Heavy imports happen inside the subcommands, so ``--help`` is instant."""
+"""The ``lightning-soo`` command. Heavy imports happen inside the subcommands: ``--help``, ``--version`` and
+``config`` import neither torch nor Lightning."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
+
+from lightning_soo import __version__
+
+CONFIGS = ("kfac", "shampoo", "gauss_newton", "psgd", "curvature")
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def config_text(name: str) -> str:
+    """The packaged LightningCLI config ``name`` (one of ``CONFIGS``) as text."""
+    return (resources.files("lightning_soo") / "configs" / f"{name}.yaml").read_text(encoding="utf-8")
+
+
+def _config(args: argparse.Namespace) -> None:
+    if args.list or args.name is None:
+        for name in CONFIGS:
+            summary = config_text(name).splitlines()[0].lstrip("# ").split(". ")[0]
+            print(f"{name:<13} {summary}")
+        if not args.list:
+            print("\nprint one with: lightning-soo config NAME > NAME.yaml", file=sys.stderr)
+        return
+    sys.stdout.write(config_text(args.name))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -20,6 +54,8 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
+    if not args.logdir.is_dir():
+        raise SystemExit(f"lightning-soo report: {args.logdir} does not exist or is not a folder")
     from lightning_soo.app.report import report
 
     if not report(args.logdir, args.out):
@@ -30,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-soo", description="Second-order optimization for PyTorch Lightning: demos and tools."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
@@ -38,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         "table (final train loss, test accuracy, seconds), write TensorBoard logs and a PNG of the loss curves.",
     )
     demo.add_argument("--out", type=Path, default=Path("soo_demo"), help="output folder (default: ./soo_demo)")
-    demo.add_argument("--epochs", type=int, default=10, help="training epochs per method (default: 10)")
-    demo.add_argument("--batch-size", type=int, default=512, help="batch size (default: 512 of 1,438 examples)")
+    demo.add_argument("--epochs", type=_positive, default=10, help="training epochs per method (default: 10)")
+    demo.add_argument("--batch-size", type=_positive, default=512, help="batch size (default: 512 of 1,438 examples)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--quick", action="store_true", help="a few epochs only (smoke test)")
     demo.set_defaults(func=_demo)
@@ -60,12 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"any of {', '.join(methods)} (default: all)",
     )
     compare.add_argument(
-        "--batch-sizes", type=int, nargs="+", default=[32, 128, 512, 1438], help="default: 32 128 512 1438"
+        "--batch-sizes", type=_positive, nargs="+", default=[32, 128, 512, 1438], help="default: 32 128 512 1438"
     )
-    compare.add_argument("--epochs", type=int, default=10, help="epochs per run (default: 10)")
+    compare.add_argument("--epochs", type=_positive, default=10, help="epochs per run (default: 10)")
     compare.add_argument("--out", type=Path, default=Path("soo_compare"), help="output folder (default: ./soo_compare)")
     compare.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    compare.add_argument("--quick", action="store_true", help="two batch sizes, two epochs (smoke test)")
+    compare.add_argument(
+        "--quick",
+        action="store_true",
+        help="the first two batch sizes, two epochs of 256 examples, a narrower MLP (smoke test: seconds)",
+    )
     compare.set_defaults(func=_compare)
 
     report = sub.add_parser(
@@ -77,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("logdir", type=Path, help="a TensorBoard log folder (searched recursively)")
     report.add_argument("--out", type=Path, default=None, help="where the PNGs go (default: LOGDIR)")
     report.set_defaults(func=_report)
+
+    config = sub.add_parser(
+        "config",
+        help="print a LightningCLI config shipped with the package (kfac, shampoo, gauss_newton, psgd, curvature)",
+        description="Print one of the packaged LightningCLI configs, e.g. `lightning-soo config kfac > kfac.yaml`, "
+        "then `python train.py fit --config my.yaml --config kfac.yaml`. `curvature` schedules a preconditioner "
+        "callback: use it together with one of the others.",
+    )
+    config.add_argument("name", nargs="?", choices=CONFIGS, metavar="NAME", help=f"one of {', '.join(CONFIGS)}")
+    config.add_argument("--list", action="store_true", help="list the configs")
+    config.set_defaults(func=_config)
     return parser
 
 

@@ -38,7 +38,7 @@ def _same(value: object, default: object) -> bool:
     return value == default and type(value) in (type(default), int if isinstance(default, float) else type(default))
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "callbacks").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((PACKAGE / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_yaml_configs_state_the_defaults(path: Path) -> None:
     config = yaml.safe_load(path.read_text())
     (entry,) = config["trainer"]["callbacks+"]

@@ -6,8 +6,13 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from torch.utils.data import TensorDataset
+
 from lightning_soo.app.data import digits, require
 from lightning_soo.app.train import RunResult, train
+
+# --quick: a smoke run in seconds (two epochs of 256 examples, a narrower MLP, the first two batch sizes)
+QUICK_EXAMPLES, QUICK_EPOCHS, QUICK_HIDDEN = 256, 2, 32
 
 # per-method learning rates (the plain optimizers') on this bundled problem
 DEFAULT_LR = {"sgd": 0.2, "adamw": 3e-3, "kfac": 0.2, "shampoo": 0.2, "gauss_newton": 0.2, "psgd": 0.2}
@@ -18,15 +23,27 @@ def run(
 ) -> list[RunResult]:
     require("matplotlib")
     out.mkdir(parents=True, exist_ok=True)
+    if not methods or not batch_sizes or epochs < 1 or min(batch_sizes) < 1:
+        raise ValueError(f"need methods, batch sizes >= 1 and epochs >= 1; got {methods}, {batch_sizes}, {epochs}")
     data = digits()
+    hidden = 128
     if quick:
-        epochs, batch_sizes = min(epochs, 2), batch_sizes[:2]
+        epochs, batch_sizes, hidden = min(epochs, QUICK_EPOCHS), batch_sizes[:2], QUICK_HIDDEN
+        data = (TensorDataset(*data[0][:QUICK_EXAMPLES]), data[1])
     results = []
     total = len(methods) * len(batch_sizes)
     for i, (batch, method) in enumerate(((b, m) for b in batch_sizes for m in methods), start=1):
         print(f"[{i}/{total}] {method} at batch {batch} ...", flush=True)
         results.append(
-            train(method, batch_size=batch, epochs=epochs, lr=DEFAULT_LR.get(method, 0.1), seed=seed, data=data)
+            train(
+                method,
+                batch_size=batch,
+                epochs=epochs,
+                lr=DEFAULT_LR.get(method, 0.1),
+                seed=seed,
+                data=data,
+                hidden=hidden,
+            )
         )
     print(table(results))
     png = out / "compare.png"
@@ -41,7 +58,7 @@ def table(results: list[RunResult]) -> str:
     for r in results:
         lines.append(
             f"{r.method:<13} {r.batch_size:>6} {r.lr:>7g} {r.final_train_loss:>17.4f} "
-            f"{r.test_acc:>9.3f} {r.seconds:>8.1f}"
+            f"{r.test_acc:>9.3f} {r.seconds:>8.2f}"
         )
     return "\n".join(lines)
 

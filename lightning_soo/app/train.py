@@ -46,9 +46,10 @@ class DigitsMLP(L.LightningModule):
         self.log("test_acc", self.test_acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.hparams.optimizer == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        hp = self.hparams
+        if hp["optimizer"] == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=hp["lr"])
+        return torch.optim.SGD(self.parameters(), lr=hp["lr"], momentum=hp["momentum"])
 
 
 class _Curve(Callback):
@@ -98,18 +99,20 @@ def train(
     log_dir: Path | None = None,
     data: tuple[TensorDataset, TensorDataset] | None = None,
     extra_callbacks: list[Callback] | None = None,
+    hidden: int = 128,
     **options: Any,
 ) -> RunResult:
     """Train ``DigitsMLP`` with SGD (+ the method's callback) and evaluate test accuracy."""
     L.seed_everything(seed, verbose=False)
     train_set, test_set = data or digits(seed=0)
-    model = DigitsMLP(lr=lr, optimizer="adamw" if method == "adamw" else "sgd")
+    model = DigitsMLP(hidden=hidden, lr=lr, optimizer="adamw" if method == "adamw" else "sgd")
     curve = _Curve()
     callbacks: list[Callback] = [curve, *(extra_callbacks or [])]
     extra = make_callback(method, **options)
     if extra is not None:
         callbacks.insert(1, extra)
-    logger = TensorBoardLogger(str(log_dir), name="", version=method) if log_dir is not None else False
+    # log_dir/method/version_N: a new version folder per run, as Lightning's loggers do (no appended curves)
+    logger = TensorBoardLogger(str(log_dir), name=method) if log_dir is not None else False
     trainer = L.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,

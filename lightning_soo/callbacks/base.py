@@ -168,7 +168,7 @@ class SecondOrderCallback(Callback):
         if manager is None or manager.in_step:  # mid accumulation window: no step yet
             return
         log_progress(pl_module, manager.frozen)
-        if manager.steps % trainer.log_every_n_steps != 0:
+        if manager.steps % trainer.log_every_n_steps != 0:  # type: ignore[attr-defined]
             return
         log_scalars(trainer, {**manager_metrics(manager), **self._timer.report(manager)})
         if manager.counters["refreshes"] != self._last_logged_refreshes:  # spectra only when they changed

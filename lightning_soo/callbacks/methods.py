@@ -54,11 +54,11 @@ class KFACCallback(SecondOrderCallback):
 
     def __init__(
         self,
-        damping: Damping = K.damping,
+        damping: Damping = K.damping,  # type: ignore[assignment]  # never None for these methods
         factor_decay: float = K.factor_decay,
         inverse: Literal["cholesky", "eigen"] = K.inverse,
         max_factor_dim: int = K.max_factor_dim,
-        preconditioner_interval: int = K.preconditioner_interval,
+        preconditioner_interval: Optional[int] = K.preconditioner_interval,
         kl_clip: Optional[float] = K.kl_clip,
         grafting: Optional[Grafting] = K.grafting,
         **kwargs: Unpack[StepArguments],
@@ -96,14 +96,14 @@ class ShampooCallback(SecondOrderCallback):
 
     def __init__(
         self,
-        damping: Damping = S.damping,
+        damping: Damping = S.damping,  # type: ignore[assignment]  # never None for these methods
         damping_mode: DampingMode = S.damping_mode,
         statistics: Literal["per_example", "gradient"] = S.statistics,
         exponent: float = S.exponent,
         accumulate: Literal["ema", "sum"] = S.accumulate,
         beta: float = S.beta,
         max_factor_dim: int = S.max_factor_dim,
-        preconditioner_interval: int = S.preconditioner_interval,
+        preconditioner_interval: Optional[int] = S.preconditioner_interval,
         kl_clip: Optional[float] = S.kl_clip,
         grafting: Optional[Grafting] = S.grafting,
         **kwargs: Unpack[StepArguments],
@@ -138,10 +138,10 @@ class GaussNewtonCallback(SecondOrderCallback):
 
     def __init__(
         self,
-        damping: Damping = G.damping,
+        damping: Damping = G.damping,  # type: ignore[assignment]  # never None for these methods
         damping_mode: DampingMode = G.damping_mode,
         max_examples: int = G.max_examples,
-        preconditioner_interval: int = G.preconditioner_interval,
+        preconditioner_interval: Optional[int] = G.preconditioner_interval,
         kl_clip: Optional[float] = G.kl_clip,
         grafting: Optional[Grafting] = G.grafting,
         **kwargs: Unpack[StepArguments],
@@ -190,7 +190,7 @@ class PSGDCallback(SecondOrderCallback):
         update_decay: float = P.update_decay,
         flat_steps: int = P.flat_steps,
         max_factor_dim: int = P.max_factor_dim,
-        preconditioner_interval: int = P.preconditioner_interval,
+        preconditioner_interval: Optional[int] = P.preconditioner_interval,
         kl_clip: Optional[float] = P.kl_clip,
         grafting: Optional[Grafting] = P.grafting,
         **kwargs: Unpack[StepArguments],

@@ -97,11 +97,18 @@ class CurvatureScheduler(Callback):
     # -- wiring ---------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        targets = [cb for cb in trainer.callbacks if isinstance(cb, SecondOrderCallback)]
-        if len(targets) != 1:
+        targets = [cb for cb in trainer.callbacks if isinstance(cb, SecondOrderCallback)]  # type: ignore[attr-defined]
+        if not targets:
             raise RuntimeError(
-                f"CurvatureScheduler needs exactly one preconditioner callback (KFACCallback, ShampooCallback, ...) "
-                f"in the Trainer; found {len(targets)}"
+                "CurvatureScheduler needs exactly one preconditioner callback in the Trainer and found none: add "
+                "KFACCallback, ShampooCallback, GaussNewtonCallback or PSGDCallback beside it. With LightningCLI, "
+                "give a method's config before this one (`lightning-soo config kfac > kfac.yaml`, then "
+                "`--config kfac.yaml --config curvature.yaml`)."
+            )
+        if len(targets) > 1:
+            raise RuntimeError(
+                "CurvatureScheduler needs exactly one preconditioner callback in the Trainer and found "
+                f"{len(targets)} ({', '.join(type(t).__name__ for t in targets)}): keep one"
             )
         self._target = targets[0]
 

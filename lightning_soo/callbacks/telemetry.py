@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_soo.diagnostics.metrics import layout
+from lightning_soo.diagnostics.metrics import PREFIX, layout
 
 
 def logger_step(trainer: pl.Trainer) -> int:
@@ -35,12 +35,17 @@ def log_histograms(trainer: pl.Trainer, tensors: dict[str, torch.Tensor]) -> Non
 
 
 def add_layout(trainer: pl.Trainer) -> None:
-    """Write the "second-order" custom-scalars layout once per TensorBoard logger."""
+    """Write the "second-order" custom-scalars layout once per TensorBoard logger, and the method's name as text
+    (``soo/method``: ``lightning-soo report`` titles its plots with it)."""
     if not trainer.is_global_zero:
         return
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    methods = sorted({m for cb in callbacks if isinstance(m := getattr(type(cb), "method", None), str)})
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger) and not getattr(logger, "_soo_layout_written", False):
             logger.experiment.add_custom_scalars(layout())
+            if methods:
+                logger.experiment.add_text(f"{PREFIX}/method", ", ".join(methods))
             logger._soo_layout_written = True  # type: ignore[attr-defined]
 
 

@@ -126,7 +126,7 @@ def discover(
             continue
         if attention:
             inside_attention.update(id(m) for m in module.modules())
-            specs.extend(_attention_specs(mname, module, weight_sharing))  # type: ignore[arg-type]
+            specs.extend(_attention_specs(mname, module, weight_sharing))
             continue
         assert adapter is not None
         known = by_param.get(id(adapter.weight.param))

@@ -16,15 +16,21 @@ PREFIX = "soo"
 
 
 def layout() -> dict[str, dict[str, list[Any]]]:
-    """The "second-order" custom-scalars layout (category -> chart -> [kind, [tag regexes]])."""
+    """The "second-order" custom-scalars layout (category -> chart -> [kind, [tag regexes]]).
+
+    Quantities of different scales get their own charts: the 0/1 freeze flag is not drawn beside the refresh
+    count, and the best scale α* (tens) not beside the learning rate (tenths).
+    """
     p = PREFIX
     return {
         "second-order": {
             "quality index (1 = SGD, lower is better)": ["Multiline", [rf"{p}/quality_index/.*"]],
             "curvature criterion c(P)": ["Multiline", [rf"{p}/criterion/.*"]],
-            "best scale α* vs learning rate": ["Multiline", [rf"{p}/alpha_star/model", rf"{p}/lr"]],
+            "best scale α* of P (model)": ["Multiline", [rf"{p}/alpha_star/model"]],
+            "learning rate": ["Multiline", [rf"{p}/lr"]],
             "damping": ["Multiline", [rf"{p}/damping", rf"{p}/damping_applied"]],
-            "refreshes and freeze": ["Multiline", [rf"{p}/refreshes", rf"{p}/frozen", rf"{p}/failed_refreshes"]],
+            "refreshes (count)": ["Multiline", [rf"{p}/refreshes", rf"{p}/failed_refreshes"]],
+            "curvature frozen (0 = refreshed, 1 = frozen)": ["Multiline", [rf"{p}/frozen"]],
             "time per step (ms)": ["Multiline", [rf"{p}/ms_per_step/.*"]],
             "factor memory (MB)": ["Multiline", [rf"{p}/factor_memory_mb"]],
             "condition numbers": ["Multiline", [rf"{p}/condition/.*"]],
@@ -53,8 +59,10 @@ class StepTimer:
 def manager_metrics(manager: PreconditionerManager) -> dict[str, float]:
     """Scalars describing the manager's state: damping, counters, freeze, memory, KL scale, condition numbers."""
     p = PREFIX
+    # the manager counts layer refreshes; a refresh of the model is one, whatever its number of layers
+    refreshes = max((layer.preconditioner.refreshes for layer in manager.layers.values()), default=0)
     out: dict[str, float] = {
-        f"{p}/refreshes": float(manager.counters["refreshes"]),
+        f"{p}/refreshes": float(refreshes),
         f"{p}/failed_refreshes": float(manager.counters["failed_refreshes"]),
         f"{p}/skipped_statistics": float(manager.counters["skipped_statistics"]),
         f"{p}/frozen": float(manager.frozen),
@@ -78,13 +86,17 @@ MAX_SPECTRUM = 1 << 18  # values per histogram
 
 
 def spectra(manager: PreconditionerManager) -> dict[str, torch.Tensor]:
-    """Eigenvalues of each layer's curvature where the method has them at hand (for histograms)."""
+    """log10 of the positive eigenvalues of each layer's curvature, where the method has them at hand (for
+    histograms: the spectra span decades, which a linear axis shows as one spike)."""
     out = {}
     for name, layer in manager.layers.items():
         spectrum = layer.preconditioner.spectrum()
         if spectrum is not None and spectrum.numel():
-            flat = spectrum.detach().reshape(-1)
+            flat = spectrum.detach().reshape(-1).float()
+            flat = flat[flat > 0]
+            if not flat.numel():
+                continue
             if flat.numel() > MAX_SPECTRUM:  # a Kronecker spectrum of two wide sides: an even thinning is enough
                 flat = flat[:: -(-flat.numel() // MAX_SPECTRUM)]
-            out[f"{PREFIX}/spectrum/{name}"] = flat.float().cpu()
+            out[f"{PREFIX}/log10_spectrum/{name}"] = flat.log10().cpu()
     return out

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -50,6 +51,7 @@ from lightning_soo import checks as v
 from lightning_soo.diagnostics.autograd import CurvatureProducts, preserved_state
 from lightning_soo.engine.layer import Layer
 from lightning_soo.engine.manager import PreconditionerManager
+from lightning_soo.preconditioners.base import Preconditioner
 
 Mode = Literal["joint", "layer"]
 MODES = ("joint", "layer")
@@ -219,6 +221,11 @@ def _probe(layer: Layer, gen: torch.Generator) -> Tensor:
 
 
 # -- the dense exact version (small models, tests) --------------------------------------------------------------
+def _on(pre: Preconditioner, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn(x)`` with ``x`` in the preconditioner's device and dtype."""
+    return fn(x.to(pre.device, pre.dtype))
+
+
 def dense_operator(fn: Callable[[Tensor], Tensor], shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
     """The matrix of a linear map on ``shape``-matrices, acting on row-major ``vec`` (column k = fn(E_k))."""
     n = shape[0] * shape[1]
@@ -289,8 +296,8 @@ def exact_quality(
     for layer in chosen:
         s, pre, shape = slices[layer.name], layer.preconditioner, layer.adapter.shape
         m = h[:, s].mT @ h[:, s] if mode == "joint" else h[s, s] @ h[s, s]
-        p = dense_operator(lambda x, pre=pre: pre.precondition(x.to(pre.device, pre.dtype)), shape, f64)
-        p_inv = dense_operator(lambda x, pre=pre: pre.curvature_matvec(x.to(pre.device, pre.dtype)), shape, f64)
+        p = dense_operator(partial(_on, pre, pre.precondition), shape, f64)
+        p_inv = dense_operator(partial(_on, pre, pre.curvature_matvec), shape, f64)
         report.layers[layer.name] = Quality(
             float((p * m.mT).sum()), float(p_inv.trace()), float(m.trace()), float(s.stop - s.start)
         )

@@ -72,13 +72,12 @@ class PreconditionerManager:
         merged = {**(method_options or {}), **changes}
         self.options: StepOptions = base.updated(**merged) if merged else base
         o = self.options
-        self.damping = make_damping(o.damping) if o.uses_damping else None
+        self.damping = make_damping(o.damping) if o.uses_damping else None  # type: ignore[arg-type]
         self.schedule = Schedule(o.statistics_interval, o.preconditioner_interval)
         self.plan: DistributedPlan | None = None  # built at the first refresh under torch.distributed
         self.monitor = ChangeMonitor(o.freeze_tolerance, o.freeze_patience) if o.freeze_tolerance is not None else None
-        self.last_kl_scale = 1.0
-        self.warn = warn
-        # set by _build: the wiring, and its capture, layers, skipped ({parameter: "ModuleType: reason"}), excluded
+        self.last_kl_scale: float | Tensor = 1.0  # ν of the last step (a device tensor under a KL clip)
+        self.warn = warn  # _build sets the wiring, its capture, layers, skipped ({param: "Module: why"}), excluded
         self.steps = 0  # optimizer steps begun so far
         self.last_damping: float | None = None
         self.batch_size: int | None = None
@@ -205,7 +204,7 @@ class PreconditionerManager:
         """Replace the refresh schedule (the seed's Table 1 shape): every ``frequent_interval`` steps for the first
         ``frequent_steps`` steps, then every ``preconditioner_interval`` steps or never (None: frozen)."""
         every = statistics_interval or self.schedule.statistics_interval
-        phase = {"frequent_interval": frequent_interval, "frequent_steps": frequent_steps}
+        phase: dict[str, Any] = {"frequent_interval": frequent_interval, "frequent_steps": frequent_steps}
         new = Schedule(every, preconditioner_interval, **phase)
         new.load_state_dict(self.schedule.state_dict())  # a freeze already made stays
         self.schedule = new

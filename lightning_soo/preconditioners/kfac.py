@@ -116,7 +116,12 @@ class KFAC(Preconditioner):
             self._at = Factor(self.d_out, diagonal=self.d_out > wide, **kw)
             self._bt = Factor(self.d_in, diagonal=self.d_in > wide, **kw)
             self._factors += [self._at, self._bt]
-        self.a_inv = self.b_inv = self.lam_a = self.q_a = self.lam_b = self.q_b = None
+        self.a_inv: Tensor | None = None
+        self.b_inv: Tensor | None = None
+        self.lam_a: Tensor | None = None
+        self.q_a: Tensor | None = None
+        self.lam_b: Tensor | None = None
+        self.q_b: Tensor | None = None
         self.damping = self.rho_a = self.rho_b = 0.0
 
     @classmethod
@@ -199,8 +204,9 @@ class KFAC(Preconditioner):
     @classmethod
     def refresh_many(cls, pres: list[Preconditioner], damping: float) -> list[bool | None]:
         """Refresh every layer's inverses with one batched decomposition per factor shape."""
-        factors = {id(p): f for p in pres if isinstance(p, KFAC) and (f := p.effective_factors()) is not None}
-        todo = [p for p in pres if id(p) in factors]
+        kfacs = [p for p in pres if isinstance(p, KFAC)]
+        factors = {id(p): f for p in kfacs if (f := p.effective_factors()) is not None}
+        todo = [p for p in kfacs if id(p) in factors]
         done: dict[int, bool] = {}
         eigen = [p for p in todo if p.inverse == "eigen"]
         dense = [m for p in eigen for m in factors[id(p)] if m.dim() == 2]

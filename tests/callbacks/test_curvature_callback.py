@@ -72,7 +72,7 @@ def test_quality_has_no_side_effects_and_reaches_tensorboard(tmp_path: Path) -> 
     assert {"soo/quality_index/net.0", "soo/damping", "soo/refreshes", "soo/frozen"} <= tags
     assert any(t.startswith("soo/ms_per_step/") for t in tags) and "soo/factor_memory_mb" in tags
     assert "custom_scalars__config__" in events.Tags()["tensors"]
-    assert {"soo/spectrum/net.0", "soo/spectrum/net.2"} <= set(events.Tags()["histograms"])
+    assert {"soo/log10_spectrum/net.0", "soo/log10_spectrum/net.2"} <= set(events.Tags()["histograms"])
     index = [e.value for e in events.Scalars("soo/quality_index/model")]
     assert len(index) == 6 and all(0 < v < 10 for v in index)
 
