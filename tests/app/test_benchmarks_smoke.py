@@ -31,3 +31,5 @@ def test_peers_quick(tmp_path: Path) -> None:
     ours = {r["contender"] for r in result["rows"]}
     assert {"sgd", "psgd whitening (ours)", "psgd newton (ours)", "shampoo, gradient stats (ours)"} <= ours
     assert all(r["ratio"] > 0 for r in result["rows"])
+    assert all(why for why in result["unavailable"].values())  # a peer that cannot run says why, never crashes
+    assert not ours & set(result["unavailable"])
