@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
+    if device.type == "cpu":  # a random batch fitted to ~0 loss fills the factors with denormals: slow on CPU
+        torch.set_flush_denormal(True)
     rows = []
     t0 = time.perf_counter()
     for key in args.settings:

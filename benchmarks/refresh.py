@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "refresh.json")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
     blocks, width, repeats = (2, 32, 2) if args.quick else (12, 256, 7)
     t0 = time.perf_counter()
     rows = [measure(name, blocks, width, repeats, device) for name in METHODS]
