@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
-    blocks, width, repeats = (2, 32, 2) if args.quick else (12, 256, 7)
+    blocks, width, repeats = (2, 32, 2) if args.quick else (12, 256, 3)
     t0 = time.perf_counter()
     rows = [measure(name, blocks, width, repeats, device) for name in METHODS]
     for r in rows:

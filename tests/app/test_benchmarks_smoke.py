@@ -1,4 +1,4 @@
-"""The overhead benchmark runs (tiny settings) and writes its JSON."""
+"""The benchmarks run in their quick form (tiny settings) and write their JSON."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_overhead_quick(tmp_path: Path) -> None:
-    out = tmp_path / "overhead.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--quick", "--out", str(out)]
+def _quick(script: str, out: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_overhead_quick(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    proc = _quick("overhead.py", out)
     rows = json.loads(out.read_text())["rows"]
     assert {r["method"] for r in rows} >= {"kfac", "kfac-eigen", "kfac-frozen", "shampoo", "gauss_newton", "psgd"}
     assert all(r["ratio"] > 0 and r["flop_floor"] >= 1 for r in rows)
@@ -24,12 +29,19 @@ def test_overhead_quick(tmp_path: Path) -> None:
 def test_peers_quick(tmp_path: Path) -> None:
     """Runs with whatever peers are installed (the ``bench`` extra); the library's own contenders always run."""
     out = tmp_path / "peers.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--quick", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _quick("peers.py", out)
     result = json.loads(out.read_text())
     ours = {r["contender"] for r in result["rows"]}
     assert {"sgd", "psgd whitening (ours)", "psgd newton (ours)", "shampoo, gradient stats (ours)"} <= ours
     assert all(r["ratio"] > 0 for r in result["rows"])
     assert all(why for why in result["unavailable"].values())  # a peer that cannot run says why, never crashes
     assert not ours & set(result["unavailable"])
+
+
+def test_refresh_quick(tmp_path: Path) -> None:
+    """Layer by layer against batched refreshes."""
+    out = tmp_path / "refresh.json"
+    _quick("refresh.py", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"kfac", "kfac-eigen", "shampoo"}
+    assert all(r["per_layer_ms"] > 0 and r["batched_ms"] > 0 for r in rows)
