@@ -126,10 +126,19 @@ def mean_eigenvalue(m: Tensor) -> float:
 
 
 # -- many matrices at once: one batched call per group of equal shape, dtype and device -----------------------------
+#: stack equally shaped CPU matrices too (tests and ``benchmarks/refresh.py`` set it to exercise the batched path)
+BATCH_ON_CPU = False
+
+
 def _groups(ms: list[Tensor]) -> list[list[int]]:
+    """Indices of equally shaped matrices on an accelerator. On the CPU every matrix is its own group: LAPACK
+    already spreads one decomposition over the cores, and stacking measured 3-12% slower there
+    (``benchmarks/refresh.py``); the batch pays where each call is a kernel launch."""
     groups: dict[tuple[object, ...], list[int]] = {}
     for i, m in enumerate(ms):
-        groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
+        batch = m.device.type != "cpu" or BATCH_ON_CPU
+        key = (tuple(m.shape), m.dtype, m.device) if batch else (i,)
+        groups.setdefault(key, []).append(i)
     return list(groups.values())
 
 

@@ -70,13 +70,13 @@ class Factor:
             self.value = mean if ok else None
             self.reset()
             return ok
+        mean = torch.where(keep, mean, self.value if decay is not None else torch.zeros_like(mean))
         if decay is None:
-            new = self.value + mean
+            self.value.add_(mean)  # a rejected step adds zero
         elif decay == 0.0:
-            new = mean
-        else:
-            new = self.value * decay + mean * (1.0 - decay)
-        self.value.copy_(torch.where(keep, new, self.value))
+            self.value.copy_(mean)
+        else:  # a rejected step folds the old value into itself: unchanged
+            self.value.mul_(decay).add_(mean, alpha=1.0 - decay)
         self.reset()
         return True
 

@@ -10,7 +10,15 @@ from torch import nn
 
 from lightning_soo import PreconditionerManager
 
-pytestmark = pytest.mark.usefixtures("float64")
+pytestmark = pytest.mark.usefixtures("float64", "batched")
+
+
+@pytest.fixture
+def batched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stack CPU matrices as an accelerator does (on the CPU the library decomposes them one by one)."""
+    from lightning_soo import linalg
+
+    monkeypatch.setattr(linalg, "BATCH_ON_CPU", True)
 
 
 @pytest.mark.parametrize(
