@@ -113,12 +113,6 @@ def inverse_root_eig(
     return (root, lam, rho) if all_finite(root) else None
 
 
-def inverse_root(m: Tensor, damping: float, exponent: float) -> Tensor | None:
-    """``(m + damping * I)^{-exponent}`` (Shampoo's ``-1/4`` roots); None when it cannot be computed."""
-    out = inverse_root_eig(m, damping, exponent)
-    return None if out is None else out[0]
-
-
 def mean_eigenvalue(m: Tensor) -> float:
     """``tr(m) / dim``, for dense (2-D) or diagonal (1-D) factors."""
     d = m.diagonal() if m.dim() == 2 else m

@@ -51,12 +51,6 @@ class Factor:
         self._count.add_(count)
         self._pending = True
 
-    def average(self, scale: float | Tensor = 1.0) -> Tensor | None:
-        """This step's mean times ``scale``; None when nothing was added."""
-        if not self.pending:
-            return None
-        return self._sum * (scale / self._count)
-
     def fold(self, decay: float | None, scale: float | Tensor = 1.0, keep: Tensor | None = None) -> bool:
         """Fold this step's mean times ``scale`` into the running average (weight ``decay`` on the old value;
         None adds it instead, AdaGrad-style); where the device flag ``keep`` is False the old value stays. Returns

@@ -113,25 +113,18 @@ def test_config_order_matters(tmp_path: Path) -> None:
 
 def test_arguments_of_two_appended_callbacks(tmp_path: Path) -> None:
     """README: `--trainer.callbacks.ARG` sets the last appended callback; a JSON value sets an earlier one."""
-    proc = _cli(
-        '--trainer.callbacks+={"class_path": "lightning_soo.KFACCallback", "init_args": {"damping": 0.03}}',
-        "--trainer.callbacks+=lightning_soo.CurvatureScheduler",
-        "--trainer.callbacks.frequent_fraction=0.2",
-        "--print_config",
-        cwd=tmp_path,
-    )
-    kfac, scheduler = _callbacks(proc)[1:]
-    assert kfac["init_args"]["damping"] == 0.03 and scheduler["init_args"]["frequent_fraction"] == 0.2
-    proc = _cli(
-        "--trainer.callbacks+=lightning_soo.KFACCallback",
-        "--trainer.callbacks.damping=0.03",
-        "--trainer.callbacks+=lightning_soo.CurvatureScheduler",
-        "--trainer.callbacks.frequent_fraction=0.2",
-        "--print_config",
-        cwd=tmp_path,
-    )
-    kfac, scheduler = _callbacks(proc)[1:]
-    assert kfac["init_args"]["damping"] == 0.03 and scheduler["init_args"]["frequent_fraction"] == 0.2
+    kfac_forms = [
+        ['--trainer.callbacks+={"class_path": "lightning_soo.KFACCallback", "init_args": {"damping": 0.03}}'],
+        ["--trainer.callbacks+=lightning_soo.KFACCallback", "--trainer.callbacks.damping=0.03"],
+    ]
+    for kfac_args in kfac_forms:
+        scheduler_args = [
+            "--trainer.callbacks+=lightning_soo.CurvatureScheduler",
+            "--trainer.callbacks.frequent_fraction=0.2",
+        ]
+        proc = _cli(*kfac_args, *scheduler_args, "--print_config", cwd=tmp_path)
+        kfac, scheduler = _callbacks(proc)[1:]
+        assert kfac["init_args"]["damping"] == 0.03 and scheduler["init_args"]["frequent_fraction"] == 0.2
 
 
 def test_curvature_config_alone_says_which_config_to_add(tmp_path: Path) -> None:
