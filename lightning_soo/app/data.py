@@ -26,3 +26,20 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[TensorDataset, Te
     x, y = x[order], y[order]
     n_test = round(test_fraction * len(y))
     return TensorDataset(x[n_test:], y[n_test:]), TensorDataset(x[:n_test], y[:n_test])
+
+
+def mnist1d(num_samples: int = 10_000, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """(train, test) splits of MNIST-1D, generated locally by the ``mnist1d`` package's procedural generator (no
+    download): 40 features, 10 classes, 80% / 20% split. Harder than the digits: a small MLP does not memorise it."""
+    require("mnist1d")
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = num_samples, seed
+    data = make_dataset(args)
+    x, x_test = (torch.tensor(data[k], dtype=torch.float32) for k in ("x", "x_test"))
+    y, y_test = (torch.tensor(data[k], dtype=torch.long) for k in ("y", "y_test"))
+    return TensorDataset(x, y), TensorDataset(x_test, y_test)
+
+
+DATASETS = {"digits": digits, "mnist1d": mnist1d}

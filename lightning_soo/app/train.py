@@ -23,11 +23,18 @@ from lightning_soo.app.data import digits
 class DigitsMLP(L.LightningModule):
     """A plain MLP classifier trained with SGD and momentum, as anyone would write it."""
 
-    def __init__(self, hidden: int = 128, lr: float = 0.1, momentum: float = 0.9, optimizer: str = "sgd") -> None:
+    def __init__(
+        self,
+        hidden: int = 128,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        optimizer: str = "sgd",
+        in_features: int = 64,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
-            nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+            nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
         )
         self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
 
@@ -105,7 +112,8 @@ def train(
     """Train ``DigitsMLP`` with SGD (+ the method's callback) and evaluate test accuracy."""
     L.seed_everything(seed, verbose=False)
     train_set, test_set = data or digits(seed=0)
-    model = DigitsMLP(hidden=hidden, lr=lr, optimizer="adamw" if method == "adamw" else "sgd")
+    in_features = int(train_set[0][0].numel())
+    model = DigitsMLP(hidden=hidden, lr=lr, optimizer="adamw" if method == "adamw" else "sgd", in_features=in_features)
     curve = _Curve()
     callbacks: list[Callback] = [curve, *(extra_callbacks or [])]
     extra = make_callback(method, **options)
