@@ -3,7 +3,8 @@
 A managed layer is one weight (a parameter or a block of rows of one) and its bias, preconditioned once per step
 from the statistics of all its uses. A use is a module call whose forward hook sees the input and output
 (``nn.Linear``, ``nn.Conv*``, ``nn.Embedding``, Hugging Face's ``Conv1D``) or an ``F.linear`` call inside an
-``nn.MultiheadAttention`` forward (its projections never run as modules). A use is ``"normal"`` when its input
+``nn.MultiheadAttention`` forward (its projections never run as modules); ``F.linear`` calls on a managed weight
+elsewhere are found by the census (``hooks``) and added by ``functional_use``. A use is ``"normal"`` when its input
 side is the layer's input side, ``"transposed"`` when the orientation is swapped: a weight tied between an
 ``nn.Embedding`` (layer ``W = weightᵀ``, vocabulary on the input side) and an ``nn.Linear`` head (vocabulary on
 its output side). Uses that capture cannot see (a tied weight in a convolution, a call of the weight outside its
@@ -34,13 +35,14 @@ Role = Literal["normal", "transposed"]
 
 @dataclass
 class Use:
-    """One way a layer's weight is called: by ``module``'s forward (hooked) or inside an attention module
-    (``attention=True``: the ``F.linear`` calls of ``nn.MultiheadAttention``); ``rows`` makes the rows."""
+    """One way a layer's weight is called: by ``module``'s forward (hooked) or by ``F.linear`` calls inside
+    ``module``'s forward (``calls=True``: the projections of ``nn.MultiheadAttention``, a head written as
+    ``F.linear(x, wte.weight)``); ``rows`` makes the rows."""
 
     module: nn.Module
     rows: LayerAdapter
     role: Role = "normal"
-    attention: bool = False
+    calls: bool = False
 
 
 @dataclass
@@ -74,11 +76,22 @@ def _attention_specs(name: str, mha: nn.MultiheadAttention, sharing: WeightShari
     for (short, w, _), rows in zip(weights, ranges, strict=True):
         b = None if bias is None else Part(bias, None if mha._qkv_same_embed_dim else rows)
         adapter = LayerAdapter(mha, "expand", weight=Part(w), bias=b)  # positions: (seq, batch) or (batch, seq)
-        specs.append(LayerSpec(f"{name}.{short}" if name else short, adapter, [Use(mha, adapter, attention=True)]))
+        specs.append(LayerSpec(f"{name}.{short}" if name else short, adapter, [Use(mha, adapter, calls=True)]))
     out = LinearAdapter(mha.out_proj, "expand")
     oname = f"{name}.out_proj" if name else "out_proj"
-    specs.append(LayerSpec(oname, out, [Use(mha, out, attention=True)]))
+    specs.append(LayerSpec(oname, out, [Use(mha, out, calls=True)]))
     return specs
+
+
+def functional_use(spec_adapter: LayerAdapter, module: nn.Module) -> Use | None:
+    """The use ``F.linear(x, weight)`` (no bias) inside ``module``'s forward of a layer's whole weight, or None when
+    it cannot join the layer: a weight of a convolution or a block, or a Linear layer's weight with its bias."""
+    if type(spec_adapter) not in (LinearAdapter, EmbeddingAdapter) or spec_adapter.weight.rows is not None:
+        return None
+    if not spec_adapter.transposed and spec_adapter.has_bias:
+        return None  # the call has no bias column: its rows would not fit the layer's input side
+    rows = LayerAdapter(module, spec_adapter.weight_sharing, weight=spec_adapter.weight)
+    return Use(module, rows, "transposed" if spec_adapter.transposed else "normal", calls=True)
 
 
 def eager_name(name: str) -> str:

@@ -11,19 +11,21 @@ Three mechanisms:
 
 * ``Capture.attach``: a forward hook on a module whose forward makes the call (``nn.Linear``, ``nn.Conv*``,
   ``nn.Embedding``, ``Conv1D``).
-* ``Capture.attach_attention``: ``nn.MultiheadAttention`` makes its projections with ``F.linear`` inside
-  ``F.multi_head_attention_forward``, on its parameters or on row blocks of them. During its forward (a pre-hook
-  and an always-called forward hook) ``torch.nn.functional.linear`` is replaced by a function that hands calls
-  on those weights to their sinks, with the row block the weight is of the parameter.
+* ``Capture.attach_calls``: ``F.linear`` calls made inside a module's forward on given weights.
+  ``nn.MultiheadAttention`` makes its projections this way (inside ``F.multi_head_attention_forward``, on its
+  parameters or on row blocks of them), and so does a model whose head is ``F.linear(x, wte.weight)``. During
+  the module's forward ``torch.nn.functional.linear`` is replaced by a function that hands calls on those
+  weights to their sinks, with the row block the weight is of the parameter.
 * ``Census``: once, on the first statistics step, a ``TorchFunctionMode`` sees every torch call that uses a
   managed parameter, and reports the uses made outside the modules that capture it (``F.linear(x, wte.weight)``
-  in a parent's forward, ``x @ w.T``): those parameters must stay plain, never get one use's curvature applied
-  to the gradient of all. Other steps carry no mode.
+  in a parent's forward, ``x @ w.T``). An ``F.linear`` call on the whole weight without a bias is then captured
+  from the next statistics step on (``calls``); a parameter with any other such use stays plain, never gets one
+  use's curvature applied to the gradient of all. Other steps carry no mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -63,14 +65,18 @@ class Capture:
 
         self._handles.append(module.register_forward_hook(forward_hook))
 
-    def attach_attention(self, module: nn.Module, weights: dict[int, OnCall]) -> None:
-        """``weights``: parameter id -> sink, for the parameters whose ``F.linear`` calls (on them or on a block
-        of their rows) ``module``'s forward makes."""
+    def attach_calls(self, module: nn.Module, weights: dict[int, OnCall], outside: Sequence[nn.Module] = ()) -> None:
+        """Capture the ``F.linear`` calls ``module``'s forward makes on the given weights (or on blocks of their
+        rows): ``weights`` maps a parameter id to its sink. During the forward (a pre-hook and an always-called
+        forward hook) ``torch.nn.functional.linear`` is replaced by a function that hands those calls to their
+        sinks. Calls made inside the ``outside`` modules (the weight's own modules, captured by their hooks) are
+        not handed over twice."""
         saved: list[Any] = []
+        depth = [0]
 
         def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             out = saved[-1](x, weight, bias)
-            if not self.active or not torch.is_grad_enabled() or not out.requires_grad:
+            if depth[0] or not self.active or not torch.is_grad_enabled() or not out.requires_grad:
                 return out
             base = weight if weight._base is None else weight._base
             on_call = weights.get(id(base))
@@ -81,14 +87,23 @@ class Capture:
         def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
             if self.active and torch.is_grad_enabled():
                 saved.append(F.linear)
-                F.linear = linear  # type: ignore[assignment]  # looked up at call time by multi_head_attention_forward
+                F.linear = linear  # type: ignore[assignment]  # the functional module's linear is looked up at call time
 
         def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if saved:
                 F.linear = saved.pop()
 
+        def enter(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            depth[0] += 1
+
+        def leave(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            depth[0] -= 1
+
         self._handles.append(module.register_forward_pre_hook(pre_hook))
         self._handles.append(module.register_forward_hook(post_hook, always_call=True))
+        for other in outside:
+            self._handles.append(other.register_forward_pre_hook(enter))
+            self._handles.append(other.register_forward_hook(leave, always_call=True))
 
     def detach(self) -> None:
         """Remove every hook this object registered."""
@@ -112,7 +127,8 @@ class Census(TorchFunctionMode):
     ``owners`` maps a parameter id to the modules whose calls capture it; a torch call that takes the parameter (or
     a view of it) and returns a tensor that requires grad is a use, seen when the innermost module running is one of
     those owners (tracked by pre- and post-forward hooks during the census). ``foreign`` collects the others as
-    parameter id -> description.
+    parameter id -> description; ``calls`` maps a parameter id to the modules in whose forward it was used only
+    as ``F.linear(x, weight)`` (the whole parameter, no bias), which ``Capture.attach_calls`` can capture.
     """
 
     def __init__(self, model: nn.Module, owners: dict[int, set[int]]) -> None:
@@ -120,11 +136,13 @@ class Census(TorchFunctionMode):
         self.owners = owners
         self.stack: list[int] = []
         self.foreign: dict[int, str] = {}
+        self.calls: dict[int, dict[int, nn.Module]] = {}
+        self._other: set[int] = set()  # parameters with a foreign use that is not a capturable F.linear call
         self._handles = [
             nn.modules.module.register_module_forward_pre_hook(lambda m, a: self.stack.append(id(m))),
             nn.modules.module.register_module_forward_hook(lambda m, a, o: self._pop(), always_call=True),
         ]
-        self._model_modules = {id(m) for m in model.modules()}
+        self._model_modules = {id(m): m for m in model.modules()}
 
     def _pop(self) -> None:
         if self.stack:
@@ -135,15 +153,25 @@ class Census(TorchFunctionMode):
         if not isinstance(out, Tensor) or not out.requires_grad:
             return out
         inner = next((m for m in reversed(self.stack) if m in self._model_modules), None)
-        for arg in (*args, *(kwargs or {}).values()):
+        kwargs = kwargs or {}
+        for i, arg in enumerate((*args, *kwargs.values())):
             if isinstance(arg, Tensor) and arg is not out:
                 base = arg if arg._base is None else arg._base
                 owners = self.owners.get(id(base))
-                if owners is not None and inner not in owners and id(base) not in self.foreign:
-                    self.foreign[id(base)] = getattr(func, "__name__", str(func))
+                if owners is None or inner in owners:
+                    continue
+                self.foreign.setdefault(id(base), getattr(func, "__name__", str(func)))
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                if func is F.linear and i == 1 and arg is base and bias is None and inner is not None:
+                    self.calls.setdefault(id(base), {})[inner] = self._model_modules[inner]
+                else:
+                    self._other.add(id(base))
         return out
 
     def close(self) -> dict[int, str]:
+        """Remove the hooks; returns ``foreign`` (``calls`` keeps only parameters with no other foreign use)."""
         for handle in self._handles:
             handle.remove()
+        for pid in self._other:
+            self.calls.pop(pid, None)
         return self.foreign

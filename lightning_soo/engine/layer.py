@@ -47,6 +47,7 @@ class Layer:
     failures: int = 0  # consecutive failed refreshes
     warned: set[str] = field(default_factory=set)
     collecting: bool = False  # statistics of the open step are being captured for this layer
+    catch_up: bool = False  # refresh at the next statistics step, even off schedule (uses added by the census)
 
 
 class OptimizerLayers:

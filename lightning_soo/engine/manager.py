@@ -86,12 +86,11 @@ class PreconditionerManager:
         self.counters = dict.fromkeys(names, 0)
         self._timer = PhaseTimer(next(model.parameters(), torch.empty(0)).device)
         self._cycle = -1  # index of the current (or last) step
-        self._open = False
-        self._collecting = False
+        self._open = self._collecting = False
         self._scaled = False  # the open step's statistics were captured under a GradScaler
         self._processed: set[str] = set()
         self._reported = False
-        self._warned: set[str] = set()  # manager-wide warnings already given
+        self._warned: set[str] = set()  # manager-wide warnings
         self._verdicts: Verdicts[Layer] = Verdicts()  # device-side flags of the step, read once by _settle
         self._build(model)
 
@@ -226,10 +225,11 @@ class PreconditionerManager:
         else:
             for layer in layers:
                 layer.preconditioner.discard_statistics()
-        if self.schedule.refreshes(step):
+        due = layers if self.schedule.refreshes(step) else [lay for lay in layers if lay.catch_up and self._collecting]
+        if due:  # refresh steps, and layers rewired by the census at their first complete statistics
             self._settle()  # refresh steps may synchronise: the statistics' verdicts are needed now
             with self._timer.phase("refresh"):
-                self._refresh_due(layers, step, lr)
+                self._refresh_due(due, step, lr)
 
     def _close_statistics(self, layers: list[Layer], output_scale: float | Tensor) -> None:
         with self._timer.phase("statistics"):
@@ -283,7 +283,7 @@ class PreconditionerManager:
         if ok is None:
             return
         if ok:
-            layer.failures = 0
+            layer.failures, layer.catch_up = 0, False
             self.counters["refreshes"] += 1
             return
         layer.failures += 1
@@ -355,7 +355,7 @@ class PreconditionerManager:
         plain = dict(self.skipped)
         for layer in self.layers.values():
             elsewhere = self.plan is not None and self.plan.broadcast_gradients and not self.plan.owns(layer)
-            if not layer.preconditioner.ready and not elsewhere:
+            if not layer.preconditioner.ready and not elsewhere and not layer.catch_up:
                 why = f"{type(layer.module).__name__}: no statistics captured (its forward never ran)"
                 for p in layer.adapter.params:
                     plain.setdefault(self.wiring.param_name(p, layer.name), why)

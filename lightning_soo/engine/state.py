@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from lightning_soo.capture.hooks import Capture
 from lightning_soo.engine.layer import Layer
 from lightning_soo.engine.schedule import ChangeMonitor, Schedule
+from lightning_soo.engine.wiring import Wiring
 from lightning_soo.options import StepOptions
 
 
@@ -22,6 +23,7 @@ class Stateful(Protocol):
     monitor: ChangeMonitor | None
     layers: dict[str, Layer]
     capture: Capture
+    wiring: Wiring
     options: StepOptions
     warn: Callable[[str], None]
 
@@ -35,6 +37,7 @@ def manager_state(manager: Stateful) -> dict[str, Any]:
         "schedule": manager.schedule.state_dict(),
         "monitor": manager.monitor.state_dict() if manager.monitor is not None else {},
         "layers": {name: layer.preconditioner.state_dict() for name, layer in manager.layers.items()},
+        "calls": {name: list(modules) for name, modules in manager.wiring.calls.items()},
     }
 
 
@@ -51,6 +54,7 @@ def load_manager_state(manager: Stateful, state: dict[str, Any]) -> None:
     missing = [name for name in state["layers"] if name not in manager.layers]
     if missing:
         manager.warn(f"checkpoint has preconditioner state for unknown layers {missing}; it was ignored")
+    manager.wiring.restore_calls(state.get("calls", {}))
     damping = rebuild_damping(manager)
     rebuilt: list[str] = []
     for name, layer_state in state["layers"].items():
@@ -66,6 +70,7 @@ def load_manager_state(manager: Stateful, state: dict[str, Any]) -> None:
             ) from None
         if not same:
             rebuilt.append(name)
+        manager.layers[name].catch_up = not pre.ready
         if not pre.ready and damping is not None:
             # options changed since the checkpoint (inverse mode, blocks, damping, ...), or saved by a rank that
             # did not own this layer: the derived state is rebuilt from the loaded statistics

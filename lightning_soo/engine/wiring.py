@@ -1,5 +1,6 @@
 """How the manager wires capture: one ``Layer`` per discovered layer, its uses' sinks on the hooks, and the census
-that leaves plain the layers whose weight is also used where capture cannot see it."""
+that adds the ``F.linear`` calls of managed weights made outside their modules, or leaves plain the layers whose
+weight is also used where capture cannot see it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from lightning_soo.capture import Capture, Census, discover
+from lightning_soo.capture.discovery import functional_use
 from lightning_soo.engine.layer import Layer, use_sink
 from lightning_soo.options import StepOptions
 
@@ -27,6 +29,11 @@ class Wiring:
     excluded: dict[str, str] = field(default_factory=dict)  # parameter name -> "excluded by you"
     names: dict[int, str] = field(default_factory=dict)  # parameter id -> its (first) name
     census: Census | None = None
+    method: Any = None  # the preconditioner class, its options, the timings and the loss reduction: for rewiring
+    options: StepOptions | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    mean: bool = True
+    calls: dict[str, list[str]] = field(default_factory=dict)  # layer -> modules whose F.linear calls are its uses
 
     def leave_plain(self, module: nn.Module, params: list[nn.Parameter], why: str) -> None:
         for p in params:
@@ -69,8 +76,10 @@ class Wiring:
         self.census.__enter__()
 
     def finish_census(self) -> bool:
-        """Layers with a use capture cannot see keep their plain gradient (their statistics would be those of one
-        use applied to the gradient of all). Returns whether a layer was removed."""
+        """Add the ``F.linear`` calls the census found as uses of their layers (captured from the next statistics
+        step; this step's statistics of those layers, missing the calls, are dropped); a layer with another use
+        capture cannot see keeps its plain gradient (its statistics would be those of one use applied to the
+        gradient of all). Returns whether a layer was removed."""
         census, self.census = self.census, None
         if census is None:
             return False
@@ -79,22 +88,66 @@ class Wiring:
         removed = False
         for name, layer in list(self.layers.items()):
             hit = next((foreign[id(p)] for p in layer.adapter.params if id(p) in foreign), None)
-            if hit is not None:
+            if hit is None:
+                continue
+            layer.collecting = False
+            layer.preconditioner.discard_statistics()
+            why = self._add_calls(layer, census.calls.get(id(layer.adapter.weight.param), {}))
+            if why is not None:
                 del self.layers[name]
-                layer.collecting = False
-                layer.preconditioner.discard_statistics()
-                self.leave_plain(layer.module, layer.adapter.params, f"weight also used by {hit} outside its modules")
+                self.leave_plain(layer.module, layer.adapter.params, f"weight also used by {hit} outside its modules"
+                                 + (f" ({why})" if why else ""))  # fmt: skip
                 removed = True
         return removed
+
+    def _add_calls(self, layer: Layer, modules: dict[int, nn.Module]) -> str | None:
+        """Capture ``F.linear(x, weight)`` inside each of ``modules``' forwards as uses of ``layer``; the reason it
+        cannot be done ("" when there are other uses than such calls), or None once done."""
+        uses = [functional_use(layer.adapter, module) for module in modules.values()]
+        if not uses:
+            return ""
+        if any(use is None for use in uses):
+            return "a call capture cannot join to this layer's statistics"
+        transposed = any(use.role == "transposed" for use in uses if use is not None) or any(
+            use.role == "transposed" for use in layer.uses
+        )
+        if transposed and not layer.preconditioner.transposed_uses:
+            if not self.method.supports_transposed:
+                return f"in the swapped orientation, not supported by {self.method.__name__}"
+            w = layer.adapter.weight.param
+            old = layer.preconditioner
+            layer.preconditioner = self.method.for_layer(
+                layer.adapter, dtype=old.dtype, device=w.device, options=self.options, transposed_uses=True
+            )
+        layer.catch_up = True
+        names = {id(m): name for name, m in self.model.named_modules(remove_duplicate=False)}
+        self.calls.setdefault(layer.name, []).extend(names[id(use.module)] for use in uses if use is not None)
+        owners = [use.module for use in layer.uses]
+        for use in uses:
+            assert use is not None
+            layer.uses.append(use)
+            sink = use_sink(layer, use, self.timings, self.mean)
+            self.capture.attach_calls(use.module, {id(layer.adapter.weight.param): sink}, outside=owners)
+        return None
+
+    def restore_calls(self, calls: dict[str, list[str]]) -> None:
+        """Add the call uses a checkpoint's census found (``calls``), before its layers' state is loaded."""
+        for name, modules in calls.items():
+            layer = self.layers.get(name)
+            if layer is not None and name not in self.calls:
+                self._add_calls(layer, {i: self.model.get_submodule(m) for i, m in enumerate(modules)})
 
 
 def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str, float]) -> Wiring:
     """Discover the layers of ``model``, build their preconditioners and attach the capture of their uses."""
     specs, skipped, excluded = discover(model, options.exclude, options.weight_sharing)
-    wiring = Wiring(model, skipped=skipped, excluded=excluded)
+    wiring = Wiring(
+        model, skipped=skipped, excluded=excluded, method=method, options=options, timings=timings,
+        mean=options.loss_reduction == "mean",
+    )  # fmt: skip
     for pname, p in model.named_parameters(remove_duplicate=False):
         wiring.names.setdefault(id(p), pname)
-    mean = options.loss_reduction == "mean"
+    mean = wiring.mean
     attention: dict[int, tuple[nn.Module, dict[int, Any]]] = {}  # attention module -> (module, {weight id: sink})
     for spec in specs:
         adapter = spec.adapter
@@ -112,10 +165,10 @@ def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str,
             continue
         for use in spec.uses:
             sink = use_sink(layer, use, timings, mean)
-            if use.attention:
+            if use.calls:
                 attention.setdefault(id(use.module), (use.module, {}))[1][id(w)] = sink
             else:
                 wiring.capture.attach(use.module, sink)
     for module, weights in attention.values():
-        wiring.capture.attach_attention(module, weights)
+        wiring.capture.attach_calls(module, weights)
     return wiring

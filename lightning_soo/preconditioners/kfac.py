@@ -135,7 +135,11 @@ class KFAC(Preconditioner):
     b_t = property(*_factor_value("_bt"), doc="Output-gradient statistic of the transposed uses (input side).")
 
     def fit_statistic(self, name: str, saved: Tensor) -> Tensor:
-        factor = self._a if name == "a" else self._b
+        factor = getattr(self, {"a": "_a", "b": "_b", "a_t": "_at", "b_t": "_bt"}[name], None)
+        if factor is None:
+            raise ValueError(
+                f"saved `{name}` is a statistic of uses in the swapped orientation this layer does not have"
+            )
         return fit_square(name, saved, factor.dim, factor.diagonal)
 
     @property

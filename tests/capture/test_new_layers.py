@@ -258,11 +258,48 @@ def test_tied_weight_under_gauss_newton_stays_plain_and_psgd_takes_it() -> None:
     assert "wte" in psgd.layers
 
 
-def test_functional_use_outside_its_module_leaves_the_weight_plain() -> None:
-    """``F.linear(x, wte.weight)`` in the model's forward: the embedding's curvature must not be applied to the
-    gradient of both uses; the census on the first statistics step finds the use and leaves the weight plain."""
+@pytest.mark.parametrize("method", ["kfac", "shampoo"])
+def test_functional_head_is_captured_like_a_tied_module_head(method: str) -> None:
+    """``F.linear(x, wte.weight)`` in the model's forward: the census on the first statistics step finds the call
+    (the gradient of that step stays plain: the embedding's curvature alone must not be applied to the gradient of
+    both uses), and from the next statistics step the call is a use of the tied layer, so every later update equals
+    the one of the same model with the head as a tied ``nn.Linear`` (the dense definition is tested above)."""
     torch.manual_seed(0)
-    model = TiedLM(functional=True)
+    functional, module = TiedLM(functional=True), TiedLM()
+    module.load_state_dict({k: v for k, v in functional.state_dict().items() if k != "head.weight"}, strict=False)
+    tokens, labels = _tied_data()
+    opts = {"factor_decay": 0.0} if method == "kfac" else {"beta": 0.0}
+    managers = [PreconditionerManager(m, method, warn=lambda msg: None, **opts) for m in (functional, module)]
+    for step in range(3):
+        grads = []
+        for model, manager in zip((functional, module), managers, strict=True):
+            model.zero_grad()
+            manager.begin_step()
+            F.cross_entropy(model(tokens).reshape(-1, 7), labels.reshape(-1)).backward()
+            plain = model.wte.weight.grad.clone()
+            manager.step()
+            grads.append((plain, model.wte.weight.grad.clone()))
+        (f_plain, f_pre), (m_plain, m_pre) = grads
+        torch.testing.assert_close(f_plain, m_plain)
+        if step == 0:
+            assert torch.equal(f_pre, f_plain)  # found this step: plain until its statistics are complete
+        else:
+            assert not torch.equal(f_pre, f_plain)
+            torch.testing.assert_close(f_pre, m_pre, rtol=1e-5, atol=1e-7)
+    assert [use.role for use in managers[0].layers["wte"].uses] == ["normal", "transposed"]
+    assert "wte.weight" not in managers[0].skipped
+
+
+class MatmulHead(TiedLM):
+    """The head as ``x @ wte.weight.T``: a use the census sees but capture cannot take."""
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return torch.tanh(self.fc(self.wte(tokens))) @ self.wte.weight.T
+
+
+def test_uncapturable_use_outside_its_module_leaves_the_weight_plain() -> None:
+    torch.manual_seed(0)
+    model = MatmulHead(functional=True)
     tokens, labels = _tied_data()
     warnings: list[str] = []
     manager = PreconditionerManager(model, "kfac", warn=warnings.append)
@@ -276,6 +313,39 @@ def test_functional_use_outside_its_module_leaves_the_weight_plain() -> None:
         manager.step()
     assert "wte" not in manager.layers
     assert torch.equal(model.wte.weight.grad, before)  # plain
-    assert "linear" in manager.skipped["wte.weight"] and "Embedding" in manager.skipped["wte.weight"]
-    assert any("wte.weight: Embedding: weight also used by linear" in w for w in warnings)
+    assert "Embedding" in manager.skipped["wte.weight"]
+    assert any("wte.weight: Embedding: weight also used by" in w for w in warnings)
     assert model.fc.weight.grad is not None and manager.layers["fc"].preconditioner.ready
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_tied_layer_resumes_from_a_checkpoint(functional: bool) -> None:
+    """A tied layer's statistics of both orientations (and, for a head made by ``F.linear``, the call uses the
+    census found) come back from a checkpoint loaded with ``weights_only=True``: the resumed run's updates are the
+    uninterrupted run's."""
+    import io
+
+    torch.manual_seed(0)
+    model = TiedLM(functional=functional)
+    tokens, labels = _tied_data()
+    manager = PreconditionerManager(model, "kfac", warn=lambda m: None)
+
+    def step(model: nn.Module, manager: PreconditionerManager) -> Tensor:
+        model.zero_grad()
+        manager.begin_step()
+        F.cross_entropy(model(tokens).reshape(-1, 7), labels.reshape(-1)).backward()
+        manager.step()
+        return model.wte.weight.grad.clone()
+
+    for _ in range(3):
+        step(model, manager)
+    buffer = io.BytesIO()
+    torch.save(manager.state_dict(), buffer)
+    buffer.seek(0)
+    twin = TiedLM(functional=functional)
+    twin.load_state_dict(model.state_dict())
+    resumed = PreconditionerManager(twin, "kfac", warn=lambda m: None)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for _ in range(2):
+        torch.testing.assert_close(step(twin, resumed), step(model, manager), rtol=0, atol=0)
+    assert [use.role for use in resumed.layers["wte"].uses] == ["normal", "transposed"]

@@ -92,11 +92,11 @@ class Encoder(nn.Module):
 
 class NanoGPT(nn.Module):
     """nanoGPT's shape: token and position embeddings, blocks of causal SDPA attention and an MLP, LayerNorms, and
-    ``self.wte.weight = self.lm_head.weight``."""
+    ``self.wte.weight = self.lm_head.weight`` (or, ``functional``, the head as ``F.linear(x, self.wte.weight)``)."""
 
-    def __init__(self, d: int = 16, heads: int = 2, layers: int = 2) -> None:
+    def __init__(self, d: int = 16, heads: int = 2, layers: int = 2, functional: bool = False) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.functional = heads, functional
         self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(T, d)
         self.blocks = nn.ModuleList(
             nn.ModuleDict(
@@ -112,8 +112,9 @@ class NanoGPT(nn.Module):
             for _ in range(layers)
         )
         self.ln_f = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, VOCAB, bias=False)
-        self.wte.weight = self.lm_head.weight
+        if not functional:
+            self.lm_head = nn.Linear(d, VOCAB, bias=False)
+            self.wte.weight = self.lm_head.weight
 
     def forward(self, tokens: Tensor) -> Tensor:
         b, t = tokens.shape
@@ -123,7 +124,43 @@ class NanoGPT(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
             x = x + blk["proj"](y)
             x = x + blk["out"](F.gelu(blk["fc"](blk["ln2"](x))))
-        return self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        return F.linear(x, self.wte.weight) if self.functional else self.lm_head(x)
+
+
+def torchvision_resnet18() -> Case:
+    """torchvision's own resnet18 (from ``.thirdparty``: see ``thirdparty.py``)."""
+    from tests.integration.thirdparty import load
+
+    return load("torchvision").models.resnet18(num_classes=4), _images(size=32), _classify
+
+
+def timm_vit() -> Case:
+    from tests.integration.thirdparty import load
+
+    timm = load("timm")
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=4, embed_dim=32, depth=2,
+        num_heads=2,
+    )  # fmt: skip
+    return model, _images(size=32), _classify
+
+
+def litgpt(llama: bool) -> Case:
+    """litgpt's GPT: Pythia-style (LayerNorm, parallel residual, partial rotary) or Llama-style (RMSNorm, SwiGLU
+    ``LLaMAMLP``, grouped queries)."""
+    import pytest
+
+    lit = pytest.importorskip("litgpt")
+    shape = {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": T, "vocab_size": VOCAB, "padded_vocab_size": VOCAB}
+    if llama:
+        config = lit.Config(
+            **shape, bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=32,
+            n_query_groups=1, rotary_percentage=1.0, parallel_residual=False,
+        )  # fmt: skip
+    else:
+        config = lit.Config(**shape, bias=True, rotary_percentage=0.25, parallel_residual=True)
+    return lit.GPT(config), _tokens(), _lm_loss
 
 
 def encoder() -> Case:
@@ -141,18 +178,28 @@ CASES: dict[str, Callable[[], Case]] = {
     "llama": lambda: llama(False),
     "llama tied": lambda: llama(True),
     "nanogpt tied": nanogpt,
+    "nanogpt F.linear head": lambda: (NanoGPT(functional=True), _tokens(), _lm_loss),
     "TransformerEncoder": encoder,
+    "litgpt pythia": lambda: litgpt(False),
+    "litgpt llama": lambda: litgpt(True),
+    "resnet18 (torchvision)": torchvision_resnet18,
+    "vit (timm)": timm_vit,
 }
+# SGD's learning rate per case (default 0.05): on one batch of four images, BatchNorm and a ViT make plain SGD itself
+# jump about at 0.05 (resnet18: 1.38, 1.76, 2.81, 0.02), so a falling loss over four steps needs a smaller one there
+LR = {"resnet18 (torchvision)": 0.02, "vit (timm)": 0.02}
 
 
-def coverage(model: nn.Module, batch: Tensor, loss_fn, method: str, steps: int = 3) -> tuple[float, list[float]]:
+def coverage(
+    model: nn.Module, batch: Tensor, loss_fn, method: str, steps: int = 3, lr: float = 0.05
+) -> tuple[float, list[float]]:
     """(share of trainable elements whose gradient the manager rewrote at the last step, losses) over ``steps``
     SGD steps on one batch."""
     from lightning_soo import PreconditionerManager
 
     torch.manual_seed(0)
     manager = PreconditionerManager(model, method, warn=lambda m: None)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     losses, share = [], 0.0
     for _ in range(steps):
         opt.zero_grad()
