@@ -105,6 +105,19 @@ def test_slower_method_is_not_recommended_and_short_probes_say_so() -> None:
     assert SPEEDUP > 1
 
 
+def test_even_and_noisy_probes_are_not_recommendations() -> None:
+    base = _record("baseline", [1.0 - 0.01 * i for i in range(40)], step=0.01)
+    even = summarize(base, [_record("kfac@0.01", [1.0 - 0.02 * i for i in range(40)], step=0.02, method="kfac")])
+    assert even["arms"][0]["time_ratio"] == pytest.approx(1.0, abs=0.1) and even["arms"][0]["decisive"]
+    assert even["decision"]["verdict"] == "marginal"
+    assert verdict_line(even).startswith("about even here: K-FAC") and "--steps 80" in verdict_line(even)
+    wiggle = [1.0 - 0.01 * i + (0.05 if i % 2 else -0.05) for i in range(40)]
+    noisy = summarize(
+        _record("baseline", wiggle, 0.01), [_record("k", [*wiggle[:-1], wiggle[-1] - 0.01], 0.01, method="kfac")]
+    )
+    assert noisy["decision"] == {"verdict": "inconclusive", "method": "kfac", "reason": "final losses within the noise"}
+
+
 def test_freeze_point_from_the_quality_series() -> None:
     assert freeze_step([[10, 0.9], [20, 0.6], [30, 0.59], [40, 0.6]]) == 20
     assert freeze_step([[10, 0.9], [20, 0.6], [30, 0.4]]) is None  # still improving

@@ -52,6 +52,12 @@ def verdict_line(summary: dict[str, Any]) -> str:
     if decision["verdict"] == "keep":
         return f"not worth it here: {scale}; {decision['reason']}; keep your optimizer"
     arm = summary["best"][decision["method"]] if decision["method"] else None
+    if decision["verdict"] == "marginal" and arm is not None:
+        return (
+            f"about even here: {LABELS[arm['method']]} {_fmt(arm['time_ratio'], '.2f')}x in wall-clock "
+            f"({_fmt(arm['step_ratio'], '.2g')}x fewer steps at {_fmt(arm['cost_ratio'], '.2g')}x cost per step; "
+            f"{scale}); keep your optimizer, or confirm with a longer probe: --steps {2 * summary['steps']}"
+        )
     if decision["verdict"] == "inconclusive" or arm is None:
         who = f"{LABELS[arm['method']]} " if arm else ""
         longer = 2 * summary["steps"]

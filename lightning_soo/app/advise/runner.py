@@ -49,6 +49,7 @@ def cli_runner(
     """Runs ``python SCRIPT fit --config ... <arm config>`` and reads the probe's JSON back."""
 
     def run(arm: Arm, probe: dict[str, Any]) -> dict[str, Any]:
+        work.mkdir(parents=True, exist_ok=True)
         record_path = work / f"{arm.name}.json"
         specs = [
             {

@@ -165,10 +165,11 @@ def summarize(baseline: dict[str, Any], arms: Sequence[dict[str, Any]], clock: s
     }
 
 
-def _key(arm: dict[str, Any]) -> tuple[float, float]:
-    """Fastest to the target in seconds first; among arms that never got there, the lowest final loss."""
-    reached = arm["seconds_to_target"]
-    return (0.0, reached) if reached is not None else (1.0, arm["final_loss"])
+def _key(arm: dict[str, Any]) -> tuple[float, float, float]:
+    """The best damping of a method: fewest steps to the target, then the lowest final loss (a method's cost per
+    step does not depend on its damping, so timing noise must not pick it); never there: the lowest final loss."""
+    reached = arm["steps_to_target"]
+    return (0.0, reached, arm["final_loss"]) if reached is not None else (1.0, 0.0, arm["final_loss"])
 
 
 def _best_per_method(arms: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -181,16 +182,19 @@ def _best_per_method(arms: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]
 
 
 def decide(steps: int, best: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``recommend`` (a method wins by ``SPEEDUP`` beyond the noise), ``keep`` (none does, clearly) or
-    ``inconclusive`` (the probe cannot tell), with the method and the reason."""
+    """``recommend`` (a method wins by ``SPEEDUP`` beyond the noise), ``keep`` (every method is clearly slower),
+    ``marginal`` (the best is within ``SPEEDUP`` of the baseline either way, its loss beyond the noise) or
+    ``inconclusive`` (too short, or the final losses within the noise), with the method and the reason."""
     if steps < MIN_STEPS:
         return {"verdict": "inconclusive", "method": None, "reason": f"only {steps} steps (fewer than {MIN_STEPS})"}
     ranked = sorted(best.values(), key=lambda a: -(a["time_ratio"] or 0.0))
     winners = [a for a in ranked if (a["time_ratio"] or 0.0) >= SPEEDUP and a["decisive"]]
     if winners:
         return {"verdict": "recommend", "method": winners[0]["method"], "reason": "faster beyond the noise"}
-    close = [a for a in ranked if not a["decisive"] or (a["time_ratio"] is not None and a["time_ratio"] >= 1 / SPEEDUP)]
-    if close:
-        reason = "final losses within the noise" if not close[0]["decisive"] else "within 10% of the baseline"
-        return {"verdict": "inconclusive", "method": close[0]["method"], "reason": reason}
+    even = [a for a in ranked if a["decisive"] and a["time_ratio"] is not None and a["time_ratio"] >= 1 / SPEEDUP]
+    if even:
+        return {"verdict": "marginal", "method": even[0]["method"], "reason": "within 10% of the baseline"}
+    noisy = [a for a in ranked if not a["decisive"]]
+    if noisy:
+        return {"verdict": "inconclusive", "method": noisy[0]["method"], "reason": "final losses within the noise"}
     return {"verdict": "keep", "method": None, "reason": "every method is slower to the baseline's loss"}
