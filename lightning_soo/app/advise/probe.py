@@ -159,9 +159,9 @@ class ProbeCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._window_losses.append(_loss(outputs))  # reading the loss waits for an accelerator: the step is done
         now = (time.perf_counter(), time.process_time())
         self._busy = [b + n - t for b, n, t in zip(self._busy, now, self._t_start, strict=True)]
-        self._window_losses.append(_loss(outputs))
         if trainer.global_step == self._stepped:  # mid accumulation window: no optimizer step yet
             return
         self._stepped = trainer.global_step
