@@ -17,6 +17,7 @@ MARKER = re.compile(r"<!-- readme: (.+?) -->")
 ANCHORS = {
     "#which-method-when-the-papers-findings": "guides/methods.md#which-method-when-the-papers-findings",
     "#references": "references.md",
+    "#advise-will-second-order-help-my-run": "guides/advise.md#advise-will-second-order-help-my-run",
 }
 
 

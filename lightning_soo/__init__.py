@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from lightning_soo.app.advise import advise
     from lightning_soo.callbacks import (
         CurvatureScheduler,
         GaussNewtonCallback,
@@ -44,6 +45,7 @@ _HOME = {
     **dict.fromkeys(("Quality", "QualityReport", "measure_quality"), "lightning_soo.diagnostics.quality"),
     **dict.fromkeys(("Damping", "ScaledDamping"), "lightning_soo.engine.damping"),
     "PreconditionerManager": "lightning_soo.engine.manager",
+    "advise": "lightning_soo.app.advise",
     "Schedule": "lightning_soo.engine.schedule",
     **dict.fromkeys(
         ("GaussNewtonOptions", "KFACOptions", "PSGDOptions", "ShampooOptions", "StepOptions"), "lightning_soo.options"
@@ -75,6 +77,7 @@ __all__ = [
     "ShampooOptions",
     "StepOptions",
     "__version__",
+    "advise",
     "measure_quality",
 ]
 

@@ -62,6 +62,26 @@ def _report(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _advise(args: argparse.Namespace) -> None:
+    if not args.script.is_file():
+        raise SystemExit(f"lightning-soo advise: script {args.script} does not exist")
+    missing = [str(c) for c in args.config if not c.is_file()]
+    if missing:
+        raise SystemExit(f"lightning-soo advise: --config file(s) not found: {', '.join(missing)}")
+    from lightning_soo.app.advise.arms import parse_methods
+
+    try:
+        methods = parse_methods(args.methods)
+    except ValueError as err:
+        raise SystemExit(f"lightning-soo advise: {err}") from None
+    from lightning_soo.app.advise import advise_script
+
+    try:
+        advise_script(args, methods)
+    except RuntimeError as err:
+        raise SystemExit(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-soo", description="Second-order optimization for PyTorch Lightning: demos and tools."
@@ -119,6 +139,42 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=None, help="where the PNGs go (default: LOGDIR)")
     report.set_defaults(func=_report)
 
+    advise = sub.add_parser(
+        "advise",
+        help="will second order speed up YOUR run? probe a LightningCLI script with and without each method",
+        description="Run your LightningCLI script (`python SCRIPT fit --config ...`) for a short budget with your "
+        "optimizer and with each method (a few dampings each), from the same initial weights and the same batches; "
+        "print the cost per step, the steps and seconds each needs to reach your optimizer's final loss, the best "
+        "damping, when the curvature can be frozen and a verdict; write advise.json, advise.png and advise.yaml "
+        "(a config for the recommended setting). Arguments after `--` go to your script.",
+    )
+    advise.add_argument("script", type=Path, help="your LightningCLI script (run with its `fit` subcommand)")
+    advise.add_argument(
+        "--config", type=Path, action="append", default=[], help="your config file(s), in order (repeatable)"
+    )
+    advise.add_argument(
+        "--methods",
+        default="kfac,shampoo",
+        help="comma-separated: kfac, shampoo, gauss_newton, psgd (default: kfac,shampoo)",
+    )
+    advise.add_argument("--steps", type=_positive, default=200, help="optimizer steps per arm (default: 200)")
+    advise.add_argument(
+        "--damping-grid", type=_positive, default=3, help="dampings tried per method (default: 3; psgd has none)"
+    )
+    advise.add_argument("--seed", type=int, default=0, help="seed of every arm (default: 0)")
+    advise.add_argument("--out", type=Path, default=Path("soo_advise"), help="output folder (default: ./soo_advise)")
+    advise.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="seconds by wall-clock (default) or by the process's CPU time (a CPU shared with other jobs; run "
+        "single-threaded, OMP_NUM_THREADS=1)",
+    )
+    advise.add_argument(
+        "--keep-validation", action="store_true", help="run your validation too (default: off during the probe)"
+    )
+    advise.set_defaults(func=_advise)
+
     config = sub.add_parser(
         "config",
         help="print a LightningCLI config shipped with the package (kfac, shampoo, gauss_newton, psgd, curvature)",
@@ -133,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv.index("--") if "--" in argv else len(argv)  # `advise ... -- ARGS`: ARGS go to the user's script
+    args = build_parser().parse_args(argv[:rest])
+    args.script_args = argv[rest + 1 :]
     args.func(args)
 
 

@@ -49,6 +49,9 @@ USER_SCRIPT = """
     manager.begin_step()
     manager.step(torch.optim.SGD(model.parameters(), lr=0.1))
     version: str = lightning_soo.__version__
+    advise = lightning_soo.advise  # its signature is visible through the lazy import
+    if False:
+        advise(L.LightningModule(), None, {"max_epochs": 1}, methods="kfac", steps=10, clock="cpu")
 """
 
 BAD_SCRIPT = """

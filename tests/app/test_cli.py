@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_help_is_complete() -> None:
     text = build_parser().format_help()
-    assert all(cmd in text for cmd in ("demo", "compare", "report", "config", "--version"))
+    assert all(cmd in text for cmd in ("demo", "compare", "report", "config", "advise", "--version"))
 
 
 def test_help_version_and_config_import_neither_torch_nor_lightning() -> None:
