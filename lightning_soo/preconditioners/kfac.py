@@ -179,7 +179,10 @@ class KFAC(Preconditioner):
         if not ok:  # a first value was not finite: start again at the next statistics step
             for a, b, _ in pending:
                 a.value = b.value = None
-        self.discard_statistics()  # an orientation without both halves this step
+        folded = {id(f) for a, b, _ in pending for f in (a, b)}  # fold reset these already
+        for f in self._factors:
+            if id(f) not in folded:  # an orientation without both halves this step
+                f.reset()
         return ~keep
 
     def statistics_tensors(self) -> list[Tensor]:

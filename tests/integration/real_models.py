@@ -149,9 +149,9 @@ def timm_vit() -> Case:
 def litgpt(llama: bool) -> Case:
     """litgpt's GPT: Pythia-style (LayerNorm, parallel residual, partial rotary) or Llama-style (RMSNorm, SwiGLU
     ``LLaMAMLP``, grouped queries)."""
-    import pytest
+    from tests.integration.thirdparty import load
 
-    lit = pytest.importorskip("litgpt")
+    lit = load("litgpt")
     shape = {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": T, "vocab_size": VOCAB, "padded_vocab_size": VOCAB}
     if llama:
         config = lit.Config(
