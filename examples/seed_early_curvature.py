@@ -163,7 +163,9 @@ def plot(name: str, res: dict, fractions: list[float], path: Path) -> None:
             ax.set_ylabel("afterwards")
             for i, r in enumerate(values):
                 for j, v in enumerate(r):
-                    ax.text(j, i, fmt.format(v), ha="center", va="center", color="w", fontsize=8)
+                    red, green, blue, _ = im.cmap(im.norm(shown[i][j]))
+                    dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+                    ax.text(j, i, fmt.format(v), ha="center", va="center", color="w" if dark else "k", fontsize=8)
             fig.colorbar(im, ax=ax, label=("log10 " if metric == "loss" else "") + label)
             ax.set_title(f"{method}: {label}")
     fig.suptitle(f"{name}: when must curvature be refreshed? ({res['epochs']} epochs, batch 128)")
