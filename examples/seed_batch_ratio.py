@@ -1,13 +1,15 @@
 """Seed Fig. 4 at CPU scale: the ratio of batch size to dataset size decides how much second order helps.
 
-Digits subsets of N = 180 ... 1,438 training examples, batch sizes 32 ... 512, SGD (momentum 0.9, lr best of a
-2-point grid) against SGD + KFACCallback (defaults). Gain = SGD's final training loss / K-FAC's. Two arms:
-fixed epochs (the usual comparison, where a larger ratio also means fewer steps) and fixed steps (the same number
-of optimizer steps everywhere), which separates the ratio from the number of steps.
+Subsets of N = 180 ... 1,438 digits training examples (batch sizes 32 ... 512) and of N = 1,000 ... 8,000 MNIST-1D
+training examples (batch sizes 32 ... 2,000), SGD (momentum 0.9, lr best of a 2-point grid) against
+SGD + KFACCallback (defaults). Gain = SGD's final training loss / K-FAC's. Two arms: fixed epochs (the usual
+comparison, where a larger ratio also means fewer steps) and fixed steps (the same number of optimizer steps
+everywhere), which separates the ratio from the number of steps.
 
-Criterion (stated before running): in both arms the gain's Spearman rank correlation with batch / N is > 0.3.
+Criterion (stated before running), per dataset: in both arms the gain's Spearman rank correlation with batch / N
+is > 0.3.
 
-    python examples/seed_batch_ratio.py [--quick]
+    OMP_NUM_THREADS=1 python examples/seed_batch_ratio.py [--quick] [--dataset digits|mnist1d|both]
 """
 
 from __future__ import annotations
@@ -20,10 +22,25 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from seed_common import Clock, base_parser, pyplot, quiet, result_path, save, spearman, verdict
+from seed_common import (
+    Clock,
+    add_dataset,
+    base_parser,
+    command,
+    load_datasets,
+    pyplot,
+    quiet,
+    result_path,
+    save,
+    spearman,
+    verdict,
+)
 
-from lightning_soo.app.data import digits
 from lightning_soo.app.train import train
+
+SIZES = {"digits": [180, 360, 720, 1438], "mnist1d": [1000, 2000, 4000, 8000]}
+BATCHES = {"digits": [32, 128, 512], "mnist1d": [32, 128, 512, 2000]}
+CRITERION = __doc__.split("Criterion")[1].split("\n\n")[0]
 
 
 def subset(data: tuple[TensorDataset, TensorDataset], n: int) -> tuple[TensorDataset, TensorDataset]:
@@ -37,18 +54,11 @@ def best_loss(method: str, grid: list[dict], **kwargs: object) -> float:
     return min(finite) if finite else math.inf
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = base_parser(__doc__, "2 x 2 grid, tiny budgets")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=150)
-    args = parser.parse_args(argv)
-    quiet()
-    clock = Clock()
-    full = digits()
-    sizes = [360, 1438] if args.quick else [180, 360, 720, 1438]
-    batches = [32, 256] if args.quick else [32, 128, 512]
-    epochs, steps = (2, 10) if args.quick else (args.epochs, args.steps)
-    sgd_grid = [{"lr": 0.2}] if args.quick else [{"lr": 0.1}, {"lr": 0.3}]
+def run_dataset(name: str, full: tuple, quick: bool, epochs: int, steps: int) -> dict:
+    """Both arms over the (N, batch) grid of one dataset; the rank correlations and the verdict."""
+    sizes = [len(full[0]) // 4, len(full[0])] if quick else SIZES[name]
+    batches = [32, 256] if quick else BATCHES[name]
+    sgd_grid = [{"lr": 0.2}] if quick else [{"lr": 0.1}, {"lr": 0.3}]
     cells = []
     for n in sizes:
         data = subset(full, n)
@@ -63,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row[arm] = {"sgd": sgd, "kfac": kfac, "gain": sgd / kfac if kfac > 0 else math.inf}
             cells.append(row)
             print(
-                f"N {n:>5} batch {batch:>4} (ratio {batch / n:.3f}): gain fixed epochs "
+                f"[{name}] N {n:>5} batch {batch:>4} (ratio {batch / n:.3f}): gain fixed epochs "
                 f"{row['fixed_epochs']['gain']:.2f}, fixed steps {row['fixed_steps']['gain']:.2f}",
                 flush=True,
             )
@@ -71,28 +81,47 @@ def main(argv: list[str] | None = None) -> dict:
         arm: spearman([c["ratio"] for c in cells], [math.log(c[arm]["gain"]) for c in cells])
         for arm in ("fixed_epochs", "fixed_steps")
     }
-    held = all(r > 0.3 for r in rho.values())
-    claim = "the gain of second order grows with batch / dataset size"
-    claim += " (quick smoke run)" if args.quick else ""
+    claim = f"the gain of second order grows with batch / dataset size [{name}]"
+    claim += " (quick smoke run)" if quick else ""
     line = verdict(
         claim,
-        held,
+        all(r > 0.3 for r in rho.values()),
         f"Spearman(gain, batch/N): fixed epochs {rho['fixed_epochs']:.2f}, fixed steps {rho['fixed_steps']:.2f}",
     )
+    return {"sizes": sizes, "batches": batches, "cells": cells, "spearman": rho, "verdict": line}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = base_parser(__doc__, "2 x 2 grid, tiny budgets, a small MNIST-1D")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=150)
+    add_dataset(parser)
+    args = parser.parse_args(argv)
+    quiet()
+    print("Criterion" + CRITERION, flush=True)
+    clock = Clock()
+    epochs, steps = (2, 10) if args.quick else (args.epochs, args.steps)
+    results = {}
+    for name, full in load_datasets(args.dataset, args.quick).items():
+        results[name] = run_dataset(name, full, args.quick, epochs, steps)
+        res = results[name]
+        plot(name, res["cells"], res["sizes"], res["batches"], result_path(f"batch_ratio_{name}", "png",
+             args.quick, args.out))  # fmt: skip
     payload = {
         "claim": "Fig. 4",
         "quick": args.quick,
-        "cells": cells,
-        "spearman": rho,
-        "verdict": line,
+        "command": command("seed_batch_ratio.py", argv),
+        "epochs": epochs,
+        "steps": steps,
+        "datasets": results,
+        "verdict": [r["verdict"] for r in results.values()],
         "seconds": clock.seconds,
     }
     save("batch_ratio_quick" if args.quick else "batch_ratio", payload, args.out)
-    plot(cells, sizes, batches, result_path("batch_ratio", "png", args.quick, args.out))
     return payload
 
 
-def plot(cells: list[dict], sizes: list[int], batches: list[int], path: Path) -> None:
+def plot(name: str, cells: list[dict], sizes: list[int], batches: list[int], path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for ax, arm in zip(axes, ("fixed_epochs", "fixed_steps"), strict=True):
@@ -104,7 +133,7 @@ def plot(cells: list[dict], sizes: list[int], batches: list[int], path: Path) ->
         ax.set_yticks(range(len(sizes)), sizes)
         ax.set_xlabel("batch size")
         ax.set_ylabel("training examples N")
-        ax.set_title(f"log10(SGD loss / K-FAC loss), {arm.replace('_', ' ')}")
+        ax.set_title(f"{name}: log10(SGD loss / K-FAC loss), {arm.replace('_', ' ')}")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if not math.isnan(v):

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +21,31 @@ def base_parser(doc: str | None, quick_help: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: examples/results)")
     return parser
+
+
+def add_dataset(parser: argparse.ArgumentParser) -> None:
+    """``--dataset digits|mnist1d|both`` (default both)."""
+    parser.add_argument(
+        "--dataset",
+        choices=["digits", "mnist1d", "both"],
+        default="both",
+        help="digits (1,438 training images) and/or MNIST-1D (generated locally: 8,000 train, 2,000 test)",
+    )
+
+
+def load_datasets(choice: str, quick: bool) -> dict[str, Any]:
+    """``{name: (train, test)}`` for ``--dataset``; ``--quick`` generates a 1,000-example MNIST-1D (800 train)."""
+    from lightning_soo.app.data import digits, mnist1d
+
+    names = ["digits", "mnist1d"] if choice == "both" else [choice]
+    loaders = {"digits": digits, "mnist1d": lambda: mnist1d(num_samples=1_000 if quick else 10_000, seed=0)}
+    return {name: loaders[name]() for name in names}
+
+
+def command(script: str, argv: list[str] | None) -> str:
+    """The command line that produced a result (recorded in its JSON)."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["OMP_NUM_THREADS=1", "python", f"examples/{script}", *args])
 
 
 def pyplot():

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_soo.app.data import digits
+from lightning_soo.app.timing import AccuracyClock, Point
 
 
 class DigitsMLP(L.LightningModule):
@@ -77,6 +78,7 @@ class RunResult:
     test_acc: float
     seconds: float
     curve: list[float] = field(default_factory=list)
+    trajectory: list[Point] = field(default_factory=list)
 
 
 def make_callback(method: str, **options: Any) -> Callback | None:
@@ -107,9 +109,14 @@ def train(
     data: tuple[TensorDataset, TensorDataset] | None = None,
     extra_callbacks: list[Callback] | None = None,
     hidden: int = 128,
+    track_accuracy: bool = False,
+    eval_every_n_steps: int | None = None,
     **options: Any,
 ) -> RunResult:
-    """Train ``DigitsMLP`` with SGD (+ the method's callback) and evaluate test accuracy."""
+    """Train ``DigitsMLP`` with SGD (+ the method's callback) and evaluate test accuracy.
+
+    ``track_accuracy`` records (steps, seconds, test accuracy) every ``eval_every_n_steps`` steps (None: every epoch)
+    into ``RunResult.trajectory``, with the evaluation time excluded from the clock and from ``seconds``."""
     L.seed_everything(seed, verbose=False)
     train_set, test_set = data or digits(seed=0)
     in_features = int(train_set[0][0].numel())
@@ -119,6 +126,9 @@ def train(
     extra = make_callback(method, **options)
     if extra is not None:
         callbacks.insert(1, extra)
+    clock = AccuracyClock(test_set, eval_every_n_steps) if track_accuracy else None
+    if clock is not None:
+        callbacks.append(clock)  # last: the preconditioner's per-step work stays inside the clock
     # log_dir/method/version_N: a new version folder per run, as Lightning's loggers do (no appended curves)
     logger = TensorBoardLogger(str(log_dir), name=method) if log_dir is not None else False
     trainer = L.Trainer(
@@ -134,9 +144,27 @@ def train(
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
     trainer.fit(model, loader)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - (clock.excluded if clock is not None else 0.0)
     test = trainer.test(model, DataLoader(test_set, batch_size=512), verbose=False)[0]
     tail = curve.losses[-max(1, len(train_set) // batch_size) :]  # the last epoch's steps
+    trajectory = clock.points if clock is not None else []
     return RunResult(
-        method, batch_size, lr, epochs, sum(tail) / len(tail), float(test["test_acc"]), seconds, curve.losses
+        method,
+        batch_size,
+        lr,
+        epochs,
+        sum(tail) / len(tail),
+        float(test["test_acc"]),
+        seconds,
+        curve.losses,
+        trajectory,
     )
+
+
+def warm_up(methods: list[str], data: tuple[TensorDataset, TensorDataset], **options: Any) -> None:
+    """One short untimed run per method, so one-time costs of a process (the first backward, loading the
+    decompositions' libraries) stay out of the first timed run."""
+    x, y = data[0].tensors
+    small = (TensorDataset(x[:64], y[:64]), data[1])
+    for method in methods:
+        train(method, batch_size=32, epochs=1, lr=0.01, data=small, **options)

@@ -40,4 +40,6 @@ def test_quick_runs_leave_the_committed_results_alone(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (copy / "results").iterdir()}
     assert {name: after[name] for name in committed} == committed
-    assert {"damping_quick.json", "damping_quick.png"} <= set(after) - set(committed)
+    new = set(after) - set(committed)
+    assert {"damping_quick.json", "damping_digits_quick.png", "damping_mnist1d_quick.png"} <= new
+    assert all(name.endswith(("_quick.json", "_quick.png")) for name in new)
