@@ -32,7 +32,7 @@ def mnist1d(num_samples: int = 10_000, seed: int = 0) -> tuple[TensorDataset, Te
     """(train, test) splits of MNIST-1D, generated locally by the ``mnist1d`` package's procedural generator (no
     download): 40 features, 10 classes, 80% / 20% split. Harder than the digits: a small MLP does not memorise it."""
     require("mnist1d")
-    from mnist1d.data import get_dataset_args, make_dataset  # type: ignore[import-untyped]
+    from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
     args.num_samples, args.seed = num_samples, seed
