@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_soo.engine import state
+from lightning_soo.engine import batched, state
 from lightning_soo.engine.damping import clip_cannot_protect, make_damping
 from lightning_soo.engine.distributed import DistributedPlan, reduce_statistics, world_size
 from lightning_soo.engine.layer import Layer, OptimizerLayers
@@ -92,6 +92,7 @@ class PreconditionerManager:
         self._reported = False
         self._warned: set[str] = set()  # manager-wide warnings
         self._verdicts: Verdicts[Layer] = Verdicts()  # device-side flags of the step, read once by _settle
+        self._stacks = batched.Stacks()  # equally shaped layers preconditioned as one
         self._build(model)
 
     # -- construction -------------------------------------------------------------------------------------
@@ -146,9 +147,8 @@ class PreconditionerManager:
         grad_scaler: Any = None,
         lr: float | None = None,
     ) -> None:
-        """Close statistics, refresh when due and precondition the gradients of ``optimizer``'s parameters
-        (all managed layers when None). Call it after the gradients are final and unscaled
-        (``scaler.unscale_(optimizer)`` first under fp16), right before ``optimizer.step``.
+        """Close statistics, refresh when due and precondition the gradients of ``optimizer``'s parameters (all
+        managed layers when None), right before ``optimizer.step``, once they are final and unscaled (fp16).
 
         Args:
             optimizer: whose parameters to precondition; its first group's learning rate feeds the damping rule.
@@ -311,11 +311,11 @@ class PreconditionerManager:
         return [(layer, g, layer.preconditioner.precondition(g)) for layer, g in items if layer.preconditioner.ready]
 
     def _precondition(self, layers: list[Layer], optimizer: torch.optim.Optimizer | None, lr: float | None) -> None:
-        done = self._preconditioned(layers)
+        stacks, alone = self._stacks.split(layers) if self.plan is None and world_size() == 1 else ([], layers)
+        done = self._preconditioned(alone)
         o = self.options
-        lrs: dict[int, float] = {}
-        if optimizer is not None and o.kl_clip is not None:
-            lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+        kl = optimizer is not None and o.kl_clip is not None
+        lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]} if kl else {}  # type: ignore[union-attr]
         default = lr if lr is not None else 1.0
         written = write_updates(
             [(layer.adapter, g, out) for layer, g, out in done],
@@ -323,11 +323,11 @@ class PreconditionerManager:
             kl_clip=o.kl_clip,
             max_norm=o.max_update_norm,
             lrs=[lrs.get(id(layer.adapter.params[0]), default) for layer, _, _ in done],
+            stacks=batched.precondition(stacks, lrs if o.kl_clip is not None else None, default),
         )
         self.last_kl_scale = written.kl_scale
-        self.counters["preconditioned_steps"] += bool(done)
-        self._verdicts.add("update", [layer for layer, _, _ in done], written.nonfinite)
-        self._verdicts.add("capped", [layer for layer, _, _ in done], written.capped)
+        self.counters["preconditioned_steps"] += bool(done or stacks)
+        batched.record(self._verdicts, [layer for layer, _, _ in done], stacks, written)
 
     def _settle(self) -> None:
         """Read the step's device-side verdicts in one transfer (the step's one host synchronisation); count and

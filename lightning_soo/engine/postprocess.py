@@ -8,7 +8,7 @@ step, together with the statistics' flags.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -23,20 +23,29 @@ T = TypeVar("T")
 
 @dataclass
 class Verdicts(Generic[T]):
-    """Device-side 0-d flags of one step (True: something happened to that layer), read back in one transfer."""
+    """Device-side flags of one step (True: something happened to that owner), read back in one transfer."""
 
-    flags: list[tuple[str, T, Tensor]] = field(default_factory=list)
+    flags: list[tuple[str, list[T], Tensor]] = field(default_factory=list)
 
-    def add(self, kind: str, owners: Sequence[T], flags: Sequence[Tensor]) -> None:
-        self.flags += [(kind, owner, flag) for owner, flag in zip(owners, flags, strict=False)]
+    def add(self, kind: str, owners: Sequence[T], flags: Sequence[Tensor] | Tensor) -> None:
+        """One flag per owner: 0-d tensors, or one vector for all of them (a stack's)."""
+        if isinstance(flags, Tensor):
+            vector, owners = flags.reshape(-1), list(owners)
+        else:
+            pairs = list(zip(owners, flags, strict=False))
+            if not pairs:
+                return
+            vector, owners = torch.stack([flag.reshape(()) for _, flag in pairs]), [owner for owner, _ in pairs]
+        if owners:
+            self.flags.append((kind, owners, vector))
 
     def read(self) -> list[tuple[str, T]]:
         """The ``(kind, owner)`` of every raised flag; clears the step's flags. One host synchronisation."""
         flags, self.flags = self.flags, []
         if not flags:
             return []
-        values = torch.stack([flag.reshape(()) for _, _, flag in flags]).tolist()
-        return [(kind, owner) for (kind, owner, _), value in zip(flags, values, strict=True) if value]
+        values = iter(torch.cat([vector.to(torch.bool) for _, _, vector in flags]).tolist())
+        return [(kind, owner) for kind, owners, _ in flags for owner in owners if next(values)]
 
 
 def settled(kind: str, name: str, scaled: bool) -> tuple[str, str | None]:
@@ -61,11 +70,24 @@ def settled(kind: str, name: str, scaled: bool) -> tuple[str, str | None]:
 
 @dataclass
 class Written:
-    """What ``write_updates`` did, as device tensors: per-layer flags and the KL scale."""
+    """What ``write_updates`` did, as device tensors: per-layer flags (one vector per stack) and the KL scale."""
 
     nonfinite: list[Tensor]  # P·G of the layer was not finite: its plain gradient was kept
     capped: list[Tensor]  # the layer's update was scaled down to ``max_update_norm``
     kl_scale: Tensor | float  # ν of the step (1.0 without a KL clip)
+    stack_nonfinite: list[Tensor] = field(default_factory=list)  # per stack: a flag per member
+    stack_capped: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class StackItem:
+    """A stack's gradients ``g`` and ``P·G`` (``n x d_out x d_in``), its members' squared learning rates (a vector,
+    or None without a KL clip) and where the update goes (``store``)."""
+
+    g: Tensor
+    out: Tensor
+    lr2: Tensor | None
+    store: Callable[[Tensor], None]
 
 
 def graft(out: Tensor, grad: Tensor) -> Tensor:
@@ -82,13 +104,15 @@ def write_updates(
     kl_clip: float | None,
     max_norm: float | None,
     lrs: Sequence[float],
+    stacks: Sequence[StackItem] = (),
 ) -> Written:
-    """``p.grad ← s_l · P·G_l`` for every item, ``s_l = ν · cap_l``, with ``P·G`` grafted first when asked.
+    """``p.grad ← s_l · P·G_l`` for every item and every stack member, ``s_l = ν · cap_l``, with ``P·G`` grafted
+    first when asked.
 
     ``ν = min(1, √(kl_clip / Σ_l lr_l² ⟨P·G_l, G_l⟩))`` (``lrs``: each item's learning rate) bounds the
     second-order model's predicted change (the KL divergence for a Fisher) of the step; ``cap_l`` scales the layer
     down to at most ``max_norm``. A layer whose ``P·G`` is not finite keeps its plain gradient and is left out of
-    the KL sum. No host synchronisation.
+    the KL sum. A stack does the same for all its members in one operation each. No host synchronisation.
     """
     outs: list[Tensor] = []
     dots: list[Tensor] = []
@@ -101,9 +125,23 @@ def write_updates(
         outs.append(out)
         finite.append(ok)
         dots.append(torch.where(ok, dot, torch.zeros_like(dot)))
+    souts, sdots, sfinite = [], [], []
+    for item in stacks:
+        out = item.out
+        if grafting == "sgd":
+            norm = torch.linalg.vector_norm(out, dim=(1, 2), keepdim=True)
+            gnorm = torch.linalg.vector_norm(item.g, dim=(1, 2), keepdim=True).to(out.dtype)
+            out = out * torch.where(norm > 0, gnorm / norm, torch.ones_like(norm))
+        dot = (out * item.g.to(out.dtype)).sum((1, 2))
+        ok = torch.isfinite(dot)
+        souts.append(out)
+        sfinite.append(ok)
+        sdots.append(torch.where(ok, dot, torch.zeros_like(dot)))
     nu: Tensor | float = 1.0
-    if kl_clip is not None and items:
-        total = torch.stack([dot * lr**2 for dot, lr in zip(dots, lrs, strict=True)]).sum()
+    if kl_clip is not None and (items or stacks):
+        terms = [dot * lr**2 for dot, lr in zip(dots, lrs, strict=True)]
+        terms += [(dot * item.lr2).sum() for dot, item in zip(sdots, stacks, strict=True)]  # type: ignore[operator]
+        total = torch.stack(terms).sum()
         ratio = (kl_clip / total).sqrt().clamp(max=1.0)
         nu = torch.where(total > 0, ratio, torch.ones_like(total))
     capped: list[Tensor] = []
@@ -114,4 +152,12 @@ def write_updates(
             capped.append(norm > max_norm)
             scale = nu * (max_norm / norm).clamp(max=1.0)
         adapter.set_grad_matrix(torch.where(ok, out * scale, g.to(out.dtype)))
-    return Written([~ok for ok in finite], capped, nu)
+    scapped: list[Tensor] = []
+    for item, out, ok in zip(stacks, souts, sfinite, strict=True):
+        scale = nu if isinstance(nu, float) else nu.reshape(1, 1, 1)
+        if max_norm is not None:
+            norm = torch.linalg.vector_norm(out, dim=(1, 2), keepdim=True) * nu
+            scapped.append((norm > max_norm).reshape(-1))
+            scale = nu * (max_norm / norm).clamp(max=1.0)
+        item.store(torch.where(ok.reshape(-1, 1, 1), out * scale, item.g.to(out.dtype)))
+    return Written([~ok for ok in finite], capped, nu, [~ok for ok in sfinite], scapped)

@@ -179,6 +179,11 @@ class Preconditioner:
         """``P^{-1} · V``, the curvature the preconditioner stands for (used by the quality criterion)."""
         raise NotImplementedError
 
+    def kronecker_operands(self) -> tuple[Tensor, Tensor] | None:
+        """Dense ``(L, R)`` with ``precondition(G) == L @ G @ R`` for the current state, or None (the manager then
+        stacks equally shaped layers that have them into one batched product, ``engine.batched``)."""
+        return None
+
     def refresh_cost(self) -> float:
         """Relative cost of a refresh (the n³ of dense factors), used to split inverse work across ranks."""
         return float(self.d_in**3 + self.d_out**3)

@@ -262,6 +262,11 @@ class KFAC(Preconditioner):
             return self._rotate(v, transpose=False)
         return linalg.right_mul(linalg.left_mul(self.b_inv, g), self.a_inv)
 
+    def kronecker_operands(self) -> tuple[Tensor, Tensor] | None:
+        if self.inverse == "eigen" or self.a_inv is None or self.b_inv is None:
+            return None
+        return (self.b_inv, self.a_inv) if self.a_inv.dim() == 2 and self.b_inv.dim() == 2 else None
+
     def curvature_matvec(self, v: Tensor) -> Tensor:
         v = v.to(self.dtype)
         if self.inverse == "eigen":
