@@ -58,19 +58,18 @@ class Factor:
         per factor and run. A step whose count is zero (every row was padding) folds nothing."""
         counted = self._count > 0
         keep = counted if keep is None else keep & counted
-        mean = self._sum * (scale / torch.where(counted, self._count, torch.ones_like(self._count)))
+        mean = self._sum.mul_(scale / torch.where(counted, self._count, torch.ones_like(self._count)))  # in place
         if self.value is None:
             ok = bool(keep)
-            self.value = mean if ok else None
+            self.value = mean.clone() if ok else None
             self.reset()
             return ok
-        mean = torch.where(keep, mean, self.value if decay is not None else torch.zeros_like(mean))
-        if decay is None:
-            self.value.add_(mean)  # a rejected step adds zero
+        if decay is None:  # a rejected step adds zero
+            self.value.add_(torch.where(keep, mean, 0.0, out=mean))
         elif decay == 0.0:
-            self.value.copy_(mean)
+            torch.where(keep, mean, self.value, out=self.value)
         else:  # a rejected step folds the old value into itself: unchanged
-            self.value.mul_(decay).add_(mean, alpha=1.0 - decay)
+            self.value.lerp_(torch.where(keep, mean, self.value, out=mean), 1.0 - decay)
         self.reset()
         return True
 

@@ -72,9 +72,10 @@ def test_stacks_follow_a_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(linalg, "BATCH_ON_CPU", True)
     model = _model()
     manager = PreconditionerManager(model, "kfac", warn=lambda m: None, preconditioner_interval=1)
-    x, y = torch.randn(16, 6), torch.arange(16) % 3
+    y = torch.arange(16) % 3
     lefts = []
     for _ in range(2):
+        x = torch.randn(16, 6)  # another batch: other factors, other inverses
         manager.begin_step()
         nn.functional.cross_entropy(model(x), y).backward()
         manager.step()
