@@ -162,7 +162,7 @@ class PreconditionerManager:
         """
         if self._open:
             self._open = False
-            if self.wiring.finish_census():
+            if self.wiring.finish_census() | self.wiring.check_calls():
                 self._optimizers.clear()
         if self._cycle < 0:
             raise RuntimeError("PreconditionerManager.step() called before begin_step()")

@@ -34,6 +34,7 @@ class Wiring:
     timings: dict[str, float] = field(default_factory=dict)
     mean: bool = True
     calls: dict[str, list[str]] = field(default_factory=dict)  # layer -> modules whose F.linear calls are its uses
+    unseen: dict[str, list[bool]] = field(default_factory=dict)  # layer -> per added call use: seen firing yet?
 
     def leave_plain(self, module: nn.Module, params: list[nn.Parameter], why: str) -> None:
         for p in params:
@@ -123,12 +124,35 @@ class Wiring:
         names = {id(m): name for name, m in self.model.named_modules(remove_duplicate=False)}
         self.calls.setdefault(layer.name, []).extend(names[id(use.module)] for use in uses if use is not None)
         owners = [use.module for use in layer.uses]
+        seen = self.unseen.setdefault(layer.name, [])
         for use in uses:
             assert use is not None
             layer.uses.append(use)
-            sink = use_sink(layer, use, self.timings, self.mean)
+            seen.append(False)
+            sink = _watched(use_sink(layer, use, self.timings, self.mean), seen, len(seen) - 1)
             self.capture.attach_calls(use.module, {id(layer.adapter.weight.param): sink}, outside=owners)
         return None
+
+    def check_calls(self) -> bool:
+        """At the close of the first statistics step after call uses were added: a layer whose calls never reached
+        capture (``F.linear`` bound by name before the model was built, so the patched attribute is not the one
+        called) keeps its plain gradient, its statistics being those of its other uses only. Returns whether a
+        layer was removed."""
+        removed = False
+        for name, seen in list(self.unseen.items()):
+            layer = self.layers.get(name)
+            if layer is None or not layer.collecting:
+                continue  # not a statistics step for it yet
+            del self.unseen[name]
+            if all(seen):
+                continue
+            del self.layers[name]
+            layer.collecting = False
+            layer.preconditioner.discard_statistics()
+            why = "weight also used by an F.linear call outside its modules that capture does not see"
+            self.leave_plain(layer.module, layer.adapter.params, why)
+            removed = True
+        return removed
 
     def restore_calls(self, calls: dict[str, list[str]]) -> None:
         """Add the call uses a checkpoint's census found (``calls``), before its layers' state is loaded."""
@@ -136,6 +160,16 @@ class Wiring:
             layer = self.layers.get(name)
             if layer is not None and name not in self.calls:
                 self._add_calls(layer, {i: self.model.get_submodule(m) for i, m in enumerate(modules)})
+
+
+def _watched(on_call: Any, seen: list[bool], i: int) -> Any:
+    """``on_call`` that records, in ``seen[i]``, that the call reached capture."""
+
+    def watched(x: torch.Tensor, rows: slice | None) -> Any:
+        seen[i] = True
+        return on_call(x, rows)
+
+    return watched
 
 
 def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str, float]) -> Wiring:

@@ -297,6 +297,34 @@ class MatmulHead(TiedLM):
         return torch.tanh(self.fc(self.wte(tokens))) @ self.wte.weight.T
 
 
+_bound_linear = F.linear  # bound by name before any model is built: patching ``F.linear`` does not reach it
+
+
+class BoundHead(TiedLM):
+    """The head as ``linear(x, wte.weight)`` with ``linear`` imported by name: the census sees an ``F.linear`` call,
+    but capture's patch of the ``torch.nn.functional`` attribute never sees it fire."""
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return _bound_linear(torch.tanh(self.fc(self.wte(tokens))), self.wte.weight)
+
+
+def test_a_call_capture_never_sees_leaves_the_weight_plain() -> None:
+    torch.manual_seed(0)
+    model = BoundHead(functional=True)
+    tokens, labels = _tied_data()
+    warnings: list[str] = []
+    manager = PreconditionerManager(model, "kfac", warn=warnings.append)
+    for _ in range(3):
+        model.zero_grad()
+        manager.begin_step()
+        F.cross_entropy(model(tokens).reshape(-1, 7), labels.reshape(-1)).backward()
+        before = model.wte.weight.grad.clone()
+        manager.step()
+        assert torch.equal(model.wte.weight.grad, before)  # never the embedding's curvature on both uses' gradient
+    assert "wte" not in manager.layers and "capture does not see" in manager.skipped["wte.weight"]
+    assert manager.layers["fc"].preconditioner.ready
+
+
 def test_uncapturable_use_outside_its_module_leaves_the_weight_plain() -> None:
     torch.manual_seed(0)
     model = MatmulHead(functional=True)
