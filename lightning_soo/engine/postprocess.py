@@ -97,6 +97,14 @@ def graft(out: Tensor, grad: Tensor) -> Tensor:
     return out * ratio
 
 
+def _scaled(update: Tensor, ok: Tensor, scale: Tensor | float) -> Tensor:
+    """``update`` (fresh: ``P·G`` where ``ok``, else ``G``) times ``scale`` where ``ok``, in place; nothing to do for a
+    scale of 1."""
+    if isinstance(scale, float) and scale == 1.0:
+        return update
+    return update.mul_(torch.where(ok, scale, torch.ones_like(scale) if isinstance(scale, Tensor) else 1.0))
+
+
 def write_updates(
     items: Sequence[Item],
     *,
@@ -151,7 +159,7 @@ def write_updates(
             norm = out.norm() * nu
             capped.append(norm > max_norm)
             scale = nu * (max_norm / norm).clamp(max=1.0)
-        adapter.set_grad_matrix(torch.where(ok, out * scale, g.to(out.dtype)))
+        adapter.set_grad_matrix(_scaled(torch.where(ok, out, g.to(out.dtype)), ok, scale))
     scapped: list[Tensor] = []
     for item, out, ok in zip(stacks, souts, sfinite, strict=True):
         scale = nu if isinstance(nu, float) else nu.reshape(1, 1, 1)
@@ -159,5 +167,6 @@ def write_updates(
             norm = torch.linalg.vector_norm(out, dim=(1, 2), keepdim=True) * nu
             scapped.append((norm > max_norm).reshape(-1))
             scale = nu * (max_norm / norm).clamp(max=1.0)
-        item.store(torch.where(ok.reshape(-1, 1, 1), out * scale, item.g.to(out.dtype)))
+        ok3 = ok.reshape(-1, 1, 1)
+        item.store(_scaled(torch.where(ok3, out, item.g.to(out.dtype)), ok3, scale))
     return Written([~ok for ok in finite], capped, nu, [~ok for ok in sfinite], scapped)

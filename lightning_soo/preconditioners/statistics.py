@@ -65,7 +65,7 @@ class Factor:
             self.reset()
             return ok
         if decay is None:  # a rejected step adds zero
-            self.value.add_(torch.where(keep, mean, 0.0, out=mean))
+            self.value.add_(torch.where(keep, mean, mean.new_zeros(()), out=mean))
         elif decay == 0.0:
             torch.where(keep, mean, self.value, out=self.value)
         else:  # a rejected step folds the old value into itself: unchanged
