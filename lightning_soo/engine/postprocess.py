@@ -90,11 +90,12 @@ class StackItem:
     store: Callable[[Tensor], None]
 
 
-def graft(out: Tensor, grad: Tensor) -> Tensor:
-    """``P·G`` rescaled to the Frobenius norm of ``G`` (SGD grafting); left alone when ``P·G`` is zero."""
-    norm = out.norm()
-    ratio = torch.where(norm > 0, grad.to(out.dtype).norm() / norm, torch.ones_like(norm))
-    return out * ratio
+def graft(out: Tensor, grad: Tensor, dim: tuple[int, ...] | None = None) -> Tensor:
+    """``P·G`` rescaled to the Frobenius norm of ``G`` (SGD grafting); left alone when ``P·G`` is zero. ``dim``:
+    the dimensions of one layer's matrix in a stack (None: the whole tensor is one layer's)."""
+    norm = torch.linalg.vector_norm(out, dim=dim, keepdim=dim is not None)
+    gnorm = torch.linalg.vector_norm(grad.to(out.dtype), dim=dim, keepdim=dim is not None)
+    return out * torch.where(norm > 0, gnorm / norm, torch.ones_like(norm))
 
 
 def _scaled(update: Tensor, ok: Tensor, scale: Tensor | float) -> Tensor:
@@ -137,9 +138,7 @@ def write_updates(
     for item in stacks:
         out = item.out
         if grafting == "sgd":
-            norm = torch.linalg.vector_norm(out, dim=(1, 2), keepdim=True)
-            gnorm = torch.linalg.vector_norm(item.g, dim=(1, 2), keepdim=True).to(out.dtype)
-            out = out * torch.where(norm > 0, gnorm / norm, torch.ones_like(norm))
+            out = graft(out, item.g, dim=(1, 2))
         dot = (out * item.g.to(out.dtype)).sum((1, 2))
         ok = torch.isfinite(dot)
         souts.append(out)
