@@ -6,7 +6,8 @@ launch per layer and operation on a GPU.
 A layer joins a stack when its preconditioner gives dense Kronecker operands (``kronecker_operands``: K-FAC's
 Cholesky inverses) and its adapter is a plain ``nn.Linear`` view (the whole weight, optional whole bias). The stacked
 operands are rebuilt when a member's operands change (a refresh or a checkpoint load replaces the tensors); the
-cache holds the members' tensors, so an identity check is exact. Under ``torch.distributed`` nothing is stacked
+cache holds the members' tensors, so an identity check is exact. Memory: a second copy of the members' inverses
+and one gradient-sized buffer per stack. Under ``torch.distributed`` nothing is stacked
 (a broadcast overwrites inverses in place).
 
 On the CPU nothing is stacked either (``linalg.BATCH_ON_CPU`` turns it on): the 48 equal layers of the deep MLP of
