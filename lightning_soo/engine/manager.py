@@ -314,8 +314,8 @@ class PreconditionerManager:
         stacks, alone = self._stacks.split(layers) if self.plan is None and world_size() == 1 else ([], layers)
         done = self._preconditioned(alone)
         o = self.options
-        kl = optimizer is not None and o.kl_clip is not None
-        lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]} if kl else {}  # type: ignore[union-attr]
+        groups = optimizer.param_groups if optimizer is not None and o.kl_clip is not None else []
+        lrs = {id(p): float(g["lr"]) for g in groups for p in g["params"]}
         default = lr if lr is not None else 1.0
         written = write_updates(
             [(layer.adapter, g, out) for layer, g, out in done],

@@ -44,7 +44,7 @@ class Verdicts(Generic[T]):
         flags, self.flags = self.flags, []
         if not flags:
             return []
-        values = iter(torch.cat([vector.to(torch.bool) for _, _, vector in flags]).tolist())
+        values = iter(torch.cat([vector for _, _, vector in flags]).tolist())
         return [(kind, owner) for kind, owners, _ in flags for owner in owners if next(values)]
 
 

@@ -109,9 +109,7 @@ class Wiring:
             return ""
         if any(use is None for use in uses):
             return "a call capture cannot join to this layer's statistics"
-        transposed = any(use.role == "transposed" for use in uses if use is not None) or any(
-            use.role == "transposed" for use in layer.uses
-        )
+        transposed = any(use.role == "transposed" for use in uses if use is not None)
         if transposed and not layer.preconditioner.transposed_uses:
             if not self.method.supports_transposed:
                 return f"in the swapped orientation, not supported by {self.method.__name__}"

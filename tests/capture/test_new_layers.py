@@ -186,6 +186,17 @@ def _tied_data() -> tuple[Tensor, Tensor]:
     return torch.randint(0, 7, (3, 5), generator=g), torch.randint(0, 7, (3, 5), generator=g)
 
 
+def _tied_step(model: nn.Module, manager: PreconditionerManager) -> tuple[Tensor, Tensor]:
+    """One optimizer-free step on ``_tied_data``: the embedding weight's (plain, rewritten) gradient."""
+    tokens, labels = _tied_data()
+    model.zero_grad()
+    manager.begin_step()
+    F.cross_entropy(model(tokens).reshape(-1, 7), labels.reshape(-1)).backward()
+    plain = model.wte.weight.grad.clone()
+    manager.step()
+    return plain, model.wte.weight.grad.clone()
+
+
 def test_tied_embedding_and_head_kfac_is_its_dense_definition() -> None:
     torch.manual_seed(0)
     model = TiedLM()
@@ -267,18 +278,10 @@ def test_functional_head_is_captured_like_a_tied_module_head(method: str) -> Non
     torch.manual_seed(0)
     functional, module = TiedLM(functional=True), TiedLM()
     module.load_state_dict({k: v for k, v in functional.state_dict().items() if k != "head.weight"}, strict=False)
-    tokens, labels = _tied_data()
     opts = {"factor_decay": 0.0} if method == "kfac" else {"beta": 0.0}
     managers = [PreconditionerManager(m, method, warn=lambda msg: None, **opts) for m in (functional, module)]
     for step in range(3):
-        grads = []
-        for model, manager in zip((functional, module), managers, strict=True):
-            model.zero_grad()
-            manager.begin_step()
-            F.cross_entropy(model(tokens).reshape(-1, 7), labels.reshape(-1)).backward()
-            plain = model.wte.weight.grad.clone()
-            manager.step()
-            grads.append((plain, model.wte.weight.grad.clone()))
+        grads = [_tied_step(model, manager) for model, manager in zip((functional, module), managers, strict=True)]
         (f_plain, f_pre), (m_plain, m_pre) = grads
         torch.testing.assert_close(f_plain, m_plain)
         if step == 0:
@@ -311,16 +314,11 @@ class BoundHead(TiedLM):
 def test_a_call_capture_never_sees_leaves_the_weight_plain() -> None:
     torch.manual_seed(0)
     model = BoundHead(functional=True)
-    tokens, labels = _tied_data()
     warnings: list[str] = []
     manager = PreconditionerManager(model, "kfac", warn=warnings.append)
     for _ in range(3):
-        model.zero_grad()
-        manager.begin_step()
-        F.cross_entropy(model(tokens).reshape(-1, 7), labels.reshape(-1)).backward()
-        before = model.wte.weight.grad.clone()
-        manager.step()
-        assert torch.equal(model.wte.weight.grad, before)  # never the embedding's curvature on both uses' gradient
+        plain, written = _tied_step(model, manager)
+        assert torch.equal(written, plain)  # never the embedding's curvature on both uses' gradient
     assert "wte" not in manager.layers and "capture does not see" in manager.skipped["wte.weight"]
     assert manager.layers["fc"].preconditioner.ready
 
@@ -328,19 +326,13 @@ def test_a_call_capture_never_sees_leaves_the_weight_plain() -> None:
 def test_uncapturable_use_outside_its_module_leaves_the_weight_plain() -> None:
     torch.manual_seed(0)
     model = MatmulHead(functional=True)
-    tokens, labels = _tied_data()
     warnings: list[str] = []
     manager = PreconditionerManager(model, "kfac", warn=warnings.append)
     assert "wte" in manager.layers
-    before = {}
     for _ in range(2):
-        model.zero_grad()
-        manager.begin_step()
-        F.cross_entropy(model(tokens).reshape(-1, 7), labels.reshape(-1)).backward()
-        before = model.wte.weight.grad.clone()
-        manager.step()
+        plain, written = _tied_step(model, manager)
     assert "wte" not in manager.layers
-    assert torch.equal(model.wte.weight.grad, before)  # plain
+    assert torch.equal(written, plain)  # plain
     assert "Embedding" in manager.skipped["wte.weight"]
     assert any("wte.weight: Embedding: weight also used by" in w for w in warnings)
     assert model.fc.weight.grad is not None and manager.layers["fc"].preconditioner.ready
@@ -355,18 +347,10 @@ def test_tied_layer_resumes_from_a_checkpoint(functional: bool) -> None:
 
     torch.manual_seed(0)
     model = TiedLM(functional=functional)
-    tokens, labels = _tied_data()
     manager = PreconditionerManager(model, "kfac", warn=lambda m: None)
 
-    def step(model: nn.Module, manager: PreconditionerManager) -> Tensor:
-        model.zero_grad()
-        manager.begin_step()
-        F.cross_entropy(model(tokens).reshape(-1, 7), labels.reshape(-1)).backward()
-        manager.step()
-        return model.wte.weight.grad.clone()
-
     for _ in range(3):
-        step(model, manager)
+        _tied_step(model, manager)
     buffer = io.BytesIO()
     torch.save(manager.state_dict(), buffer)
     buffer.seek(0)
@@ -375,5 +359,5 @@ def test_tied_layer_resumes_from_a_checkpoint(functional: bool) -> None:
     resumed = PreconditionerManager(twin, "kfac", warn=lambda m: None)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     for _ in range(2):
-        torch.testing.assert_close(step(twin, resumed), step(model, manager), rtol=0, atol=0)
+        torch.testing.assert_close(_tied_step(twin, resumed)[1], _tied_step(model, manager)[1], rtol=0, atol=0)
     assert [use.role for use in resumed.layers["wte"].uses] == ["normal", "transposed"]
