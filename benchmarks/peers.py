@@ -431,7 +431,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup-blocks", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny model and run for a smoke test")
     parser.add_argument("--check-only", action="store_true", help="verify the contenders, time nothing")
-    parser.add_argument("--only", default=None, help="only contenders whose label contains this (SGD always runs)")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="only contenders whose label contains one of these |-separated parts, in any case (SGD always runs)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     parser.add_argument("--heavyball-compile", choices=("auto", "on", "off"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
@@ -464,7 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     unavailable: dict[str, str] = {}
     t0 = time.perf_counter()
     for c in CONTENDERS:
-        if args.only is not None and args.only not in c.label and c.label != "sgd":
+        parts = args.only.lower().split("|") if args.only is not None else []
+        if parts and not any(part in c.label.lower() for part in parts) and c.label != "sgd":
             continue
         if c.package is not None and importlib.util.find_spec(c.package) is None:
             missing.append(c.label)

@@ -27,6 +27,18 @@ def finite_flag(*tensors: Tensor) -> Tensor:
     return torch.isfinite(total)
 
 
+#: Where the flags of the hot path (finite or not, a factor counted or not) are decided. On an accelerator they stay
+#: on the device (``torch.where``; reading one would drain the queue). On the CPU reading a flag costs nothing, while
+#: each ``torch.where`` over a factor or a gradient is a full memory pass: there the host reads the flag and skips the
+#: pass. Tests set it False to run the accelerator's path on the CPU.
+HOST_DECIDES_ON_CPU = True
+
+
+def host_decides(t: Tensor) -> bool:
+    """Decide about ``t``'s flags on the host (a CPU tensor, unless ``HOST_DECIDES_ON_CPU`` is off)."""
+    return HOST_DECIDES_ON_CPU and t.device.type == "cpu"
+
+
 def left_mul(m: Tensor, g: Tensor) -> Tensor:
     """``M @ G`` for a dense ``M`` or a diagonal stored as a vector."""
     return m.unsqueeze(1) * g if m.dim() == 1 else m @ g

@@ -200,9 +200,14 @@ class LayerAdapter:
             return None
         return self.to_matrix(grads)  # type: ignore[arg-type]
 
-    def set_grad_matrix(self, g: Tensor) -> None:
+    def set_grad_matrix(self, g: Tensor, scale: float = 1.0) -> None:
+        """``p.grad ← scale · g`` (this layer's block of each parameter), one pass per part."""
         for part, block in zip(self.parts, self._blocks(g), strict=True):
-            part.of(part.param.grad).copy_(block)
+            dest = part.of(part.param.grad)
+            if scale == 1.0:
+                dest.copy_(block)
+            else:
+                torch.mul(block, scale, out=dest)
 
 
 class LinearAdapter(LayerAdapter):

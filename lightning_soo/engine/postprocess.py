@@ -8,6 +8,7 @@ step, together with the statistics' flags.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo.capture.adapters import LayerAdapter
+from lightning_soo.linalg import host_decides
 
 Item = tuple[LayerAdapter, Tensor, Tensor]  # (adapter, G, P·G)
 T = TypeVar("T")
@@ -27,8 +29,13 @@ class Verdicts(Generic[T]):
 
     flags: list[tuple[str, list[T], Tensor]] = field(default_factory=list)
 
-    def add(self, kind: str, owners: Sequence[T], flags: Sequence[Tensor] | Tensor) -> None:
-        """One flag per owner: 0-d tensors, or one vector for all of them (a stack's)."""
+    def add(self, kind: str, owners: Sequence[T], flags: Sequence[Tensor] | Sequence[bool] | Tensor) -> None:
+        """One flag per owner: 0-d tensors, or one vector for all of them (a stack's), or bools already read."""
+        if not isinstance(flags, Tensor) and flags and isinstance(flags[0], bool):
+            raised = [owner for owner, flag in zip(owners, flags, strict=False) if flag]
+            if raised:
+                self.flags.append((kind, raised, torch.ones(len(raised), dtype=torch.bool)))
+            return
         if isinstance(flags, Tensor):
             vector, owners = flags.reshape(-1), list(owners)
         else:
@@ -70,10 +77,11 @@ def settled(kind: str, name: str, scaled: bool) -> tuple[str, str | None]:
 
 @dataclass
 class Written:
-    """What ``write_updates`` did, as device tensors: per-layer flags (one vector per stack) and the KL scale."""
+    """What ``write_updates`` did: per-layer flags (device tensors, one vector per stack; bools where the host
+    decided) and the KL scale."""
 
-    nonfinite: list[Tensor]  # P·G of the layer was not finite: its plain gradient was kept
-    capped: list[Tensor]  # the layer's update was scaled down to ``max_update_norm``
+    nonfinite: list[Tensor] | list[bool]  # P·G of the layer was not finite: its plain gradient was kept
+    capped: list[Tensor] | list[bool]  # the layer's update was scaled down to ``max_update_norm``
     kl_scale: Tensor | float  # ν of the step (1.0 without a KL clip)
     stack_nonfinite: list[Tensor] = field(default_factory=list)  # per stack: a flag per member
     stack_capped: list[Tensor] = field(default_factory=list)
@@ -121,8 +129,11 @@ def write_updates(
     ``ν = min(1, √(kl_clip / Σ_l lr_l² ⟨P·G_l, G_l⟩))`` (``lrs``: each item's learning rate) bounds the
     second-order model's predicted change (the KL divergence for a Fisher) of the step; ``cap_l`` scales the layer
     down to at most ``max_norm``. A layer whose ``P·G`` is not finite keeps its plain gradient and is left out of
-    the KL sum. A stack does the same for all its members in one operation each. No host synchronisation.
+    the KL sum. A stack does the same for all its members in one operation each. No host synchronisation, except
+    on the CPU (``linalg.host_decides``), where reading the flags is free and saves passes (``_write_on_host``).
     """
+    if items and not stacks and host_decides(items[0][2]):
+        return _write_on_host(items, grafting=grafting, kl_clip=kl_clip, max_norm=max_norm, lrs=lrs)
     outs: list[Tensor] = []
     dots: list[Tensor] = []
     finite: list[Tensor] = []
@@ -169,3 +180,35 @@ def write_updates(
         ok3 = ok.reshape(-1, 1, 1)
         item.store(_scaled(torch.where(ok3, out, item.g.to(out.dtype)), ok3, scale))
     return Written([~ok for ok in finite], capped, nu, [~ok for ok in sfinite], scapped)
+
+
+def _write_on_host(
+    items: Sequence[Item], *, grafting: str | None, kl_clip: float | None, max_norm: float | None, lrs: Sequence[float]
+) -> Written:
+    """``write_updates`` with every flag and scale read as a number (CPU tensors: no queue to drain): the grafting
+    ratio, ν and the cap fold into one scale per layer, written with ``p.grad`` in one pass; a non-finite layer is
+    not written at all (its ``p.grad`` still holds ``G``)."""
+    ratios, norms, dots = [], [], []
+    for _, g, out in items:
+        gd = g.to(out.dtype)
+        norm = float(torch.linalg.vector_norm(out)) if grafting == "sgd" or max_norm is not None else 1.0
+        ratio = 1.0
+        if grafting == "sgd" and norm > 0:  # NaN > 0 is False: a non-finite P·G is caught by its dot below
+            ratio = float(torch.linalg.vector_norm(gd)) / norm
+        ratios.append(ratio)
+        norms.append(norm * ratio)
+        dots.append(float(torch.vdot(out.reshape(-1), gd.reshape(-1))) * ratio)  # non-finite whenever P·G is
+    finite = [math.isfinite(dot) for dot in dots]
+    nu = 1.0
+    if kl_clip is not None:
+        total = sum(dot * lr**2 for dot, lr, ok in zip(dots, lrs, finite, strict=True) if ok)
+        nu = min(1.0, math.sqrt(kl_clip / total)) if total > 0 else 1.0
+    capped = []
+    for (adapter, _, out), ratio, norm, ok in zip(items, ratios, norms, finite, strict=True):
+        scale = nu * ratio
+        if max_norm is not None:
+            capped.append(norm * nu > max_norm)
+            scale *= min(1.0, max_norm / (norm * nu)) if norm * nu > 0 else 1.0
+        if ok:
+            adapter.set_grad_matrix(out, scale)
+    return Written([not ok for ok in finite], capped, nu)

@@ -6,12 +6,14 @@ import torch
 from torch import Tensor
 
 from lightning_soo.capture.adapters import IndexRows, Rows
+from lightning_soo.linalg import host_decides
 
 
 class Factor:
     """Sums of ``x xᵀ`` (or of ``x²`` when diagonal) over one step, folded into a running average.
 
-    ``decay`` is the weight of the old average: 0 keeps only the latest step.
+    ``decay`` is the weight of the old average: 0 keeps only the latest step. The step sum is not zeroed when a step
+    closes: the first product of the next step overwrites it (``beta=0``), which saves a pass over the matrix.
     """
 
     def __init__(self, dim: int, *, diagonal: bool, dtype: torch.dtype, device: torch.device) -> None:
@@ -22,14 +24,21 @@ class Factor:
         self._count = torch.zeros((), dtype=dtype, device=device)  # a tensor so ranks can sum it with the sums
         self.value: Tensor | None = None
         self._pending = False  # rows were added this step (kept on the host: no device sync to know it)
+        self._stale = False  # ``_sum`` still holds a closed step's values (zero before reading)
 
     @property
     def pending(self) -> bool:
         return self._pending
 
+    def _zeroed(self) -> Tensor:
+        if self._stale:
+            self._sum.zero_()
+            self._stale = False
+        return self._sum
+
     def statistics_tensors(self) -> list[Tensor]:
         """This step's sums and count, to be summed in place across ranks."""
-        return [self._sum, self._count]
+        return [self._zeroed(), self._count]
 
     def add(self, rows: Rows, count: int | Tensor, scale: float = 1.0, weights: Tensor | None = None) -> None:
         """Add ``Σ x xᵀ`` over ``rows`` (times ``scale``) and ``count`` to the divisor (a tensor when it depends on
@@ -40,24 +49,27 @@ class Factor:
                 ones = (weights * scale).to(self._sum.dtype)
             else:
                 ones = torch.full(rows.index.shape, scale, dtype=self._sum.dtype, device=self._sum.device)
-            if self.diagonal:
-                self._sum.index_add_(0, rows.index, ones)
-            else:
-                self._sum.diagonal().index_add_(0, rows.index, ones)
+            target = self._zeroed() if self.diagonal else self._zeroed().diagonal()
+            target.index_add_(0, rows.index, ones)
         elif self.diagonal:
-            self._sum.add_(rows.square().sum(0), alpha=scale)
-        else:
-            self._sum.addmm_(rows.mT, rows, alpha=scale)
+            self._zeroed().add_(rows.square().sum(0), alpha=scale)
+        else:  # the first product of a step overwrites the stale sum (beta=0 ignores it, NaN included)
+            self._sum.addmm_(rows.mT, rows, beta=0.0 if self._stale else 1.0, alpha=scale)
+            self._stale = False
         self._count.add_(count)
         self._pending = True
 
     def fold(self, decay: float | None, scale: float | Tensor = 1.0, keep: Tensor | None = None) -> bool:
         """Fold this step's mean times ``scale`` into the running average (weight ``decay`` on the old value;
-        None adds it instead, AdaGrad-style); where the device flag ``keep`` is False the old value stays. Returns
-        False (and folds nothing) when a first value would not be finite: that one check reads the device, once
-        per factor and run. A step whose count is zero (every row was padding) folds nothing."""
+        None adds it instead, AdaGrad-style); where the flag ``keep`` is False the old value stays. Returns False
+        (and folds nothing) when a first value would not be finite: on an accelerator that one check reads the
+        device, once per factor and run (``linalg.host_decides``: the CPU reads every flag, and skips passes). A
+        step whose count is zero (every row was padding) folds nothing."""
+        self._zeroed()
         counted = self._count > 0
         keep = counted if keep is None else keep & counted
+        if host_decides(self._sum):
+            return self._fold_on_host(decay, scale, bool(keep))
         mean = self._sum.mul_(scale / torch.where(counted, self._count, torch.ones_like(self._count)))  # in place
         if self.value is None:
             ok = bool(keep)
@@ -73,12 +85,28 @@ class Factor:
         self.reset()
         return True
 
+    def _fold_on_host(self, decay: float | None, scale: float | Tensor, keep: bool) -> bool:
+        """``fold`` with the flag read: a rejected step touches nothing, a kept one takes two passes at most."""
+        first = self.value is None
+        if keep:
+            c = float(scale) / float(self._count)
+            if first:
+                self.value = self._sum.mul(c)
+            elif decay is None:
+                self.value.add_(self._sum, alpha=c)
+            elif decay == 0.0:
+                torch.mul(self._sum, c, out=self.value)
+            else:
+                self.value.mul_(decay).add_(self._sum, alpha=(1.0 - decay) * c)
+        self.reset()
+        return keep or not first
+
     @property
     def step_sum(self) -> Tensor:
         """This step's unnormalised sum (for finiteness checks)."""
-        return self._sum
+        return self._zeroed()
 
     def reset(self) -> None:
-        self._sum.zero_()
         self._count.zero_()
         self._pending = False
+        self._stale = True

@@ -20,8 +20,11 @@ def _model() -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(8, 3))
 
 
-def _written(stacked: bool, monkeypatch: pytest.MonkeyPatch, poison: bool = False, **options) -> list[torch.Tensor]:
+def _written(
+    stacked: bool, monkeypatch: pytest.MonkeyPatch, poison: bool = False, host: bool = True, **options
+) -> list[torch.Tensor]:
     monkeypatch.setattr(linalg, "BATCH_ON_CPU", stacked)
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
     model = _model().double()
     x = torch.randn(32, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = torch.arange(32) % 3
