@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from lightning_soo.capture.adapters import IndexRows, LayerAdapter, Observation
 from lightning_soo.capture.discovery import Use
 from lightning_soo.capture.hooks import GradCallback, OnCall
+from lightning_soo.engine import factored
+from lightning_soo.linalg import host_decides
 from lightning_soo.preconditioners.base import Preconditioner
 
 
@@ -48,6 +50,7 @@ class Layer:
     warned: set[str] = field(default_factory=set)
     collecting: bool = False  # statistics of the open step are being captured for this layer
     catch_up: bool = False  # refresh at the next statistics step, even off schedule (uses added by the census)
+    kept: factored.Kept = field(default_factory=factored.Kept)  # rows for a cheaper product (``engine.factored``)
 
 
 class OptimizerLayers:
@@ -125,6 +128,8 @@ def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean
         xs = x if not x.is_floating_point() else x.to(pre.dtype)
         transposed = use.role == "transposed"
         obs = _fit(use.rows.observe(xs, g.to(pre.dtype)), layer.adapter.shape, rows, transposed)
+        if not transposed and rows is None and isinstance(obs.h, Tensor) and host_decides(obs.d):
+            layer.kept.keep(layer.adapter.shape, obs.h, obs.d)  # G = ΔᵀH̄ from these rows: a cheaper product at the step
         d = obs.d * obs.n if mean else obs.d  # undo the 1/N of a mean loss: per-example output gradients
         if transposed:
             pre.observe_transposed(obs.h, d, obs.rows, obs.n)  # type: ignore[arg-type]

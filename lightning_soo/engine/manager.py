@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_soo.engine import batched, state
+from lightning_soo.engine import batched, factored, state
 from lightning_soo.engine.damping import clip_cannot_protect, make_damping
 from lightning_soo.engine.distributed import DistributedPlan, reduce_statistics, world_size
 from lightning_soo.engine.layer import Layer, OptimizerLayers
@@ -81,17 +81,16 @@ class PreconditionerManager:
         self.steps = 0  # optimizer steps begun so far
         self.last_damping: float | None = None
         self.batch_size: int | None = None
-        # preconditioned_steps: steps (optimizer calls) in which at least one gradient was rewritten
         names = ("refreshes", "failed_refreshes", "skipped_statistics", "nonfinite_updates", "preconditioned_steps")
-        self.counters = dict.fromkeys(names, 0)
+        self.counters = dict.fromkeys(names, 0)  # preconditioned_steps: steps in which a gradient was rewritten
         self._timer = PhaseTimer(next(model.parameters(), torch.empty(0)).device)
         self._cycle = -1  # index of the current (or last) step
         self._open = self._collecting = False
-        self._scaled = False  # the open step's statistics were captured under a GradScaler
+        self._scaled = self._reported = False  # the open step's statistics were captured under a GradScaler
         self._processed: set[str] = set()
-        self._reported = False
         self._warned: set[str] = set()  # manager-wide warnings
         self._verdicts: Verdicts[Layer] = Verdicts()  # device-side flags of the step, read once by _settle
+        self._probes = factored.Probes()  # checks of the factored products on statistics steps
         self._stacks = batched.Stacks()  # equally shaped layers preconditioned as one
         self._build(model)
 
@@ -308,7 +307,8 @@ class PreconditionerManager:
             outs = self.plan.precondition(items)
             self.counters["bytes_broadcast"] = self.plan.bytes
             return [(layer, g, out) for (layer, g), out in zip(items, outs, strict=True)]
-        return [(layer, g, layer.preconditioner.precondition(g)) for layer, g in items if layer.preconditioner.ready]
+        pre = [(lay, g, lay.preconditioner) for lay, g in items if lay.preconditioner.ready]
+        return [(lay, g, factored.precondition(lay.kept, lay.name, p, g, self._probes)) for lay, g, p in pre]
 
     def _precondition(self, layers: list[Layer], optimizer: torch.optim.Optimizer | None, lr: float | None) -> None:
         stacks, alone = self._stacks.split(layers) if self.plan is None and world_size() == 1 else ([], layers)

@@ -39,7 +39,7 @@ class Verdicts(Generic[T]):
         if isinstance(flags, Tensor):
             vector, owners = flags.reshape(-1), list(owners)
         else:
-            pairs = list(zip(owners, flags, strict=False))
+            pairs = [(owner, flag) for owner, flag in zip(owners, flags, strict=False) if isinstance(flag, Tensor)]
             if not pairs:
                 return
             vector, owners = torch.stack([flag.reshape(()) for _, flag in pairs]), [owner for owner, _ in pairs]

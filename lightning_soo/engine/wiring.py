@@ -50,6 +50,7 @@ class Wiring:
             if layer.collecting and layer.name not in processed:
                 layer.preconditioner.discard_statistics()
             layer.collecting = collecting
+            layer.kept.forget()
         self.capture.active = collecting and self.capture.attached
 
     @contextmanager

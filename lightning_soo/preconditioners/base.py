@@ -180,8 +180,9 @@ class Preconditioner:
         raise NotImplementedError
 
     def kronecker_operands(self) -> tuple[Tensor, Tensor] | None:
-        """Dense ``(L, R)`` with ``precondition(G) == L @ G @ R`` for the current state, or None (the manager then
-        stacks equally shaped layers that have them into one batched product, ``engine.batched``)."""
+        """Dense symmetric ``(L, R)`` with ``precondition(G) == L @ G @ R`` for the current state, or None (the
+        manager then stacks equally shaped layers that have them into one batched product, ``engine.batched``, and
+        factors the product through the step's rows where that is cheaper, ``engine.factored``)."""
         return None
 
     def refresh_cost(self) -> float:

@@ -137,6 +137,13 @@ class Shampoo(Preconditioner):
         g = grad.to(self.dtype)
         return self.right.apply(self.left.apply(g, left=True), left=False)
 
+    def kronecker_operands(self) -> tuple[Tensor, Tensor] | None:
+        """The two roots, when each side is one dense block."""
+        roots = [side.roots[0] for side in self.sides if len(side.roots) == 1]
+        if len(roots) != 2 or any(root is None or root.dim() != 2 for root in roots):
+            return None
+        return roots[0], roots[1]  # type: ignore[return-value]
+
     def curvature_matvec(self, v: Tensor) -> Tensor:
         v = v.to(self.dtype)
         return self.right.apply(self.left.apply(v, left=True, inverse=True), left=False, inverse=True)

@@ -25,6 +25,7 @@ class Factor:
         self.value: Tensor | None = None
         self._pending = False  # rows were added this step (kept on the host: no device sync to know it)
         self._stale = False  # ``_sum`` still holds a closed step's values (zero before reading)
+        self._normalised = False  # ``_sum`` holds the step's mean so far (on the host, which reads the counts)
 
     @property
     def pending(self) -> bool:
@@ -36,9 +37,16 @@ class Factor:
             self._stale = False
         return self._sum
 
+    def _as_sum(self) -> Tensor:
+        """The step's statistic as a sum (a mean kept on the host turns back into one)."""
+        if self._normalised:
+            self._sum.mul_(self._count)
+            self._normalised = False
+        return self._zeroed()
+
     def statistics_tensors(self) -> list[Tensor]:
         """This step's sums and count, to be summed in place across ranks."""
-        return [self._zeroed(), self._count]
+        return [self._as_sum(), self._count]
 
     def add(self, rows: Rows, count: int | Tensor, scale: float = 1.0, weights: Tensor | None = None) -> None:
         """Add ``Σ x xᵀ`` over ``rows`` (times ``scale``) and ``count`` to the divisor (a tensor when it depends on
@@ -49,15 +57,29 @@ class Factor:
                 ones = (weights * scale).to(self._sum.dtype)
             else:
                 ones = torch.full(rows.index.shape, scale, dtype=self._sum.dtype, device=self._sum.device)
-            target = self._zeroed() if self.diagonal else self._zeroed().diagonal()
+            target = self._as_sum() if self.diagonal else self._as_sum().diagonal()
             target.index_add_(0, rows.index, ones)
         elif self.diagonal:
-            self._zeroed().add_(rows.square().sum(0), alpha=scale)
+            self._as_sum().add_(rows.square().sum(0), alpha=scale)
+        elif host_decides(self._sum) and (self._normalised or not self._pending):
+            self._add_mean(rows, float(count), scale)
         else:  # the first product of a step overwrites the stale sum (beta=0 ignores it, NaN included)
             self._sum.addmm_(rows.mT, rows, beta=0.0 if self._stale else 1.0, alpha=scale)
             self._stale = False
         self._count.add_(count)
         self._pending = True
+
+    def _add_mean(self, rows: Tensor, count: float, scale: float) -> None:
+        """Keep the step's mean instead of its sum, in the product itself (``beta``/``alpha``), so the fold needs
+        no division pass: the host reads the counts, free on the CPU."""
+        seen = float(self._count) if self._pending else 0.0
+        total = seen + count
+        if total > 0:
+            self._sum.addmm_(rows.mT, rows, beta=seen / total, alpha=scale / total)
+            self._normalised = True
+        else:  # no example yet (padding only): an ordinary sum
+            self._sum.addmm_(rows.mT, rows, beta=0.0 if not self._pending else 1.0, alpha=scale)
+        self._stale = False
 
     def fold(self, decay: float | None, scale: float | Tensor = 1.0, keep: Tensor | None = None) -> bool:
         """Fold this step's mean times ``scale`` into the running average (weight ``decay`` on the old value;
@@ -65,6 +87,8 @@ class Factor:
         (and folds nothing) when a first value would not be finite: on an accelerator that one check reads the
         device, once per factor and run (``linalg.host_decides``: the CPU reads every flag, and skips passes). A
         step whose count is zero (every row was padding) folds nothing."""
+        if not host_decides(self._sum):
+            self._as_sum()
         self._zeroed()
         counted = self._count > 0
         keep = counted if keep is None else keep & counted
@@ -89,13 +113,15 @@ class Factor:
         """``fold`` with the flag read: a rejected step touches nothing, a kept one takes two passes at most."""
         first = self.value is None
         if keep:
-            c = float(scale) / float(self._count)
+            c = float(scale) if self._normalised else float(scale) / float(self._count)
             if first:
                 self.value = self._sum.mul(c)
             elif decay is None:
                 self.value.add_(self._sum, alpha=c)
             elif decay == 0.0:
                 torch.mul(self._sum, c, out=self.value)
+            elif c == 1.0:  # the usual case: one pass
+                self.value.lerp_(self._sum, 1.0 - decay)
             else:
                 self.value.mul_(decay).add_(self._sum, alpha=(1.0 - decay) * c)
         self.reset()
@@ -108,5 +134,5 @@ class Factor:
 
     def reset(self) -> None:
         self._count.zero_()
-        self._pending = False
+        self._pending = self._normalised = False
         self._stale = True

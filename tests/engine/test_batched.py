@@ -21,7 +21,12 @@ def _model() -> nn.Sequential:
 
 
 def _written(
-    stacked: bool, monkeypatch: pytest.MonkeyPatch, poison: bool = False, host: bool = True, **options
+    stacked: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    poison: bool = False,
+    host: bool = True,
+    method: str = "kfac",
+    **options,
 ) -> list[torch.Tensor]:
     monkeypatch.setattr(linalg, "BATCH_ON_CPU", stacked)
     monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
@@ -30,7 +35,7 @@ def _written(
     y = torch.arange(32) % 3
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     interval = 10 if poison else 1
-    manager = PreconditionerManager(model, "kfac", warn=lambda m: None, preconditioner_interval=interval, **options)
+    manager = PreconditionerManager(model, method, warn=lambda m: None, preconditioner_interval=interval, **options)
     for step in range(3):
         opt.zero_grad()
         manager.begin_step()
@@ -55,9 +60,12 @@ def _written(
     [{}, {"kl_clip": 1e-3, "grafting": "sgd", "max_update_norm": 0.05}, {"kl_clip": None}],
     ids=["defaults", "all-on", "no-clip"],
 )
-def test_stacked_layers_write_the_layer_by_layer_gradients(options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    one_by_one = _written(False, monkeypatch, **options)
-    stacked = _written(True, monkeypatch, **options)
+@pytest.mark.parametrize("method", ["kfac", "shampoo"])
+def test_stacked_layers_write_the_layer_by_layer_gradients(
+    method: str, options: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one_by_one = _written(False, monkeypatch, method=method, **options)
+    stacked = _written(True, monkeypatch, method=method, **options)
     for a, b in zip(stacked, one_by_one, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 

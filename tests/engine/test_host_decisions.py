@@ -1,7 +1,7 @@
 """On the CPU the hot path reads its flags on the host (free there) and skips the ``torch.where`` passes an
 accelerator needs (``linalg.HOST_DECIDES_ON_CPU``). Both paths must compute the same thing: the gradients written
 (KL clip, grafting, norm cap, a non-finite preconditioner) and the factors folded (non-finite statistics, a step of
-padding only, every decay)."""
+padding only, every decay, a layer called twice)."""
 
 from __future__ import annotations
 
@@ -26,10 +26,22 @@ def test_the_gradients_written(options: dict, poison: bool, monkeypatch: pytest.
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+class _Twice(nn.Module):
+    """A layer called twice per step: its statistics gather two calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(5, 7), nn.Linear(7, 7), nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mid(torch.tanh(self.inp(x))))
+        return self.out(torch.tanh(self.mid(h)))
+
+
 def _factors(method: str, host: bool, options: dict, monkeypatch: pytest.MonkeyPatch) -> tuple[list, dict]:
     monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    model = _Twice().double()
     manager = PreconditionerManager(model, method, options, preconditioner_interval=2, warn=lambda m: None)
     gen = torch.Generator().manual_seed(3)
     for step in range(6):
