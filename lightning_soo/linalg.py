@@ -15,7 +15,13 @@ from torch import Tensor
 def all_finite(*tensors: Tensor) -> bool:
     """No NaN or Inf in any tensor. One reduction pass each (NaN and Inf propagate into the sum), cheaper than
     ``isfinite(x).all()``; a finite tensor whose sum overflows counts as non-finite, which is the safe side."""
-    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+    return math.isfinite(sum(float(t.sum()) for t in tensors))
+
+
+def finite(*tensors: Tensor) -> Tensor | bool:
+    """``finite_flag`` where the device keeps its decisions, ``all_finite`` where the host reads them
+    (``host_decides``)."""
+    return all_finite(*tensors) if host_decides(tensors[0]) else finite_flag(*tensors)
 
 
 def finite_flag(*tensors: Tensor) -> Tensor:

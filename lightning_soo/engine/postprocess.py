@@ -28,31 +28,30 @@ class Verdicts(Generic[T]):
     """Device-side flags of one step (True: something happened to that owner), read back in one transfer."""
 
     flags: list[tuple[str, list[T], Tensor]] = field(default_factory=list)
+    raised: list[tuple[str, T]] = field(default_factory=list)  # flags the host already read (``host_decides``)
 
-    def add(self, kind: str, owners: Sequence[T], flags: Sequence[Tensor] | Sequence[bool] | Tensor) -> None:
-        """One flag per owner: 0-d tensors, or one vector for all of them (a stack's), or bools already read."""
-        if not isinstance(flags, Tensor) and flags and isinstance(flags[0], bool):
-            raised = [owner for owner, flag in zip(owners, flags, strict=False) if flag]
-            if raised:
-                self.flags.append((kind, raised, torch.ones(len(raised), dtype=torch.bool)))
-            return
+    def add(self, kind: str, owners: Sequence[T], flags: Sequence[Tensor | bool] | Tensor) -> None:
+        """One flag per owner: 0-d tensors or bools already read, or one vector for all of them (a stack's)."""
         if isinstance(flags, Tensor):
-            vector, owners = flags.reshape(-1), list(owners)
-        else:
-            pairs = [(owner, flag) for owner, flag in zip(owners, flags, strict=False) if isinstance(flag, Tensor)]
-            if not pairs:
-                return
-            vector, owners = torch.stack([flag.reshape(()) for _, flag in pairs]), [owner for owner, _ in pairs]
-        if owners:
-            self.flags.append((kind, owners, vector))
+            if owners:
+                self.flags.append((kind, list(owners), flags.reshape(-1)))
+            return
+        pairs = list(zip(owners, flags, strict=False))
+        self.raised += [(kind, owner) for owner, flag in pairs if flag is True]
+        tensors = [(owner, flag) for owner, flag in pairs if isinstance(flag, Tensor)]
+        if tensors:
+            vector = torch.stack([flag.reshape(()) for _, flag in tensors])
+            self.flags.append((kind, [owner for owner, _ in tensors], vector))
 
     def read(self) -> list[tuple[str, T]]:
-        """The ``(kind, owner)`` of every raised flag; clears the step's flags. One host synchronisation."""
+        """The ``(kind, owner)`` of every raised flag; clears the step's flags. One host synchronisation (none when
+        every flag was read already)."""
         flags, self.flags = self.flags, []
+        raised, self.raised = self.raised, []
         if not flags:
-            return []
+            return raised
         values = iter(torch.cat([vector for _, _, vector in flags]).tolist())
-        return [(kind, owner) for kind, owners, _ in flags for owner in owners if next(values)]
+        return raised + [(kind, owner) for kind, owners, _ in flags for owner in owners if next(values)]
 
 
 def settled(kind: str, name: str, scaled: bool) -> tuple[str, str | None]:

@@ -130,15 +130,16 @@ class Preconditioner:
     def observe_grad(self, grad: Tensor) -> None:
         """Fold the mini-batch gradient matrix (methods with ``uses_grad``)."""
 
-    def close_statistics(self, output_scale: float | Tensor) -> Tensor | None:
+    def close_statistics(self, output_scale: float | Tensor) -> Tensor | bool | None:
         """Close this step's statistics. ``output_scale`` (accumulation / loss scale, see ``engine.layer``) maps
         the captured output-gradient rows to per-example gradients of the loss; a method applies it to its
         statistics as their degree in the output gradient says (K-FAC's B and Shampoo's factors: squared;
         Gauss-Newton's kept rows: linearly; statistics from the unscaled gradient: not at all).
 
-        Returns None when there was nothing to fold, else a 0-d bool tensor on the device, True where the step's
-        statistics were rejected as non-finite (the last good ones kept). The manager reads every such flag of a
-        step at once: no method synchronises with the device here (beyond a first value's check).
+        Returns None when there was nothing to fold, else a flag, True where the step's statistics were rejected as
+        non-finite (the last good ones kept): a 0-d bool tensor on the device, or a bool where the host decides
+        (``linalg.host_decides``). The manager reads every device flag of a step at once: no method synchronises
+        with the device here (beyond a first value's check).
         """
         return None
 

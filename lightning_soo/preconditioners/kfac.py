@@ -166,12 +166,12 @@ class KFAC(Preconditioner):
             pairs.append((self._at, self._bt, True))
         return [(a, b, t) for a, b, t in pairs if a.pending and b.pending]
 
-    def close_statistics(self, output_scale: float | Tensor) -> Tensor | None:
+    def close_statistics(self, output_scale: float | Tensor) -> Tensor | bool | None:
         pending = self._pairs_pending()
         if not pending:
             self.discard_statistics()
             return None
-        keep = linalg.finite_flag(*(f.step_sum for a, b, _ in pending for f in (a, b)))
+        keep = linalg.finite(*(f.step_sum for a, b, _ in pending for f in (a, b)))
         ok = True
         for a, b, _ in pending:
             ok = a.fold(self.factor_decay, 1.0, keep) and ok
@@ -183,7 +183,7 @@ class KFAC(Preconditioner):
         for f in self._factors:
             if id(f) not in folded:  # an orientation without both halves this step
                 f.reset()
-        return ~keep
+        return not keep if isinstance(keep, bool) else ~keep
 
     def statistics_tensors(self) -> list[Tensor]:
         return [t for f in self._factors for t in f.statistics_tensors()]

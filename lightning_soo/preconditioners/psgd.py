@@ -155,7 +155,7 @@ class PSGD(Preconditioner):
         self._ranks = torch.ones((), dtype=self.dtype, device=self.device)
         return [self._pair[1], self._ranks]
 
-    def close_statistics(self, output_scale: float | Tensor) -> Tensor | None:
+    def close_statistics(self, output_scale: float | Tensor) -> Tensor | bool | None:
         pair, self._pair = self._pair, None
         if pair is None:
             return None
@@ -172,12 +172,17 @@ class PSGD(Preconditioner):
             self._initialise(v, h)
         saved = (self.q_l.clone(), self.q_r.clone())
         self._update(v, h)
-        keep = linalg.finite_flag(h, self.q_l, self.q_r)  # a rejected update leaves Q as it was
-        self.q_l.copy_(torch.where(keep, self.q_l, saved[0]))
-        self.q_r.copy_(torch.where(keep, self.q_r, saved[1]))
+        keep = linalg.finite(h, self.q_l, self.q_r)  # a rejected update leaves Q as it was
+        if isinstance(keep, bool):  # read on the host: restore only when rejected
+            if not keep:
+                self.q_l.copy_(saved[0])
+                self.q_r.copy_(saved[1])
+        else:
+            self.q_l.copy_(torch.where(keep, self.q_l, saved[0]))
+            self.q_r.copy_(torch.where(keep, self.q_r, saved[1]))
         self.updates += 1
         self._dirty = True
-        return ~keep
+        return not keep if isinstance(keep, bool) else ~keep
 
     def discard_statistics(self) -> None:
         self._pair = self._ranks = None

@@ -92,18 +92,18 @@ class Shampoo(Preconditioner):
     def statistics_tensors(self) -> list[Tensor]:
         return self.left.statistics_tensors() + self.right.statistics_tensors()
 
-    def close_statistics(self, output_scale: float | Tensor) -> Tensor | None:
+    def close_statistics(self, output_scale: float | Tensor) -> Tensor | bool | None:
         if not (self.left.pending and self.right.pending):
             self.discard_statistics()
             return None
-        keep = linalg.finite_flag(*self.left.step_sums(), *self.right.step_sums())
+        keep = linalg.finite(*self.left.step_sums(), *self.right.step_sums())
         scale = output_scale**2 if self.uses_hooks else 1.0  # both factors are quadratic in the output gradient
         decay = self.beta if self.accumulate == "ema" else None
         if not all([side.fold(decay, scale, keep) for side in self.sides]):  # a first value was not finite
             for side in self.sides:
                 for f in side.factors:
                     f.value = None
-        return ~keep
+        return not keep if isinstance(keep, bool) else ~keep
 
     def discard_statistics(self) -> None:
         for side in self.sides:

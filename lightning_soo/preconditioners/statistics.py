@@ -81,31 +81,29 @@ class Factor:
             self._sum.addmm_(rows.mT, rows, beta=0.0 if not self._pending else 1.0, alpha=scale)
         self._stale = False
 
-    def fold(self, decay: float | None, scale: float | Tensor = 1.0, keep: Tensor | None = None) -> bool:
+    def fold(self, decay: float | None, scale: float | Tensor = 1.0, keep: Tensor | bool | None = None) -> bool:
         """Fold this step's mean times ``scale`` into the running average (weight ``decay`` on the old value;
         None adds it instead, AdaGrad-style); where the flag ``keep`` is False the old value stays. Returns False
         (and folds nothing) when a first value would not be finite: on an accelerator that one check reads the
         device, once per factor and run (``linalg.host_decides``: the CPU reads every flag, and skips passes). A
         step whose count is zero (every row was padding) folds nothing."""
-        if not host_decides(self._sum):
-            self._as_sum()
-        self._zeroed()
-        counted = self._count > 0
-        keep = counted if keep is None else keep & counted
         if host_decides(self._sum):
-            return self._fold_on_host(decay, scale, bool(keep))
+            return self._fold_on_host(decay, scale, float(self._count) > 0 and (keep is None or bool(keep)))
+        self._as_sum()
+        counted = self._count > 0
+        flag = counted if keep is None else torch.as_tensor(keep, device=counted.device) & counted
         mean = self._sum.mul_(scale / torch.where(counted, self._count, torch.ones_like(self._count)))  # in place
         if self.value is None:
-            ok = bool(keep)
+            ok = bool(flag)
             self.value = mean.clone() if ok else None
             self.reset()
             return ok
         if decay is None:  # a rejected step adds zero
-            self.value.add_(torch.where(keep, mean, mean.new_zeros(()), out=mean))
+            self.value.add_(torch.where(flag, mean, mean.new_zeros(()), out=mean))
         elif decay == 0.0:
-            torch.where(keep, mean, self.value, out=self.value)
+            torch.where(flag, mean, self.value, out=self.value)
         else:  # a rejected step folds the old value into itself: unchanged
-            self.value.lerp_(torch.where(keep, mean, self.value, out=mean), 1.0 - decay)
+            self.value.lerp_(torch.where(flag, mean, self.value, out=mean), 1.0 - decay)
         self.reset()
         return True
 
