@@ -34,6 +34,7 @@ from benchmarks.common import (
     pick_device,
 )
 from lightning_soo import PreconditionerManager
+from lightning_soo.engine.factored import worth as factored_worth
 
 
 @dataclass
@@ -53,11 +54,20 @@ TARGETS = {("kfac", "256"): 4.0, ("kfac", "2048"): 1.5, ("kfac-frozen", "2048"):
 
 
 # -- FLOP models of the extra work (matrix products only) --------------------------------------------------------
-def kfac_flops(shapes: list[tuple[int, int]], s: Setting, products: int = 2, inverse_cost: float = 1.0) -> float:
+def kfac_flops(
+    shapes: list[tuple[int, int]], s: Setting, products: int = 2, inverse_cost: float = 1.0, factored: bool = True
+) -> float:
     """Statistics 2·N·d² per factor per statistics step; ``products`` (2 Cholesky, 4 eigen) preconditioning products
-    per step; ``inverse_cost``·n³ per factor per refresh."""
+    per step, on statistics steps the factored form ``(L·Δᵀ)(H̄·R)`` where the library takes it
+    (``engine.factored``, ``factored``: two products with dense operands); ``inverse_cost``·n³ per factor per
+    refresh."""
     stats = sum(2 * s.batch * (i * i + o * o) for o, i in shapes) / s.statistics_interval
-    pre = sum(o * o * i + o * i * i for o, i in shapes) * products
+    plain = [(o * o * i + o * i * i) * products for o, i in shapes]
+    cheaper = [
+        2 * s.batch * (o * o + i * i + o * i) if factored and products == 2 and factored_worth(s.batch, o, i) else p
+        for (o, i), p in zip(shapes, plain, strict=True)
+    ]
+    pre = (sum(cheaper) + (s.statistics_interval - 1) * sum(plain)) / s.statistics_interval
     inv = sum(inverse_cost * (i**3 + o**3) for o, i in shapes) / s.preconditioner_interval
     return stats + pre + inv
 

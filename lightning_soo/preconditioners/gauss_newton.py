@@ -127,7 +127,7 @@ class GaussNewton(Preconditioner):
         # this step's basis tensors, possibly gathered across ranks: [U] (materialised) or [H or one-hot index, Δ]
         self._pending: list[Tensor] | None = None
         self.latest: Basis | None = None  # basis of the last statistics step
-        self._unsettled: tuple[Basis | None, Tensor] | None = None  # (basis before it, is it finite?)
+        self._unsettled: tuple[Basis | None, Tensor | bool] | None = None  # (basis before it, is it finite?)
         self.basis: Basis | None = None  # basis of the current preconditioner
         self.chol: Tensor | None = None  # Cholesky factor of K + NρI
         self.damping = 0.0
@@ -157,7 +157,7 @@ class GaussNewton(Preconditioner):
     def gathered(self, tensors: list[Tensor]) -> None:
         self._pending = tensors
 
-    def close_statistics(self, output_scale: float | Tensor) -> Tensor | None:
+    def close_statistics(self, output_scale: float | Tensor) -> Tensor | bool | None:
         pending = self._pack()
         self._pending = None
         if not pending or pending[-1].shape[0] == 0:
@@ -167,11 +167,11 @@ class GaussNewton(Preconditioner):
         else:
             h = pending[0] if pending[0].is_floating_point() else IndexRows(pending[0], self.d_in)
             basis = RowBasis(h, pending[1] * output_scale)
-        keep = linalg.finite_flag(*(t for t in basis.tensors() if t.is_floating_point()))
+        keep = linalg.finite(*(t for t in basis.tensors() if t.is_floating_point()))
         if self._unsettled is None:
             self._unsettled = (self.latest, keep)  # the last settled basis, kept until the new one is known finite
         self.latest = basis
-        return ~keep
+        return not keep if isinstance(keep, bool) else ~keep
 
     def _settle(self) -> None:
         """At refresh (where reading the device is allowed): back to the last finite basis if this step's was not;

@@ -26,10 +26,17 @@ class Factor:
         self._pending = False  # rows were added this step (kept on the host: no device sync to know it)
         self._stale = False  # ``_sum`` still holds a closed step's values (zero before reading)
         self._normalised = False  # ``_sum`` holds the step's mean so far (on the host, which reads the counts)
+        self._n = 0.0  # the step's count where the host decides (``_count`` holds it on a device)
+        self._moved = False  # the host's count was moved into ``_count`` (to be summed across ranks)
 
     @property
     def pending(self) -> bool:
         return self._pending
+
+    @property
+    def count(self) -> float:
+        """The step's count so far (reads the device where the count lives there)."""
+        return self._n if host_decides(self._sum) and not self._moved else float(self._count)
 
     def _zeroed(self) -> Tensor:
         if self._stale:
@@ -40,12 +47,15 @@ class Factor:
     def _as_sum(self) -> Tensor:
         """The step's statistic as a sum (a mean kept on the host turns back into one)."""
         if self._normalised:
-            self._sum.mul_(self._count)
+            self._sum.mul_(self.count)
             self._normalised = False
         return self._zeroed()
 
     def statistics_tensors(self) -> list[Tensor]:
         """This step's sums and count, to be summed in place across ranks."""
+        if host_decides(self._sum) and not self._moved:
+            self._count.fill_(self._n)
+            self._moved = True
         return [self._as_sum(), self._count]
 
     def add(self, rows: Rows, count: int | Tensor, scale: float = 1.0, weights: Tensor | None = None) -> None:
@@ -66,13 +76,16 @@ class Factor:
         else:  # the first product of a step overwrites the stale sum (beta=0 ignores it, NaN included)
             self._sum.addmm_(rows.mT, rows, beta=0.0 if self._stale else 1.0, alpha=scale)
             self._stale = False
-        self._count.add_(count)
+        if host_decides(self._sum) and not self._moved:
+            self._n += float(count)  # free on the CPU: no tensor to update and zero per step
+        else:
+            self._count.add_(count)
         self._pending = True
 
     def _add_mean(self, rows: Tensor, count: float, scale: float) -> None:
         """Keep the step's mean instead of its sum, in the product itself (``beta``/``alpha``), so the fold needs
         no division pass: the host reads the counts, free on the CPU."""
-        seen = float(self._count) if self._pending else 0.0
+        seen = self.count if self._pending else 0.0
         total = seen + count
         if total > 0:
             self._sum.addmm_(rows.mT, rows, beta=seen / total, alpha=scale / total)
@@ -88,7 +101,7 @@ class Factor:
         device, once per factor and run (``linalg.host_decides``: the CPU reads every flag, and skips passes). A
         step whose count is zero (every row was padding) folds nothing."""
         if host_decides(self._sum):
-            return self._fold_on_host(decay, scale, float(self._count) > 0 and (keep is None or bool(keep)))
+            return self._fold_on_host(decay, scale, self.count > 0 and (keep is None or bool(keep)))
         self._as_sum()
         counted = self._count > 0
         flag = counted if keep is None else torch.as_tensor(keep, device=counted.device) & counted
@@ -111,7 +124,7 @@ class Factor:
         """``fold`` with the flag read: a rejected step touches nothing, a kept one takes two passes at most."""
         first = self.value is None
         if keep:
-            c = float(scale) if self._normalised else float(scale) / float(self._count)
+            c = float(scale) if self._normalised else float(scale) / self.count
             if first:
                 self.value = self._sum.mul(c)
             elif decay is None:
@@ -131,6 +144,8 @@ class Factor:
         return self._zeroed()
 
     def reset(self) -> None:
-        self._count.zero_()
+        if self._moved or not host_decides(self._sum):
+            self._count.zero_()
+        self._n, self._moved = 0.0, False
         self._pending = self._normalised = False
         self._stale = True

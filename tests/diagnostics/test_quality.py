@@ -247,11 +247,11 @@ def _bn_run(measure_at: int | None, steps: int = 6) -> tuple[nn.Module, Precondi
         loss = F.cross_entropy(model(x), y)
         if step == measure_at:
             pre = manager.layers["net.0"].preconditioner
-            before = (float(pre._a._count), pre._a.step_sum.clone())
+            before = (pre._a.count, pre._a.step_sum.clone())
             assert manager.capture.active
             measure_quality(manager, lambda: F.cross_entropy(model(x), y), num_probes=2, model=model)
             assert manager.capture.active  # restored
-            assert float(pre._a._count) == before[0] and torch.equal(pre._a.step_sum, before[1])
+            assert pre._a.count == before[0] and torch.equal(pre._a.step_sum, before[1])
             assert not pre._b.pending  # no output gradient captured by the double backward
         loss.backward()
         manager.step(opt)

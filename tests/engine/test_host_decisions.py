@@ -61,8 +61,15 @@ def _factors(method: str, host: bool, options: dict, monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize(
     ("method", "options"),
-    [("kfac", {}), ("kfac", {"factor_decay": 0.0}), ("shampoo", {}), ("shampoo", {"accumulate": "sum"})],
-    ids=["kfac", "kfac-latest", "shampoo", "shampoo-adagrad"],
+    [
+        ("kfac", {}),
+        ("kfac", {"factor_decay": 0.0}),
+        ("shampoo", {}),
+        ("shampoo", {"accumulate": "sum"}),
+        ("gauss_newton", {}),
+        ("psgd", {}),
+    ],
+    ids=["kfac", "kfac-latest", "shampoo", "shampoo-adagrad", "gauss_newton", "psgd"],
 )
 def test_the_factors_folded(method: str, options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     on_device, device_counters = _factors(method, False, options, monkeypatch)
