@@ -39,6 +39,14 @@ from lightning_soo.preconditioners.base import Preconditioner, fit_square
 def norm_lower_bound(a: Tensor) -> Tensor:
     """A cheap lower bound of the spectral norm of a symmetric ``a`` (within about √2 of it, per Li): the norm of
     ``a`` applied to its largest column, normalised."""
+    if linalg.host_decides(a):  # the scale, the column and the norm read on the host: no device-side fallbacks
+        s = float(a.abs().amax())
+        if not s > 0:  # zero, or not finite: as the device path
+            return a.new_zeros(())
+        a = a / s
+        x = a[:, int(a.square().sum(0).argmax())] @ a
+        n = float(torch.linalg.vector_norm(x))
+        return torch.linalg.vector_norm((x / n if n > 0 else x) @ a.mT) * s
     scale = a.abs().amax()
     one = torch.ones_like(scale)
     a = a / torch.where(scale > 0, scale, one)
@@ -213,6 +221,9 @@ class PSGD(Preconditioner):
             if q.dim() == 1:
                 step = self.lr_preconditioner / ((t1 + t2).abs().amax() + self.tiny)
                 q.sub_(step * (t1 - t2) * q)
+            elif linalg.host_decides(q):  # the step size as a number: one pass fewer
+                step_size = self.lr_preconditioner / (float(norm_lower_bound(t1 + t2)) + self.tiny)
+                q.sub_(triu_matmul(t1 - t2, q), alpha=step_size)
             else:
                 step = self.lr_preconditioner / (norm_lower_bound(t1 + t2) + self.tiny)
                 q.sub_(step * triu_matmul(t1 - t2, q))

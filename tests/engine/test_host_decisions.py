@@ -79,3 +79,18 @@ def test_the_factors_folded(method: str, options: dict, monkeypatch: pytest.Monk
     for a, b in zip(on_host, on_device, strict=True):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["random", "zero", "nan"])
+def test_psgd_norm_bound(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_soo.preconditioners.psgd import norm_lower_bound
+
+    a = torch.randn(9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = {"random": a + a.T, "zero": torch.zeros_like(a), "nan": torch.full_like(a, math.nan)}[kind]
+    bounds = []
+    for host in (True, False):
+        monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
+        bounds.append(norm_lower_bound(a))
+    torch.testing.assert_close(bounds[0], bounds[1], rtol=1e-12, atol=0)
+    if kind == "random":
+        assert 0 < bounds[0] <= torch.linalg.matrix_norm(a, 2) * (1 + 1e-12)
