@@ -91,7 +91,7 @@ class Part:
 
 
 def _with_ones(h: Tensor) -> Tensor:
-    return F.pad(h, (0, 1), value=1.0)
+    return torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)  # measured faster than F.pad on the CPU
 
 
 def _token_mask(d: Tensor) -> Tensor:

@@ -1,9 +1,11 @@
 """Post-processing of the preconditioned gradients of one step, between ``P·G`` and ``p.grad``: layer-wise grafting,
 the finiteness check, KL clipping (kfac-pytorch's form) and the per-layer norm cap.
 
-Everything stays on the device: decisions are ``torch.where``, the KL scale and grafting ratios are tensors, and
-what the host needs to know (which layers were not finite or capped) comes back as flags the manager reads once per
-step, together with the statistics' flags.
+On an accelerator everything stays on the device: decisions are ``torch.where``, the KL scale and grafting ratios
+are tensors, and what the host needs to know (which layers were not finite or capped) comes back as flags the manager
+reads once per step, together with the statistics' flags. On the CPU, where reading a number costs nothing and each
+``torch.where`` is a pass over a gradient, the same decisions are taken on the host (``_write_on_host``,
+``linalg.host_decides``).
 """
 
 from __future__ import annotations

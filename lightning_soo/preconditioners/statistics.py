@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo.capture.adapters import IndexRows, Rows
-from lightning_soo.linalg import host_decides
+from lightning_soo.linalg import gram_, host_decides
 
 
 class Factor:
@@ -74,7 +74,7 @@ class Factor:
         elif host_decides(self._sum) and (self._normalised or not self._pending):
             self._add_mean(rows, float(count), scale)
         else:  # the first product of a step overwrites the stale sum (beta=0 ignores it, NaN included)
-            self._sum.addmm_(rows.mT, rows, beta=0.0 if self._stale else 1.0, alpha=scale)
+            gram_(self._sum, rows, beta=0.0 if self._stale else 1.0, alpha=scale)
             self._stale = False
         if host_decides(self._sum) and not self._moved:
             self._n += float(count)  # free on the CPU: no tensor to update and zero per step
@@ -88,10 +88,10 @@ class Factor:
         seen = self.count if self._pending else 0.0
         total = seen + count
         if total > 0:
-            self._sum.addmm_(rows.mT, rows, beta=seen / total, alpha=scale / total)
+            gram_(self._sum, rows, beta=seen / total, alpha=scale / total)
             self._normalised = True
         else:  # no example yet (padding only): an ordinary sum
-            self._sum.addmm_(rows.mT, rows, beta=0.0 if not self._pending else 1.0, alpha=scale)
+            gram_(self._sum, rows, beta=0.0 if not self._pending else 1.0, alpha=scale)
         self._stale = False
 
     def fold(self, decay: float | None, scale: float | Tensor = 1.0, keep: Tensor | bool | None = None) -> bool:

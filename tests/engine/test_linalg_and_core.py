@@ -6,6 +6,7 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -132,3 +133,18 @@ def test_eigh_gives_up_with_none(monkeypatch) -> None:
     monkeypatch.setattr(linalg, "_eigh", broken)
     assert linalg.eigh(_spd(4, 5)) is None
     assert linalg.inverse_root_eig(_spd(4, 5), 0.1, 0.25) is None
+
+
+@pytest.mark.parametrize("width", [100, 384, 700, 1000])
+@pytest.mark.parametrize("beta", [0.0, 0.7])
+def test_gram_blocks_equal_the_full_product(width: int, beta: float) -> None:
+    """``linalg.gram_`` multiplies only the blocks on and above the diagonal: the same symmetric result as one
+    ``addmm_``, symmetric, and ``beta=0`` ignores what ``out`` held (NaN included)."""
+    gen = torch.Generator().manual_seed(width)
+    rows = torch.randn(50, width, dtype=torch.float64, generator=gen)
+    start = torch.randn(width, width, dtype=torch.float64, generator=gen)
+    start = start + start.T if beta else torch.full_like(start, float("nan"))
+    expected = torch.addmm(start if beta else torch.zeros_like(start), rows.T, rows, beta=beta, alpha=0.3)
+    out = linalg.gram_(start.clone(), rows, beta=beta, alpha=0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, out.T, rtol=1e-12, atol=1e-12)
