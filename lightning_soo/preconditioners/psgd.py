@@ -303,4 +303,11 @@ def _terms(a: Tensor, b: Tensor, left: bool, diagonal: bool) -> tuple[Tensor, Te
     if diagonal:
         dim = 1 if left else 0
         return a.square().sum(dim), b.square().sum(dim)
-    return (a @ a.mT, b @ b.mT) if left else (a.mT @ a, b.mT @ b)
+    return _self_gram(a, left), _self_gram(b, left)
+
+
+def _self_gram(x: Tensor, left: bool) -> Tensor:
+    """``XXᵀ`` (left) or ``XᵀX``, multiplying only the blocks on and above the diagonal (``linalg.gram_``)."""
+    rows = x.mT if left else x
+    d = rows.shape[1]
+    return linalg.gram_(rows.new_empty(d, d), rows, beta=0.0, alpha=1.0)
