@@ -295,6 +295,12 @@ CONTENDERS: list[Contender] = [
         _ours("kfac", {"inverse": "cholesky", "factor_decay": FACTOR_DECAY}, damping=KFAC_DAMPING, kl_clip=1e-3),
         intervals=True,
     ),
+    Contender(  # ASDL's K-FAC has no KL clip: the same computation as it
+        "kfac cholesky, no KL clip (ours)",
+        "kfac",
+        _ours("kfac", {"inverse": "cholesky", "factor_decay": FACTOR_DECAY}, damping=KFAC_DAMPING, kl_clip=None),
+        intervals=True,
+    ),
     Contender(
         "kfac eigen (ours)",
         "kfac",
