@@ -140,7 +140,7 @@ class Factor:
 
     @property
     def step_sum(self) -> Tensor:
-        """This step's unnormalised sum (for finiteness checks)."""
+        """This step's statistic for finiteness checks: its sum, or on the host its mean so far."""
         return self._zeroed()
 
     def reset(self) -> None:
