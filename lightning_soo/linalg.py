@@ -19,6 +19,11 @@ def all_finite(*tensors: Tensor) -> bool:
     return math.isfinite(sum(float(t.sum()) for t in tensors))
 
 
+def rejected(keep: Tensor | bool) -> Tensor | bool:
+    """The flag a method returns from ``close_statistics``: the negation of ``finite``'s, of the same kind."""
+    return not keep if isinstance(keep, bool) else ~keep
+
+
 def finite(*tensors: Tensor) -> Tensor | bool:
     """``finite_flag`` where the device keeps its decisions, ``all_finite`` where the host reads them
     (``host_decides``)."""

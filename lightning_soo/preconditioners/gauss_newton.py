@@ -171,7 +171,7 @@ class GaussNewton(Preconditioner):
         if self._unsettled is None:
             self._unsettled = (self.latest, keep)  # the last settled basis, kept until the new one is known finite
         self.latest = basis
-        return not keep if isinstance(keep, bool) else ~keep
+        return linalg.rejected(keep)
 
     def _settle(self) -> None:
         """At refresh (where reading the device is allowed): back to the last finite basis if this step's was not;

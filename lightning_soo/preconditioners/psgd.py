@@ -190,7 +190,7 @@ class PSGD(Preconditioner):
             self.q_r.copy_(torch.where(keep, self.q_r, saved[1]))
         self.updates += 1
         self._dirty = True
-        return not keep if isinstance(keep, bool) else ~keep
+        return linalg.rejected(keep)
 
     def discard_statistics(self) -> None:
         self._pair = self._ranks = None

@@ -103,7 +103,7 @@ class Shampoo(Preconditioner):
             for side in self.sides:
                 for f in side.factors:
                     f.value = None
-        return not keep if isinstance(keep, bool) else ~keep
+        return linalg.rejected(keep)
 
     def discard_statistics(self) -> None:
         for side in self.sides:
