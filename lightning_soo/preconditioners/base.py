@@ -119,8 +119,10 @@ class Preconditioner:
         padding rule are zero) into this step's sums; the return value is handed to observe_output_grads."""
         return None
 
-    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any) -> None:
-        """Fold per-example output-gradient rows (up to the step's constant ``output_scale``)."""
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float = 1.0) -> None:
+        """Fold per-example output-gradient rows ``scale · rows`` (up to the step's constant ``output_scale``);
+        ``scale`` is the ``N`` of a mean loss, which a method whose statistics are quadratic in the rows applies as
+        ``scale²`` inside its products instead of a pass over the rows."""
 
     def observe_transposed(self, inputs: Tensor, grads: Tensor, count: Count, n_examples: Count) -> None:
         """Fold a use in the swapped orientation: its input rows lie on this layer's output side (``d_out``) and

@@ -69,6 +69,12 @@ class RowBasis:
             return out.index_add_(1, self.h.index, dw.mT)
         return dw.mT @ self.h
 
+    def remove(self, g: Tensor, w: Tensor, rho: float) -> Tensor:
+        """``(G − U w) / ρ`` (dense rows: one ``addmm``)."""
+        if isinstance(self.h, IndexRows):
+            return (g - self.combine(w, g.shape)) / rho
+        return torch.addmm(g, (self.d * w.unsqueeze(1)).mT, self.h, beta=1.0 / rho, alpha=-1.0 / rho)
+
     def select(self, keep: Tensor) -> RowBasis:
         h = IndexRows(self.h.index[keep], self.h.size) if isinstance(self.h, IndexRows) else self.h[keep]
         return RowBasis(h, self.d[keep])
@@ -97,11 +103,26 @@ class DenseBasis:
     def combine(self, w: Tensor, shape: tuple[int, int]) -> Tensor:
         return (w @ self.u.flatten(1)).reshape(shape)
 
+    def remove(self, g: Tensor, w: Tensor, rho: float) -> Tensor:
+        """``(G − U w) / ρ`` in one ``addmv``."""
+        flat = torch.addmv(g.reshape(-1), self.u.flatten(1).mT, w, beta=1.0 / rho, alpha=-1.0 / rho)
+        return flat.reshape(g.shape)
+
     def select(self, keep: Tensor) -> DenseBasis:
         return DenseBasis(self.u[keep])
 
 
 Basis = RowBasis | DenseBasis
+
+
+def _scaled(t: Tensor, scale: float | Tensor) -> Tensor:
+    """``t · scale``; ``t`` itself for a scale of 1 (no pass)."""
+    return t if isinstance(scale, (int, float)) and scale == 1.0 else t * scale
+
+
+def _owned(t: Tensor) -> Tensor:
+    """``t``, copied when it is a view (of the layer's input: the caller may overwrite it before the next refresh)."""
+    return t.clone() if t._base is not None else t
 
 
 def _materialise(h: Rows, d: Tensor, n: int) -> Tensor:
@@ -123,7 +144,7 @@ class GaussNewton(Preconditioner):
     def build(self) -> None:
         self.max_examples = self.options.max_examples
         self.relative = self.options.damping_mode == "relative"
-        self._chunks: list[tuple[Rows, Tensor, int]] = []  # (H, Δ, examples) of this step
+        self._chunks: list[tuple[Rows, Tensor, int, float]] = []  # (H, Δ, examples, Δ's scale) of this step
         # this step's basis tensors, possibly gathered across ranks: [U] (materialised) or [H or one-hot index, Δ]
         self._pending: list[Tensor] | None = None
         self.latest: Basis | None = None  # basis of the last statistics step
@@ -136,19 +157,22 @@ class GaussNewton(Preconditioner):
     def observe_inputs(self, rows: Rows, count: Count) -> Rows:
         return rows
 
-    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any) -> None:
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float = 1.0) -> None:
         per_row = not isinstance(n_examples, int) or rows.shape[0] == n_examples  # a tensor: token rows
-        self._chunks.append((ctx, rows, rows.shape[0] if per_row else n_examples))
+        self._chunks.append((ctx, rows, rows.shape[0] if per_row else n_examples, scale))  # Δ scaled when packed
 
     def _pack(self) -> list[Tensor] | None:
         """This step's chunks as basis tensors: ``[H or index, Δ]`` when every row is an example, else ``[U]``."""
-        if self._pending is None and self._chunks:
-            if any(d.shape[0] != n for _, d, n in self._chunks):  # an example spans several rows
-                self._pending = [torch.cat([_materialise(h, d, n) for h, d, n in self._chunks])]
+        chunks = self._chunks
+        if self._pending is None and chunks:
+            if any(d.shape[0] != n for _, d, n, _ in chunks):  # an example spans several rows
+                self._pending = [torch.cat([_materialise(h, _scaled(d, s), n) for h, d, n, s in chunks])]
             else:
-                hs = [h.index if isinstance(h, IndexRows) else h for h, _, _ in self._chunks]
-                self._pending = [torch.cat(hs), torch.cat([d for _, d, _ in self._chunks])]
-            self._chunks.clear()
+                hs = [h.index if isinstance(h, IndexRows) else h for h, _, _, _ in chunks]
+                ds = [_scaled(d, s) for _, d, _, s in chunks]
+                # one call (the usual case): its rows as they are, no copy unless they are a view of the input
+                self._pending = [_owned(hs[0]), ds[0]] if len(chunks) == 1 else [torch.cat(hs), torch.cat(ds)]
+            chunks.clear()
         return self._pending
 
     def gather_tensors(self) -> list[Tensor] | None:
@@ -163,10 +187,10 @@ class GaussNewton(Preconditioner):
         if not pending or pending[-1].shape[0] == 0:
             return None
         if len(pending) == 1:
-            basis: Basis = DenseBasis(pending[0] * output_scale)  # the kept rows are linear in it
+            basis: Basis = DenseBasis(_scaled(pending[0], output_scale))  # the kept rows are linear in it
         else:
             h = pending[0] if pending[0].is_floating_point() else IndexRows(pending[0], self.d_in)
-            basis = RowBasis(h, pending[1] * output_scale)
+            basis = RowBasis(h, _scaled(pending[1], output_scale))
         keep = linalg.finite(*(t for t in basis.tensors() if t.is_floating_point()))
         if self._unsettled is None:
             self._unsettled = (self.latest, keep)  # the last settled basis, kept until the new one is known finite
@@ -223,9 +247,8 @@ class GaussNewton(Preconditioner):
 
     def precondition(self, grad: Tensor) -> Tensor:
         g = grad.to(self.dtype)
-        c = self.basis.project(g)
-        w = torch.cholesky_solve(c.unsqueeze(1), self.chol).squeeze(1)
-        return (g - self.basis.combine(w, g.shape)) / self.damping
+        w = torch.cholesky_solve(self.basis.project(g).unsqueeze(1), self.chol).squeeze(1)
+        return self.basis.remove(g, w, self.damping)
 
     def curvature_matvec(self, v: Tensor) -> Tensor:
         v = v.to(self.dtype)

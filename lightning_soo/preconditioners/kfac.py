@@ -152,8 +152,8 @@ class KFAC(Preconditioner):
     def observe_inputs(self, rows: Rows, count: Count) -> None:
         self._a.add(rows, count)
 
-    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any) -> None:
-        self._b.add(rows, n_examples)
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float = 1.0) -> None:
+        self._b.add(rows, n_examples, scale * scale)
 
     def observe_transposed(self, inputs: Tensor, grads: Tensor, count: Count, n_examples: Count) -> None:
         self._at.add(inputs, count)

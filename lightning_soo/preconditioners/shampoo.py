@@ -76,14 +76,15 @@ class Shampoo(Preconditioner):
         self.left.add(inputs * grads.square().sum(1, keepdim=True).sqrt(), n_examples)
         self.right.add(grads * inputs.square().sum(1, keepdim=True).sqrt(), n_examples)
 
-    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any) -> None:
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float = 1.0) -> None:
         h: Rows = ctx
+        s2 = scale * scale  # both sides are quadratic in the rows
         if isinstance(h, IndexRows):
-            self.left.add(rows, n_examples)  # ‖h̄_n‖ = 1 for one-hot rows
-            self.right.add(h, n_examples, weights=rows.square().sum(1))  # diagonal: Σ ‖δ_n‖² at each row's index
+            self.left.add(rows, n_examples, s2)  # ‖h̄_n‖ = 1 for one-hot rows
+            self.right.add(h, n_examples, s2, weights=rows.square().sum(1))  # diagonal: Σ ‖δ_n‖² at each index
             return
-        self.left.add(rows * h.square().sum(1, keepdim=True).sqrt(), n_examples)  # Δᵀ diag(‖h̄‖²) Δ
-        self.right.add(h * rows.square().sum(1, keepdim=True).sqrt(), n_examples)  # H̄ᵀ diag(‖δ‖²) H̄
+        self.left.add(rows * h.square().sum(1, keepdim=True).sqrt(), n_examples, s2)  # Δᵀ diag(‖h̄‖²) Δ
+        self.right.add(h * rows.square().sum(1, keepdim=True).sqrt(), n_examples, s2)  # H̄ᵀ diag(‖δ‖²) H̄
 
     def observe_grad(self, grad: Tensor) -> None:
         self.left.add(grad.mT, 1)  # G Gᵀ

@@ -41,12 +41,12 @@ def test_soak_with_injected_faults(monkeypatch: pytest.MonkeyPatch) -> None:
 
     original_observe, original_refresh = KFAC.observe_output_grads, KFAC.refresh
 
-    def observe(self: KFAC, rows: torch.Tensor, n: int, ctx: object) -> None:
+    def observe(self: KFAC, rows: torch.Tensor, n: int, ctx: object, scale: float = 1.0) -> None:
         if step_now["step"] in nan_steps and self.d_out == 5:  # the output layer's statistics become NaN
             rows = rows.clone()
             rows[0, 0] = float("nan")
             injected["nan"] += 1
-        original_observe(self, rows, n, ctx)
+        original_observe(self, rows, n, ctx, scale)
 
     def refresh(self: KFAC, damping: float) -> bool | None:
         if step_now["step"] in fail_refreshes and self.d_out == 64 and self.d_in == 65:

@@ -91,6 +91,20 @@ def test_micro_batches_equal_one_batch(kind: str) -> None:
     torch.testing.assert_close(parts, whole, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_kept_rows_do_not_alias_the_input(bias: bool) -> None:
+    """A bias-less layer's rows are a view of its input: overwriting that tensor in place after the step (a reused
+    input buffer) must not change the curvature the layer keeps until its next refresh."""
+    torch.manual_seed(11)
+    lin = nn.Linear(5, 4, bias=bias)
+    x, y = torch.randn(8, 5), torch.randn(8, 4)
+    pre, g, out = _run(lin, [(x, y)], damping=0.05)
+    expected = _dense_solution(per_example_grads(lin, mse, x.clone(), y), g, 0.05)
+    x.normal_()  # the caller's buffer takes the next batch
+    torch.testing.assert_close(pre.precondition(g), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_too_many_examples_are_subsampled_with_a_warning() -> None:
     torch.manual_seed(5)
     lin = nn.Linear(3, 2)
