@@ -247,8 +247,15 @@ class GaussNewton(Preconditioner):
 
     def precondition(self, grad: Tensor) -> Tensor:
         g = grad.to(self.dtype)
-        w = torch.cholesky_solve(self.basis.project(g).unsqueeze(1), self.chol).squeeze(1)
-        return self.basis.remove(g, w, self.damping)
+        return self.basis.remove(g, self._solve(self.basis.project(g)), self.damping)
+
+    def _solve(self, c: Tensor) -> Tensor:
+        """``(K + NρI)⁻¹ c`` by two triangular solves with the Cholesky factor: ``cholesky_solve`` copies the
+        factor first, which at N = 2048 made it 2.0 ms against 0.74 (one thread)."""
+        chol = self.chol
+        assert chol is not None
+        y = torch.linalg.solve_triangular(chol, c.unsqueeze(1), upper=False)
+        return torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(1)
 
     def curvature_matvec(self, v: Tensor) -> Tensor:
         v = v.to(self.dtype)
@@ -351,5 +358,5 @@ def _cholesky(s: Tensor) -> Tensor | None:
     for dtype in (s.dtype, torch.float64):
         chol, info = torch.linalg.cholesky_ex(s.to(dtype))
         if int(info) == 0 and linalg.all_finite(chol):
-            return chol.to(s.dtype)
+            return chol.to(s.dtype).contiguous()  # one layout on every rank: the solves then agree bitwise
     return None
