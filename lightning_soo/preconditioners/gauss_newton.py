@@ -23,6 +23,7 @@ as further examples. Rows whose output gradient is exactly zero are dropped when
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -334,21 +335,29 @@ class GaussNewton(Preconditioner):
         self.ready = self.ready and self.chol is not None
 
 
-def largest_eigenvalue(k: Tensor, iterations: int = 30) -> float:
-    """λ_max of the PSD ``k`` by power iteration from the all-ones vector (``K𝟙`` is the examples' gradients
-    projected on their mean: the dominant direction early on); 30 products of ``N²``, instead of an ``N³``
-    decomposition. A lower bound that converges geometrically; a few percent is plenty for a damping scale."""
-    if k.numel() == 0:
+#: columns and passes of ``largest_eigenvalue``'s subspace iteration
+TOP_BLOCK, TOP_PASSES = 8, 8
+
+
+def largest_eigenvalue(k: Tensor, passes: int = TOP_PASSES, block: int = TOP_BLOCK) -> float:
+    """λ_max of the PSD ``k`` by subspace iteration: ``block`` columns (the all-ones vector, ``K𝟙`` being the
+    examples' gradients projected on their mean, the dominant direction early on, and fixed pseudo-random ones)
+    multiplied by ``K`` ``passes`` times and re-orthonormalised, then the largest Ritz value. A lower bound that
+    converges like ``(λ_{block+1} / λ_1)^(2·passes)``; each pass reads ``K`` once for all its columns: 9 reads of the
+    ``N x N`` matrix and one host read, where power iteration took 31 of each. NaN when ``k`` is not finite."""
+    n = k.shape[0]
+    if n == 0:
         return 0.0
-    x = torch.ones(k.shape[0], dtype=k.dtype, device=k.device)
-    value = torch.zeros((), dtype=k.dtype, device=k.device)
-    for _ in range(iterations):
-        y = k @ x
-        value = torch.linalg.vector_norm(y)
-        if float(value) == 0.0:
-            return 0.0
-        x = y / value
-    return float(x @ (k @ x))
+    generator = torch.Generator(device=k.device).manual_seed(0)  # fixed columns; the user's stream is untouched
+    x = torch.randn(n, min(block, n), generator=generator, dtype=k.dtype, device=k.device)
+    x[:, 0] = 1.0
+    try:
+        for _ in range(passes):
+            x = torch.linalg.qr(k @ x).Q
+        ritz = torch.linalg.eigvalsh(linalg.symmetrize(x.mT @ (k @ x)))
+    except RuntimeError:  # a non-finite K (LAPACK may refuse it)
+        return math.nan
+    return float(ritz[-1])
 
 
 def _cholesky(s: Tensor) -> Tensor | None:

@@ -178,16 +178,13 @@ class PSGD(Preconditioner):
             if not linalg.all_finite(h):
                 return torch.ones((), dtype=torch.bool, device=self.device)
             self._initialise(v, h)
-        saved = (self.q_l.clone(), self.q_r.clone())
-        self._update(v, h)
-        keep = linalg.finite(h, self.q_l, self.q_r)  # a rejected update leaves Q as it was
-        if isinstance(keep, bool):  # read on the host: restore only when rejected
-            if not keep:
-                self.q_l.copy_(saved[0])
-                self.q_r.copy_(saved[1])
+        q_l, q_r = self._update(v, h)
+        keep = linalg.finite(h, q_l, q_r)  # a rejected update leaves Q as it was
+        if isinstance(keep, bool):  # read on the host: take the new factors or keep the old ones, no copy
+            if keep:
+                self.q_l, self.q_r = q_l, q_r
         else:
-            self.q_l.copy_(torch.where(keep, self.q_l, saved[0]))
-            self.q_r.copy_(torch.where(keep, self.q_r, saved[1]))
+            self.q_l, self.q_r = torch.where(keep, q_l, self.q_l), torch.where(keep, q_r, self.q_r)
         self.updates += 1
         self._dirty = True
         return linalg.rejected(keep)
@@ -207,26 +204,30 @@ class PSGD(Preconditioner):
         self.q_l = torch.full((self.d_out,), root, **kw) if self.diag_l else root * torch.eye(self.d_out, **kw)
         self.q_r = torch.full((self.d_in,), root, **kw) if self.diag_r else root * torch.eye(self.d_in, **kw)
 
-    def _update(self, v: Tensor, h: Tensor) -> None:
+    def _update(self, v: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The updated ``(Q_l, Q_r)`` as new tensors (the current ones are left as they are until the update is
+        known to be finite)."""
         ql, qr = self.q_l, self.q_r
+        assert ql is not None and qr is not None
         if self.updates % 100 == 99:  # balance the factors' dynamic ranges (Li does this at random, 1 in 100)
             nl, nr = ql.abs().amax(), qr.abs().amax()
             g = (nl * nr).sqrt()
-            ql.mul_(g / nl)
-            qr.mul_(g / nr)
+            ql, qr = ql * (g / nl), qr * (g / nr)
         a = right_mul(left_mul(ql, h), qr.mT if qr.dim() == 2 else qr)  # Q_l H Q_rᵀ
         b = _solve_left_t(ql, v)  # Q_l⁻ᵀ V
         b = _solve_right(b, qr)  # · Q_r⁻¹
+        new = []
         for q, t1, t2 in ((ql, *_terms(a, b, True, ql.dim() == 1)), (qr, *_terms(a, b, False, qr.dim() == 1))):
             if q.dim() == 1:
                 step = self.lr_preconditioner / ((t1 + t2).abs().amax() + self.tiny)
-                q.sub_(step * (t1 - t2) * q)
+                new.append(q - step * (t1 - t2) * q)
             elif linalg.host_decides(q):  # the step size as a number: one pass fewer
                 step_size = self.lr_preconditioner / (float(norm_lower_bound(t1 + t2)) + self.tiny)
-                q.sub_(triu_matmul(t1 - t2, q), alpha=step_size)
+                new.append(torch.sub(q, triu_matmul(t1 - t2, q), alpha=step_size))
             else:
                 step = self.lr_preconditioner / (norm_lower_bound(t1 + t2) + self.tiny)
-                q.sub_(step * triu_matmul(t1 - t2, q))
+                new.append(q - step * triu_matmul(t1 - t2, q))
+        return new[0], new[1]
 
     # -- preconditioner -----------------------------------------------------------------------------------
     def refresh(self, damping: float) -> bool | None:
