@@ -28,6 +28,7 @@ METHODS = {
     "kfac": ("kfac", {"inverse": "cholesky"}),
     "kfac-eigen": ("kfac", {"inverse": "eigen"}),
     "shampoo": ("shampoo", {}),
+    "gauss_newton": ("gauss_newton", {}),
 }
 
 

@@ -23,7 +23,6 @@ as further examples. Rows whose output gradient is exactly zero are dropped when
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -228,23 +227,35 @@ class GaussNewton(Preconditioner):
 
     # -- preconditioner -----------------------------------------------------------------------------------
     def refresh(self, damping: float) -> bool | None:
+        return self.refresh_many([self], damping)[0]
+
+    @classmethod
+    def refresh_many(cls, pres: list[Preconditioner], damping: float) -> list[bool | None]:
+        """Every layer's Cholesky factor of ``K + NρI``, with the relative damping's scales and the factorisations
+        batched over layers with equally many examples (on accelerators: every layer of a step usually has N)."""
+        todo = [p for p in pres if isinstance(p, GaussNewton) and p._settled_basis() is not None]
+        done: dict[int, bool] = {}
+        if damping > 0:  # else (E[ggᵀ] + 0·I) is singular beyond the N examples: every refresh fails
+            grams = [p.latest.gram() for p in todo]  # type: ignore[union-attr]
+            rhos = [float(damping)] * len(todo)
+            relative = [i for i, p in enumerate(todo) if p.relative]
+            tops = linalg.largest_eigenvalue_many([grams[i] for i in relative])
+            for i, top in zip(relative, tops, strict=True):  # relative to λ_max of E[ggᵀ], that of K / N
+                scale = top / todo[i].latest.n  # type: ignore[union-attr]
+                rhos[i] = damping * scale if scale > 0 else damping
+            for p, s, rho in zip(todo, grams, rhos, strict=True):
+                s.diagonal().add_(p.latest.n * rho)  # type: ignore[union-attr]
+            for p, chol, rho in zip(todo, linalg.cholesky_many(grams), rhos, strict=True):
+                if chol is not None:
+                    p.basis, p.chol = p.latest, chol
+                    p.damping = p.applied_damping = rho
+                done[id(p)] = chol is not None and p.refreshed()
+        refreshed = {id(p) for p in todo}  # layers without a basis yet: None
+        return [done.get(id(p), False) if id(p) in refreshed else None for p in pres]
+
+    def _settled_basis(self) -> Basis | None:
         self._settle()
-        basis = self.latest
-        if basis is None:
-            return None
-        if not damping > 0:
-            return False  # (E[ggᵀ] + 0·I) is singular beyond the N examples
-        s = basis.gram()
-        if self.relative:  # ρ relative to the largest eigenvalue of E[ggᵀ], which is that of K / N
-            top = largest_eigenvalue(s) / basis.n
-            damping = damping * top if top > 0 else damping
-        s.diagonal().add_(basis.n * damping)
-        chol = _cholesky(s)
-        if chol is None:
-            return False
-        self.basis, self.chol = basis, chol
-        self.damping = self.applied_damping = float(damping)
-        return self.refreshed()
+        return self.latest
 
     def precondition(self, grad: Tensor) -> Tensor:
         g = grad.to(self.dtype)
@@ -333,39 +344,3 @@ class GaussNewton(Preconditioner):
             self.damping = self.applied_damping = damping
             self._spectrum = None
         self.ready = self.ready and self.chol is not None
-
-
-#: columns and passes of ``largest_eigenvalue``'s subspace iteration
-TOP_BLOCK, TOP_PASSES = 8, 8
-
-
-def largest_eigenvalue(k: Tensor, passes: int = TOP_PASSES, block: int = TOP_BLOCK) -> float:
-    """λ_max of the PSD ``k`` by subspace iteration: ``block`` columns (the all-ones vector, ``K𝟙`` being the
-    examples' gradients projected on their mean, the dominant direction early on, and fixed pseudo-random ones)
-    multiplied by ``K`` ``passes`` times and re-orthonormalised, then the largest Ritz value. A lower bound that
-    converges like ``(λ_{block+1} / λ_1)^(2·passes)``; each pass reads ``K`` once for all its columns: 9 reads of the
-    ``N x N`` matrix and one host read, where power iteration took 31 of each. NaN when ``k`` is not finite."""
-    n = k.shape[0]
-    if n == 0:
-        return 0.0
-    generator = torch.Generator(device=k.device).manual_seed(0)  # fixed columns; the user's stream is untouched
-    x = torch.randn(n, min(block, n), generator=generator, dtype=k.dtype, device=k.device)
-    x[:, 0] = 1.0
-    try:
-        for _ in range(passes):
-            x = torch.linalg.qr(k @ x).Q
-        ritz = torch.linalg.eigvalsh(linalg.symmetrize(x.mT @ (k @ x)))
-    except RuntimeError:  # a non-finite K (LAPACK may refuse it)
-        return math.nan
-    return float(ritz[-1])
-
-
-def _cholesky(s: Tensor) -> Tensor | None:
-    """Lower Cholesky factor of the SPD ``s``; retried in float64; None on failure."""
-    if not linalg.all_finite(s):
-        return None
-    for dtype in (s.dtype, torch.float64):
-        chol, info = torch.linalg.cholesky_ex(s.to(dtype))
-        if int(info) == 0 and linalg.all_finite(chol):
-            return chol.to(s.dtype).contiguous()  # one layout on every rank: the solves then agree bitwise
-    return None
