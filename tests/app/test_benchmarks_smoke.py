@@ -43,5 +43,5 @@ def test_refresh_quick(tmp_path: Path) -> None:
     out = tmp_path / "refresh.json"
     _quick("refresh.py", out)
     rows = json.loads(out.read_text())["rows"]
-    assert {r["method"] for r in rows} == {"kfac", "kfac-eigen", "shampoo"}
+    assert {r["method"] for r in rows} == {"kfac", "kfac-eigen", "shampoo", "gauss_newton"}
     assert all(r["per_layer_ms"] > 0 and r["batched_ms"] > 0 for r in rows)
