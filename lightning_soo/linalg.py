@@ -287,11 +287,6 @@ def largest_eigenvalue_many(ks: list[Tensor]) -> list[float]:
     return out
 
 
-def largest_eigenvalue(k: Tensor) -> float:
-    """``largest_eigenvalue_many([k])[0]``."""
-    return largest_eigenvalue_many([k])[0]
-
-
 def cholesky_many(ms: list[Tensor]) -> list[Tensor | None]:
     """Lower Cholesky factors of SPD matrices (row-major: one layout everywhere, so solves agree bitwise across
     ranks), equally shaped ones in one batched call (``_groups``); a member that fails, or is alone, takes
