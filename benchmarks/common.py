@@ -80,7 +80,7 @@ def make_step(
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=True)
         if manager is not None:
             manager.begin_step(batch_size=x.shape[0])
         nn.functional.cross_entropy(model(x), y).backward()

@@ -115,7 +115,7 @@ def _ours_psgd_newton(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Set
     opt = _sgd(model)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=True)
         manager.begin_step(batch_size=x.shape[0])
         _loss(model, x, y).backward()
         fit_hessian(manager, lambda: _loss(model, x, y), model)
@@ -131,7 +131,7 @@ def _torch_opt(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> B
         opt = make(list(model.parameters()))
 
         def step() -> None:
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad(set_to_none=True)
             _loss(model, x, y).backward()
             opt.step()
 
@@ -268,7 +268,7 @@ def _heavyball(name: str, **kwargs: object) -> Build:
 
         def step() -> None:
             heavyball.utils.compile_mode = mode
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad(set_to_none=True)
             _loss(model, x, y).backward()
             opt.step()
 

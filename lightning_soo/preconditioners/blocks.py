@@ -59,8 +59,9 @@ class BlockSide:
     def pending(self) -> bool:
         return self.factors[0].pending
 
-    def step_sums(self) -> list[Tensor]:
-        return [f.step_sum for f in self.factors]
+    def finite_probes(self) -> list[Tensor]:
+        """What decides whether this step's statistics are finite (``Factor.finite_probe``)."""
+        return [f.finite_probe for f in self.factors]
 
     def statistics_tensors(self) -> list[Tensor]:
         return [t for f in self.factors for t in f.statistics_tensors()]

@@ -171,7 +171,7 @@ class KFAC(Preconditioner):
         if not pending:
             self.discard_statistics()
             return None
-        keep = linalg.finite(*(f.step_sum for a, b, _ in pending for f in (a, b)))
+        keep = linalg.finite(*(f.finite_probe for a, b, _ in pending for f in (a, b)))
         ok = True
         for a, b, _ in pending:
             ok = a.fold(self.factor_decay, 1.0, keep) and ok

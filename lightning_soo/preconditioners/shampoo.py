@@ -97,7 +97,7 @@ class Shampoo(Preconditioner):
         if not (self.left.pending and self.right.pending):
             self.discard_statistics()
             return None
-        keep = linalg.finite(*self.left.step_sums(), *self.right.step_sums())
+        keep = linalg.finite(*self.left.finite_probes(), *self.right.finite_probes())
         scale = output_scale**2 if self.uses_hooks else 1.0  # both factors are quadratic in the output gradient
         decay = self.beta if self.accumulate == "ema" else None
         if not all([side.fold(decay, scale, keep) for side in self.sides]):  # a first value was not finite

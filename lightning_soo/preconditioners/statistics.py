@@ -140,8 +140,17 @@ class Factor:
 
     @property
     def step_sum(self) -> Tensor:
-        """This step's statistic for finiteness checks: its sum, or on the host its mean so far."""
+        """This step's statistic: its sum, or on the host its mean so far."""
         return self._zeroed()
+
+    @property
+    def finite_probe(self) -> Tensor:
+        """The entries of this step's statistic that decide whether all of it is finite: the diagonal of a dense one.
+        It is a sum of Grams ``Σ c·xxᵀ`` (``c ≥ 0``): a NaN or Inf in a row's entry ``j`` reaches ``S_jj``, and
+        ``|S_jk| ≤ √(S_jj S_kk)`` keeps the rest finite when the diagonal is. One pass over ``d`` entries instead of
+        ``d²``."""
+        total = self._zeroed()
+        return total if self.diagonal else total.diagonal()
 
     def reset(self) -> None:
         if self._moved or not host_decides(self._sum):

@@ -4,6 +4,7 @@ what the rule does to rows whose gradient is zero for another reason."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -100,3 +101,19 @@ def test_legitimately_zero_rows_leave_the_factors_and_the_count() -> None:
     g = (lin(x) - y).detach()[keep]  # per-example output gradients of the kept rows
     torch.testing.assert_close(pre.a, h.T @ h / 5)
     torch.testing.assert_close(pre.b, (5 / 6) ** 2 * g.T @ g / 5)
+
+
+@pytest.mark.parametrize("rows", [64, 512])  # below and above ``PEAKS_SPLIT`` entries (x 256 columns)
+def test_row_peaks_of_both_forms(rows: int) -> None:
+    """Zero exactly for padding rows (not for a constant or negative row), NaN for a row holding NaN."""
+    from lightning_soo.capture.adapters import PEAKS_SPLIT, _row_peaks
+
+    d = torch.randn(rows, 256)
+    d[1], d[2], d[3] = 0.0, -2.0, 5.0
+    d[4, 7] = math.nan
+    d[5, 0] = -math.inf
+    assert (d.numel() >= PEAKS_SPLIT) == (rows == 512)
+    peaks = _row_peaks(d)
+    expected = d.abs().amax(1)
+    torch.testing.assert_close(peaks, expected, equal_nan=True)
+    assert peaks[1] == 0 and peaks[2] == 2 and peaks[3] == 5 and peaks[5] == math.inf and math.isnan(peaks[4])

@@ -14,11 +14,16 @@ from torch import nn
 from lightning_soo import PreconditionerManager, linalg
 from tests.engine.test_batched import _written
 
-OPTIONS = [{}, {"kl_clip": 1e-3, "grafting": "sgd", "max_update_norm": 0.05}, {"kl_clip": None}]
+OPTIONS = [
+    {},
+    {"kl_clip": 1e-3, "grafting": "sgd", "max_update_norm": 0.05},
+    {"kl_clip": None},  # finiteness from a sum of P·G
+    {"kl_clip": None, "grafting": "sgd"},  # finiteness from the norm grafting computes
+]
 
 
 @pytest.mark.parametrize("poison", [False, True], ids=["finite", "poisoned"])
-@pytest.mark.parametrize("options", OPTIONS, ids=["defaults", "all-on", "no-clip"])
+@pytest.mark.parametrize("options", OPTIONS, ids=["defaults", "all-on", "no-clip", "no-clip-grafted"])
 def test_the_gradients_written(options: dict, poison: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     on_device = _written(False, monkeypatch, poison=poison, host=False, **options)
     on_host = _written(False, monkeypatch, poison=poison, host=True, **options)

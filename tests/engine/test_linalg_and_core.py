@@ -29,6 +29,17 @@ def test_damped_inverse_matches_dense() -> None:
     torch.testing.assert_close(linalg.damped_inverse(m, 0.1), torch.linalg.inv(m + 0.1 * torch.eye(6, dtype=m.dtype)))
 
 
+def test_damped_inverses_are_row_major(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alone and batched (forced on the CPU), the inverse is stored row-major (the faster operand of the products)
+    and equals the dense inverse."""
+    m = _spd(6, 0)
+    expected = torch.linalg.inv(m + 0.1 * torch.eye(6, dtype=m.dtype))
+    monkeypatch.setattr(linalg, "BATCH_ON_CPU", True)
+    for inv in [linalg.damped_inverse(m, 0.1), *linalg.damped_inverse_many([m, m.clone()], [0.1, 0.1])]:
+        assert inv is not None and inv.is_contiguous()
+        torch.testing.assert_close(inv, expected)
+
+
 def test_damped_inverse_of_singular_and_slightly_indefinite() -> None:
     m = _spd(6, 1, rank=2)  # singular
     torch.testing.assert_close(linalg.damped_inverse(m, 1e-3), torch.linalg.inv(m + 1e-3 * torch.eye(6, dtype=m.dtype)))
