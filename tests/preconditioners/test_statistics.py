@@ -50,3 +50,44 @@ def test_probe_of_one_hot_rows() -> None:
     f = _factor(7)
     f.add(IndexRows(torch.tensor([1, 3, 3]), 7, torch.tensor([1.0, math.nan, 1.0])), 3)
     assert not all_finite(f.finite_probe)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device-path"])
+@pytest.mark.parametrize("decay", [0.9, 0.0, None])
+def test_wide_factor_mirrors_its_value_when_read(host: bool, decay: float | None, monkeypatch) -> None:
+    """A Gram wide enough for blocks keeps only its upper blocks per step; the value read is the dense running
+    average, also after a rejected step whose rows held NaN."""
+    from lightning_soo import linalg
+
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
+    dim = 2 * linalg.GRAM_BLOCK + 5
+    assert linalg.gram_blocked(dim, torch.device("cpu"))
+    f = Factor(dim, diagonal=False, dtype=torch.float64, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    expected = None
+    for step in range(5):
+        calls = [torch.randn(7, dim, generator=gen, dtype=torch.float64) for _ in range(1 + step % 2)]
+        if step == 2:
+            calls[0][3, 5] = math.nan
+        for rows in calls:
+            f.add(rows, rows.shape[0])
+        keep = step != 2
+        assert all_finite(f.finite_probe) == keep
+        f.fold(decay, 1.0, keep)
+        if not keep:
+            continue
+        rows = torch.cat(calls)
+        mean = rows.T @ rows / rows.shape[0]
+        if expected is None:
+            expected = mean
+        elif decay is None:
+            expected = expected + mean
+        else:
+            expected = decay * expected + (1 - decay) * mean
+        if step % 2:  # read every other step: folds in between carry stale lower blocks
+            value = f.value
+            assert value is not None
+            torch.testing.assert_close(value, expected)
+    value = f.value
+    assert value is not None
+    torch.testing.assert_close(value, expected)
