@@ -9,6 +9,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,10 +48,11 @@ def forward_backward_flops(model: nn.Module, batch: int) -> float:
 class Timing:
     sgd_ms: float
     method_ms: float
+    paired_ratio: float | None = None  # median over block pairs of method / SGD (None: the ratio of the medians)
 
     @property
     def ratio(self) -> float:
-        return self.method_ms / self.sgd_ms
+        return self.paired_ratio if self.paired_ratio is not None else self.method_ms / self.sgd_ms
 
 
 def machine(device: torch.device | None = None) -> dict[str, object]:
@@ -129,21 +131,34 @@ def interleaved(
     sgd: StepFn, method: StepFn, block: int, blocks: int, warmup_blocks: int = 2, device: torch.device | None = None
 ) -> Timing:
     """Median per-step time of alternating blocks of ``block`` steps (a whole refresh period, so amortised inverses
-    are included): noise on a shared machine hits both sides alike. CUDA: timed by events."""
-    times = interleaved_many({"sgd": sgd, "method": method}, block, blocks, warmup_blocks, device, rotate=False)
-    return Timing(times["sgd"], times["method"])
+    are included): noise on a shared machine hits both sides alike. The ratio is the median of each method block
+    over the SGD block just before it, so a slow stretch of the machine falls on both halves of a pair. CUDA: timed
+    by events."""
+    times = interleaved_blocks({"sgd": sgd, "method": method}, block, blocks, warmup_blocks, device, rotate=False)
+    pairs = [m / s for s, m in zip(times["sgd"], times["method"], strict=True)]
+    return Timing(
+        1e3 * statistics.median(times["sgd"]), 1e3 * statistics.median(times["method"]), statistics.median(pairs)
+    )
 
 
-def interleaved_many(
+def interleaved_many(steps: dict[str, StepFn], block: int, blocks: int, **options: Any) -> dict[str, float]:
+    """Median per-step milliseconds of each step function over its blocks (``interleaved_blocks``, which takes the
+    ``options``)."""
+    times = interleaved_blocks(steps, block, blocks, **options)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def interleaved_blocks(
     steps: dict[str, StepFn],
     block: int,
     blocks: int,
     warmup_blocks: int = 2,
     device: torch.device | None = None,
     rotate: bool = True,
-) -> dict[str, float]:
-    """Median per-step milliseconds of each step function, timed in alternating blocks of ``block`` steps (the order
-    rotates every block unless ``rotate`` is off), so machine noise falls on every contender alike."""
+) -> dict[str, list[float]]:
+    """Per-step seconds of each step function in each of its ``blocks`` timed blocks, in order: the functions run in
+    alternating blocks of ``block`` steps (the order rotates every block unless ``rotate`` is off), so machine noise
+    falls on every contender alike."""
     names = list(steps)
     for _ in range(warmup_blocks):
         for name in names:
@@ -163,4 +178,4 @@ def interleaved_many(
     times: dict[str, list[float]] = {name: [] for name in names}
     for name, span in zip(order_log, spans, strict=True):
         times[name].append(span / block)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    return times

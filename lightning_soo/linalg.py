@@ -56,7 +56,7 @@ GRAM_BLOCK = 192
 GRAM_MIN_GPU = 1024
 
 
-def _gram_cuts(d: int, device: torch.device) -> list[int] | None:
+def gram_cuts(d: int, device: torch.device) -> list[int] | None:
     """The column-block boundaries ``gram_`` multiplies a ``d``-column Gram in (None: one product)."""
     parts = min(4, d // GRAM_BLOCK) if device.type == "cpu" or d >= GRAM_MIN_GPU else 1
     return None if parts < 2 else [d * i // parts for i in range(parts + 1)]
@@ -64,7 +64,7 @@ def _gram_cuts(d: int, device: torch.device) -> list[int] | None:
 
 def gram_blocked(d: int, device: torch.device) -> bool:
     """``gram_`` computes a ``d``-column Gram by blocks, so with ``mirror=False`` its lower blocks are left out."""
-    return _gram_cuts(d, device) is not None
+    return gram_cuts(d, device) is not None
 
 
 def gram_(out: Tensor, rows: Tensor, beta: float, alpha: float, mirror: bool = True) -> Tensor:
@@ -74,7 +74,7 @@ def gram_(out: Tensor, rows: Tensor, beta: float, alpha: float, mirror: bool = T
     ``gram_blocked`` says whether there are any). On the CPU 20-30% faster from 512 columns (2048 x 785 rows: 16.4
     to 11.5 ms, one thread); narrower products, and accelerators below ``GRAM_MIN_GPU`` columns, take one
     ``addmm_``."""
-    cuts = _gram_cuts(rows.shape[1], rows.device)
+    cuts = gram_cuts(rows.shape[1], rows.device)
     if cuts is None:
         return out.addmm_(rows.mT, rows, beta=beta, alpha=alpha)
     for a, b in itertools.pairwise(cuts):
@@ -84,7 +84,7 @@ def gram_(out: Tensor, rows: Tensor, beta: float, alpha: float, mirror: bool = T
 
 def mirror_(out: Tensor) -> Tensor:
     """Copy the blocks on and above the diagonal of ``gram_``'s partition into the ones below (in place)."""
-    cuts = _gram_cuts(out.shape[-1], out.device)
+    cuts = gram_cuts(out.shape[-1], out.device)
     for a, b in itertools.pairwise(cuts[1:] if cuts is not None else []):
         out[a:b, :a].copy_(out[:a, a:b].mT)
     return out

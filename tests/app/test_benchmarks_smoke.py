@@ -45,3 +45,13 @@ def test_refresh_quick(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert {r["method"] for r in rows} == {"kfac", "kfac-eigen", "shampoo", "gauss_newton"}
     assert all(r["per_layer_ms"] > 0 and r["batched_ms"] > 0 for r in rows)
+
+
+def test_gram_flops_count_the_blocks_gram_multiplies() -> None:
+    """The FLOP floor counts a statistic's Gram as ``linalg.gram_`` takes it: one product below two column blocks,
+    the blocks on and above the diagonal above (785 columns: four blocks, 62% of the full product)."""
+    from benchmarks.overhead import gram_flops
+
+    assert gram_flops(10, 100, "cpu") == 2 * 10 * 100 * 100
+    assert 0.6 < gram_flops(10, 785, "cpu") / (2 * 10 * 785**2) < 0.65
+    assert gram_flops(10, 785, "cuda") == 2 * 10 * 785 * 785  # accelerators split only from 1024 columns
