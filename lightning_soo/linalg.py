@@ -62,16 +62,11 @@ def gram_cuts(d: int, device: torch.device) -> list[int] | None:
     return None if parts < 2 else [d * i // parts for i in range(parts + 1)]
 
 
-def gram_blocked(d: int, device: torch.device) -> bool:
-    """``gram_`` computes a ``d``-column Gram by blocks, so with ``mirror=False`` its lower blocks are left out."""
-    return gram_cuts(d, device) is not None
-
-
 def gram_(out: Tensor, rows: Tensor, beta: float, alpha: float, mirror: bool = True) -> Tensor:
     """``out ← beta·out + alpha·rowsᵀrows`` in place (``beta=0`` ignores ``out``, NaN included), for a symmetric
     ``out``: only the column blocks on and above the diagonal are multiplied (up to four blocks: 62% of the
     multiply-adds) and the rest mirrored, or left as they were without ``mirror`` (``mirror_`` fills them later;
-    ``gram_blocked`` says whether there are any). On the CPU 20-30% faster from 512 columns (2048 x 785 rows: 16.4
+    ``gram_cuts`` says whether there are any). On the CPU 20-30% faster from 512 columns (2048 x 785 rows: 16.4
     to 11.5 ms, one thread); narrower products, and accelerators below ``GRAM_MIN_GPU`` columns, take one
     ``addmm_``."""
     cuts = gram_cuts(rows.shape[1], rows.device)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo.capture.adapters import IndexRows, Rows
-from lightning_soo.linalg import gram_, gram_blocked, host_decides, mirror_
+from lightning_soo.linalg import gram_, gram_cuts, host_decides, mirror_
 
 
 class Factor:
@@ -28,7 +28,7 @@ class Factor:
         self._sum = torch.zeros(shape, dtype=dtype, device=device)
         self._count = torch.zeros((), dtype=dtype, device=device)  # a tensor so ranks can sum it with the sums
         self._value: Tensor | None = None
-        self._halves = not diagonal and gram_blocked(dim, device)  # step sums hold their upper blocks only
+        self._halves = not diagonal and gram_cuts(dim, device) is not None  # step sums hold their upper blocks only
         self._mirror_due = False  # the running value's lower blocks are stale (mirrored when read)
         self._pending = False  # rows were added this step (kept on the host: no device sync to know it)
         self._stale = False  # ``_sum`` still holds a closed step's values (zero before reading)
