@@ -13,10 +13,15 @@ import torch
 from torch import Tensor
 
 
+def _total(t: Tensor) -> Tensor:
+    """``t``'s sum (a 0-d ``t`` is its own: no operation)."""
+    return t if t.dim() == 0 else t.sum()
+
+
 def all_finite(*tensors: Tensor) -> bool:
     """No NaN or Inf in any tensor. One reduction pass each (NaN and Inf propagate into the sum), cheaper than
     ``isfinite(x).all()``; a finite tensor whose sum overflows counts as non-finite, which is the safe side."""
-    return math.isfinite(sum(float(t.sum()) for t in tensors))
+    return math.isfinite(sum(float(_total(t)) for t in tensors))
 
 
 def rejected(keep: Tensor | bool) -> Tensor | bool:
@@ -33,9 +38,9 @@ def finite(*tensors: Tensor) -> Tensor | bool:
 def finite_flag(*tensors: Tensor) -> Tensor:
     """A 0-d bool tensor on the device: no NaN or Inf in any tensor (one reduction each; a finite tensor whose
     sum overflows counts as non-finite, the safe side). Nothing is read back: decide with ``torch.where``."""
-    total = tensors[0].sum()
+    total = _total(tensors[0])
     for t in tensors[1:]:
-        total = total + t.sum()
+        total = total + _total(t)
     return torch.isfinite(total)
 
 

@@ -29,6 +29,7 @@ nothing to the exact Fisher ``E[g gᵀ]`` either; the rule then only removes it 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,11 @@ class Part:
         out = block.new_zeros(self.param.shape)
         out[self.rows] = block
         return out
+
+
+def _matrix(t: Tensor) -> Tensor:
+    """``t`` as rows of its last dimension; a matrix as it is (no view op: the hot path counts them)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def _with_ones(h: Tensor) -> Tensor:
@@ -151,11 +157,13 @@ class LayerAdapter:
     def weight_matrix(self, w: Tensor) -> Tensor:
         """A weight-shaped tensor (the block of this layer) as ``d_out x d_in_weight``."""
         w = self.weight.of(w)
-        return w.t() if self.transposed else w.reshape(w.shape[0], -1)
+        if self.transposed:
+            return w.t()
+        return w if w.dim() == 2 else w.reshape(w.shape[0], -1)  # no view op for a matrix (the hot path counts them)
 
-    @property
+    @cached_property
     def shape(self) -> tuple[int, int]:
-        """(d_out, d_in) of the gradient matrix, bias column included in d_in."""
+        """(d_out, d_in) of the gradient matrix, bias column included in d_in (fixed: computed once)."""
         d_out, d_in = self.weight_matrix(self.weight.param.detach()).shape
         return d_out, d_in + int(self.has_bias)
 
@@ -185,7 +193,10 @@ class LayerAdapter:
             d = gs.sum(1)
             mask = (count.squeeze(1) > 0).to(d.dtype)
         else:
-            h, d = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+            # with a bias the rows are a fresh ``[h | 1]``; without, the input itself, as a view: the mark of borrowed
+            # rows, which a method keeping them past the step copies (Gauss-Newton's ``_owned``)
+            h = _matrix(x) if self.has_bias else x.reshape(-1, x.shape[-1])
+            d = _matrix(g)
             peaks = _row_peaks(d)
             if host_decides(d):  # the count read, and no mask to apply when every row is an example
                 real = int(torch.count_nonzero(peaks))
@@ -205,7 +216,10 @@ class LayerAdapter:
     def _blocks(self, m: Tensor) -> list[Tensor]:
         """A matrix as blocks shaped like this layer's part of each parameter."""
         w = m[:, :-1] if self.bias is not None else m
-        w = w.t() if self.transposed else w.reshape(self.weight.of(self.weight.param).shape)
+        if self.transposed:
+            w = w.t()
+        elif self.weight.param.dim() != 2:
+            w = w.reshape(self.weight.of(self.weight.param).shape)
         return [w, m[:, -1]] if self.bias is not None else [w]
 
     def from_matrix(self, m: Tensor) -> list[Tensor]:

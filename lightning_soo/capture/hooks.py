@@ -41,7 +41,7 @@ OnCall = Callable[[Tensor, slice | None], GradCallback | None]
 
 def _hook_output(output: Tensor, callback: GradCallback | None) -> None:
     if callback is not None:
-        output.register_hook(lambda grad: callback(grad.detach()))
+        output.register_hook(lambda grad: callback(grad.detach() if grad.requires_grad else grad))
 
 
 class Capture:

@@ -107,13 +107,15 @@ def _fit(obs: Observation, shape: tuple[int, int], rows: slice | None, transpose
     """Place one call's rows in the layer's coordinates: the output-gradient columns of a row block, and a zero
     bias column for a call without the layer's bias."""
     d_out, d_in = (shape[1], shape[0]) if transposed else shape
-    d = obs.d
+    d, h = obs.d, obs.h
+    short = not isinstance(h, IndexRows) and h.shape[1] < d_in
+    if not short and (rows is None or d.shape[1] == d_out):
+        return obs
     if rows is not None and d.shape[1] != d_out:
         full = d.new_zeros(d.shape[0], d_out)
         full[:, rows] = d
         d = full
-    h = obs.h
-    if not isinstance(h, IndexRows) and h.shape[1] < d_in:
+    if short:
         h = torch.cat([h, h.new_zeros(h.shape[0], d_in - h.shape[1])], dim=1)
     return Observation(h, d, obs.rows, obs.n)
 

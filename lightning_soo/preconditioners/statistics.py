@@ -168,12 +168,12 @@ class Factor:
 
     @property
     def finite_probe(self) -> Tensor:
-        """The entries of this step's statistic that decide whether all of it is finite: the diagonal of a dense one.
-        It is a sum of Grams ``Σ c·xxᵀ`` (``c ≥ 0``): a NaN or Inf in a row's entry ``j`` reaches ``S_jj``, and
-        ``|S_jk| ≤ √(S_jj S_kk)`` keeps the rest finite when the diagonal is. One pass over ``d`` entries instead of
-        ``d²``."""
+        """What decides whether all of this step's statistic is finite: the trace of a dense one (0-d), the entries
+        of a diagonal one. It is a sum of Grams ``Σ c·xxᵀ`` (``c ≥ 0``): a NaN or Inf in a row's entry ``j`` reaches
+        ``S_jj``, and ``|S_jk| ≤ √(S_jj S_kk)`` keeps the rest finite when the diagonal is; the diagonal entries are
+        not negative, so their sum cannot cancel an Inf. One operation over ``d`` entries instead of ``d²``."""
         total = self._zeroed()
-        return total if self.diagonal else total.diagonal()
+        return total if self.diagonal else torch.trace(total)
 
     def reset(self) -> None:
         if self._moved or not host_decides(self._sum):

@@ -1,4 +1,4 @@
-"""The running statistic ``Factor``: the finiteness probe (the diagonal of a sum of Grams) catches every non-finite
+"""The running statistic ``Factor``: the finiteness probe (the trace of a sum of Grams) catches every non-finite
 entry of the rows, whichever path (sum, host-kept mean, one-hot, diagonal) accumulated them."""
 
 from __future__ import annotations
@@ -36,7 +36,14 @@ def test_probe_catches_every_non_finite_entry(bad: float, diagonal: bool, calls:
     f = _factor(5, diagonal)
     f.add(rows, 6)
     assert all_finite(f.finite_probe)
-    assert f.finite_probe.numel() == 5  # d entries, not d²
+    assert f.finite_probe.numel() == (5 if diagonal else 1)  # one number (the trace) for a dense one, not d²
+
+
+def test_probe_overflows_to_the_safe_side() -> None:
+    """Finite rows whose diagonal sums past the largest float are rejected, never accepted as finite."""
+    f = _factor(2)
+    f.add(torch.tensor([[3e19, 3e19]]), 1)
+    assert not all_finite(f.finite_probe)
 
 
 def test_probe_of_finite_rows_whose_off_diagonal_is_large() -> None:
