@@ -24,11 +24,6 @@ def all_finite(*tensors: Tensor) -> bool:
     return math.isfinite(sum(float(_total(t)) for t in tensors))
 
 
-def rejected(keep: Tensor | bool) -> Tensor | bool:
-    """The flag a method returns from ``close_statistics``: the negation of ``finite``'s, of the same kind."""
-    return not keep if isinstance(keep, bool) else ~keep
-
-
 def finite(*tensors: Tensor) -> Tensor | bool:
     """``finite_flag`` where the device keeps its decisions, ``all_finite`` where the host reads them
     (``host_decides``)."""
@@ -41,7 +36,13 @@ def finite_flag(*tensors: Tensor) -> Tensor:
     total = _total(tensors[0])
     for t in tensors[1:]:
         total = total + _total(t)
-    return torch.isfinite(total)
+    return is_finite(total)
+
+
+def is_finite(t: Tensor) -> Tensor:
+    """``torch.isfinite(t)`` in two operations instead of four (``0·x`` is 0 for every finite ``x``, NaN for NaN
+    and ±Inf): on an accelerator each is a kernel launch, and the hot path takes this once or twice per layer."""
+    return t.mul(0).eq(0)
 
 
 #: Where the flags of the hot path (finite or not, a factor counted or not) are decided. On an accelerator they stay

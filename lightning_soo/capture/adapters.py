@@ -115,9 +115,10 @@ def _row_peaks(d: Tensor) -> Tensor:
 
 
 def _token_mask(peaks: Tensor) -> Tensor:
-    """1 for rows with a non-zero output gradient, 0 for the others, in the peaks' dtype. (A row holding NaN counts 0
-    here; its NaN still reaches the step's sums, which are then rejected as non-finite.)"""
-    return (peaks > 0).to(peaks.dtype)
+    """1 for rows with a non-zero output gradient, 0 for the others, in the peaks' dtype: the sign of the peaks (never
+    negative), one operation. A row holding NaN gets NaN, which reaches the step's sums and count, and the step's
+    statistics are rejected as non-finite, as the NaN in its output gradient would have them anyway."""
+    return torch.sign(peaks)
 
 
 class LayerAdapter:
@@ -203,7 +204,8 @@ class LayerAdapter:
                 if real == d.shape[0]:
                     return Observation(_with_ones(h) if self.has_bias else h, d, real, real)
             mask = _token_mask(peaks)
-        h = (_with_ones(h) if self.has_bias else h) * mask.unsqueeze(1)
+        column = mask.unsqueeze(1)
+        h = torch.cat([h * column, column], dim=1) if self.has_bias else h * column  # the mask is the ones column
         n = mask.sum()
         return Observation(h, d, n, n)
 
@@ -232,6 +234,13 @@ class LayerAdapter:
         if any(g is None or g.is_sparse for g in grads):
             return None
         return self.to_matrix(grads)  # type: ignore[arg-type]
+
+    def set_grad_matrix_where(self, ok: Tensor, g: Tensor) -> None:
+        """``p.grad ← g`` (this layer's block of each parameter) where the 0-d flag ``ok`` holds, else unchanged: one
+        ``torch.where`` per part, written in place, with no intermediate matrix and no host read."""
+        for part, block in zip(self.parts, self._blocks(g), strict=True):
+            dest = part.of(part.param.grad)
+            torch.where(ok, block if block.dtype == dest.dtype else block.to(dest.dtype), dest, out=dest)
 
     def set_grad_matrix(self, g: Tensor, scale: float = 1.0) -> None:
         """``p.grad ← scale · g`` (this layer's block of each parameter), one pass per part."""

@@ -156,8 +156,11 @@ def precondition(stacks: Sequence[Stack], lrs: dict[int, float] | None, default:
 
 def record(verdicts: Verdicts[Layer], alone: list[Layer], stacks: Sequence[Stack], written: Written) -> None:
     """The step's update flags: one per layer preconditioned alone, one vector per stack."""
-    pairs = (("update", written.nonfinite, written.stack_nonfinite), ("capped", written.capped, written.stack_capped))
-    for kind, flags, per_stack in pairs:
-        verdicts.add(kind, alone, flags)
+    pairs = (
+        ("update", written.finite, written.stack_finite, False),  # raised where P·G was not finite
+        ("capped", written.capped, written.stack_capped, True),
+    )
+    for kind, flags, per_stack, when in pairs:
+        verdicts.add(kind, alone, flags, raised_when=when)
         for stack, vector in zip(stacks, per_stack, strict=False):
-            verdicts.add(kind, stack.layers, vector)
+            verdicts.add(kind, stack.layers, vector, raised_when=when)

@@ -240,9 +240,9 @@ class PreconditionerManager:
                     g = layer.adapter.grad_matrix()
                     if g is not None:
                         pre.observe_grad(g.to(pre.dtype))
-                rejected = pre.close_statistics(output_scale)
-                if rejected is not None:
-                    self._verdicts.add("stats", [layer], [rejected])
+                kept = pre.close_statistics(output_scale)
+                if kept is not None:
+                    self._verdicts.add("stats", [layer], [kept], raised_when=False)
 
     def _refresh_due(self, layers: list[Layer], step: int, lr: float | None) -> None:
         damping = self.damping(step, lr, self.batch_size) if self.damping is not None else 0.0

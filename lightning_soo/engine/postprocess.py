@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo.capture.adapters import LayerAdapter
-from lightning_soo.linalg import host_decides
+from lightning_soo.linalg import host_decides, is_finite
 
 Item = tuple[LayerAdapter, Tensor, Tensor]  # (adapter, G, P·G)
 T = TypeVar("T")
@@ -29,21 +29,25 @@ T = TypeVar("T")
 class Verdicts(Generic[T]):
     """Device-side flags of one step (True: something happened to that owner), read back in one transfer."""
 
-    flags: list[tuple[str, list[T], Tensor]] = field(default_factory=list)
+    flags: list[tuple[str, list[T], Tensor, bool]] = field(default_factory=list)
     raised: list[tuple[str, T]] = field(default_factory=list)  # flags the host already read (``host_decides``)
 
-    def add(self, kind: str, owners: Sequence[T], flags: Sequence[Tensor | bool] | Tensor) -> None:
-        """One flag per owner: 0-d tensors or bools already read, or one vector for all of them (a stack's)."""
+    def add(
+        self, kind: str, owners: Sequence[T], flags: Sequence[Tensor | bool] | Tensor, raised_when: bool = True
+    ) -> None:
+        """One flag per owner: 0-d tensors or bools already read, or one vector for all of them (a stack's). The
+        owner's ``kind`` is raised where its flag equals ``raised_when`` (False: the flags say what went right, and
+        the host negates them when it reads them, instead of the device launching a negation per flag)."""
         if isinstance(flags, Tensor):
             if owners:
-                self.flags.append((kind, list(owners), flags.reshape(-1)))
+                self.flags.append((kind, list(owners), flags.reshape(-1), raised_when))
             return
         pairs = list(zip(owners, flags, strict=False))
-        self.raised += [(kind, owner) for owner, flag in pairs if flag is True]
+        self.raised += [(kind, owner) for owner, flag in pairs if isinstance(flag, bool) and flag is raised_when]
         tensors = [(owner, flag) for owner, flag in pairs if isinstance(flag, Tensor)]
         if tensors:
             vector = torch.stack([flag.reshape(()) for _, flag in tensors])
-            self.flags.append((kind, [owner for owner, _ in tensors], vector))
+            self.flags.append((kind, [owner for owner, _ in tensors], vector, raised_when))
 
     def read(self) -> list[tuple[str, T]]:
         """The ``(kind, owner)`` of every raised flag; clears the step's flags. One host synchronisation (none when
@@ -52,8 +56,10 @@ class Verdicts(Generic[T]):
         raised, self.raised = self.raised, []
         if not flags:
             return raised
-        values = iter(torch.cat([vector for _, _, vector in flags]).tolist())
-        return raised + [(kind, owner) for kind, owners, _ in flags for owner in owners if next(values)]
+        values = iter(torch.cat([vector for _, _, vector, _ in flags]).tolist())
+        return raised + [
+            (kind, owner) for kind, owners, _, when in flags for owner in owners if bool(next(values)) is when
+        ]
 
 
 def settled(kind: str, name: str, scaled: bool) -> tuple[str, str | None]:
@@ -81,10 +87,10 @@ class Written:
     """What ``write_updates`` did: per-layer flags (device tensors, one vector per stack; bools where the host
     decided) and the KL scale."""
 
-    nonfinite: list[Tensor] | list[bool]  # P·G of the layer was not finite: its plain gradient was kept
+    finite: list[Tensor] | list[bool]  # P·G of the layer was finite (else its plain gradient was kept)
     capped: list[Tensor] | list[bool]  # the layer's update was scaled down to ``max_update_norm``
     kl_scale: Tensor | float  # ν of the step (1.0 without a KL clip)
-    stack_nonfinite: list[Tensor] = field(default_factory=list)  # per stack: a flag per member
+    stack_finite: list[Tensor] = field(default_factory=list)  # per stack: a flag per member
     stack_capped: list[Tensor] = field(default_factory=list)
 
 
@@ -107,12 +113,9 @@ def graft(out: Tensor, grad: Tensor, dim: tuple[int, ...] | None = None) -> Tens
     return out * torch.where(norm > 0, gnorm / norm, torch.ones_like(norm))
 
 
-def _scaled(update: Tensor, ok: Tensor, scale: Tensor | float) -> Tensor:
-    """``update`` (fresh: ``P·G`` where ``ok``, else ``G``) times ``scale`` where ``ok``, in place; nothing to do for a
-    scale of 1."""
-    if isinstance(scale, float) and scale == 1.0:
-        return update
-    return update.mul_(torch.where(ok, scale, torch.ones_like(scale) if isinstance(scale, Tensor) else 1.0))
+def _scaled(out: Tensor, scale: Tensor | float) -> Tensor:
+    """``out · scale`` (a new tensor; ``out`` itself for a scale of 1)."""
+    return out if isinstance(scale, float) and scale == 1.0 else out * scale
 
 
 def write_updates(
@@ -141,21 +144,24 @@ def write_updates(
     for _, g, out in items:
         if grafting == "sgd":
             out = graft(out, g)
-        dot = torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1))  # non-finite whenever P·G is
-        ok = torch.isfinite(dot)
+        # ⟨P·G, G⟩ for the KL clip, else only finiteness is needed: a sum reads P·G alone (both non-finite with P·G)
+        dot = torch.vdot(out.reshape(-1), g.to(out.dtype).reshape(-1)) if kl_clip is not None else out.sum()
+        ok = is_finite(dot)
         outs.append(out)
         finite.append(ok)
-        dots.append(torch.where(ok, dot, torch.zeros_like(dot)))
+        if kl_clip is not None:
+            dots.append(torch.where(ok, dot, 0.0))
     souts, sdots, sfinite = [], [], []
     for item in stacks:
         out = item.out
         if grafting == "sgd":
             out = graft(out, item.g, dim=(1, 2))
-        dot = (out * item.g.to(out.dtype)).sum((1, 2))
-        ok = torch.isfinite(dot)
+        dot = (out * item.g.to(out.dtype)).sum((1, 2)) if kl_clip is not None else out.sum((1, 2))
+        ok = is_finite(dot)
         souts.append(out)
         sfinite.append(ok)
-        sdots.append(torch.where(ok, dot, torch.zeros_like(dot)))
+        if kl_clip is not None:
+            sdots.append(torch.where(ok, dot, 0.0))
     nu: Tensor | float = 1.0
     if kl_clip is not None and (items or stacks):
         terms = [dot * lr**2 for dot, lr in zip(dots, lrs, strict=True)]
@@ -164,13 +170,13 @@ def write_updates(
         ratio = (kl_clip / total).sqrt().clamp(max=1.0)
         nu = torch.where(total > 0, ratio, torch.ones_like(total))
     capped: list[Tensor] = []
-    for (adapter, g, _), out, ok in zip(items, outs, finite, strict=True):
+    for (adapter, _, _), out, ok in zip(items, outs, finite, strict=True):
         scale = nu
         if max_norm is not None:
             norm = out.norm() * nu
             capped.append(norm > max_norm)
             scale = nu * (max_norm / norm).clamp(max=1.0)
-        adapter.set_grad_matrix(_scaled(torch.where(ok, out, g.to(out.dtype)), ok, scale))
+        adapter.set_grad_matrix_where(ok, _scaled(out, scale))
     scapped: list[Tensor] = []
     for item, out, ok in zip(stacks, souts, sfinite, strict=True):
         scale = nu if isinstance(nu, float) else nu.reshape(1, 1, 1)
@@ -179,8 +185,8 @@ def write_updates(
             scapped.append((norm > max_norm).reshape(-1))
             scale = nu * (max_norm / norm).clamp(max=1.0)
         ok3 = ok.reshape(-1, 1, 1)
-        item.store(_scaled(torch.where(ok3, out, item.g.to(out.dtype)), ok3, scale))
-    return Written([~ok for ok in finite], capped, nu, [~ok for ok in sfinite], scapped)
+        item.store(torch.where(ok3, _scaled(out, scale), item.g.to(out.dtype)))
+    return Written(finite, capped, nu, sfinite, scapped)
 
 
 def _write_on_host(
@@ -217,4 +223,4 @@ def _write_on_host(
             scale *= min(1.0, max_norm / (norm * nu)) if norm * nu > 0 else 1.0
         if ok:
             adapter.set_grad_matrix(out, scale)
-    return Written([not ok for ok in finite], capped, nu)
+    return Written(finite, capped, nu)

@@ -138,8 +138,9 @@ class Preconditioner:
         statistics as their degree in the output gradient says (K-FAC's B and Shampoo's factors: squared;
         Gauss-Newton's kept rows: linearly; statistics from the unscaled gradient: not at all).
 
-        Returns None when there was nothing to fold, else a flag, True where the step's statistics were rejected as
-        non-finite (the last good ones kept): a 0-d bool tensor on the device, or a bool where the host decides
+        Returns None when there was nothing to fold, else a flag, True where the step's statistics were kept, False
+        where they were rejected as non-finite (the last good ones stay): a 0-d bool tensor on the device (the flag
+        the method computed anyway: no negation to launch), or a bool where the host decides
         (``linalg.host_decides``). The manager reads every device flag of a step at once: no method synchronises
         with the device here (beyond a first value's check).
         """

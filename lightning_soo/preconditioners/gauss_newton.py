@@ -195,7 +195,7 @@ class GaussNewton(Preconditioner):
         if self._unsettled is None:
             self._unsettled = (self.latest, keep)  # the last settled basis, kept until the new one is known finite
         self.latest = basis
-        return linalg.rejected(keep)
+        return keep
 
     def _settle(self) -> None:
         """At refresh (where reading the device is allowed): back to the last finite basis if this step's was not;

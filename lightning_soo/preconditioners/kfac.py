@@ -183,7 +183,7 @@ class KFAC(Preconditioner):
         for f in self._factors:
             if id(f) not in folded:  # an orientation without both halves this step
                 f.reset()
-        return linalg.rejected(keep)
+        return keep
 
     def statistics_tensors(self) -> list[Tensor]:
         return [t for f in self._factors for t in f.statistics_tensors()]

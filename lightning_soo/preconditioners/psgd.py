@@ -187,7 +187,7 @@ class PSGD(Preconditioner):
             self.q_l, self.q_r = torch.where(keep, q_l, self.q_l), torch.where(keep, q_r, self.q_r)
         self.updates += 1
         self._dirty = True
-        return linalg.rejected(keep)
+        return keep
 
     def discard_statistics(self) -> None:
         self._pair = self._ranks = None

@@ -27,6 +27,7 @@ class Factor:
         shape = (dim,) if diagonal else (dim, dim)
         self._sum = torch.zeros(shape, dtype=dtype, device=device)
         self._count = torch.zeros((), dtype=dtype, device=device)  # a tensor so ranks can sum it with the sums
+        self._count_stale = False  # ``_count`` holds a closed step's count: the first add overwrites it (no zeroing)
         self._value: Tensor | None = None
         self._halves = not diagonal and gram_cuts(dim, device) is not None  # step sums hold their upper blocks only
         self._mirror_due = False  # the running value's lower blocks are stale (mirrored when read)
@@ -55,7 +56,14 @@ class Factor:
     @property
     def count(self) -> float:
         """The step's count so far (reads the device where the count lives there)."""
-        return self._n if host_decides(self._sum) and not self._moved else float(self._count)
+        return self._n if host_decides(self._sum) and not self._moved else float(self._counted())
+
+    def _counted(self) -> Tensor:
+        """The step's count tensor (zeroed first when it still holds a closed step's)."""
+        if self._count_stale:
+            self._count.zero_()
+            self._count_stale = False
+        return self._count
 
     def _zeroed(self) -> Tensor:
         if self._stale:
@@ -74,8 +82,9 @@ class Factor:
         """This step's sums and count, to be summed in place across ranks."""
         if host_decides(self._sum) and not self._moved:
             self._count.fill_(self._n)
+            self._count_stale = False
             self._moved = True
-        return [self._as_sum(), self._count]
+        return [self._as_sum(), self._counted()]
 
     def add(self, rows: Rows, count: int | Tensor, scale: float = 1.0, weights: Tensor | None = None) -> None:
         """Add ``Σ x xᵀ`` over ``rows`` (times ``scale``) and ``count`` to the divisor (a tensor when it depends on
@@ -98,8 +107,18 @@ class Factor:
         if host_decides(self._sum) and not self._moved:
             self._n += float(count)  # free on the CPU: no tensor to update and zero per step
         else:
-            self._count.add_(count)
+            self._add_count(count)
         self._pending = True
+
+    def _add_count(self, count: int | Tensor) -> None:
+        """Count rows on the device: the step's first count overwrites the last step's (one operation either way)."""
+        if not self._count_stale:
+            self._count.add_(count)
+        elif isinstance(count, Tensor):
+            self._count.copy_(count)
+        else:
+            self._count.fill_(count)
+        self._count_stale = False
 
     def _add_mean(self, rows: Tensor, count: float, scale: float) -> None:
         """Keep the step's mean instead of its sum, in the product itself (``beta``/``alpha``), so the fold needs
@@ -122,9 +141,12 @@ class Factor:
         if host_decides(self._sum):
             return self._fold_on_host(decay, scale, self.count > 0 and (keep is None or bool(keep)))
         self._as_sum()
-        counted = self._count > 0
+        count = self._counted()
+        counted = count > 0
         flag = counted if keep is None else torch.as_tensor(keep, device=counted.device) & counted
-        mean = self._sum.mul_(scale / torch.where(counted, self._count, torch.ones_like(self._count)))  # in place
+        divisor = torch.where(counted, count, 1.0)
+        unit = isinstance(scale, float) and scale == 1.0  # in place, in as few operations as the device launches
+        mean = self._sum.div_(divisor) if unit else self._sum.mul_(scale / divisor)
         value = self._value
         if value is None:
             ok = bool(flag)
@@ -177,7 +199,7 @@ class Factor:
 
     def reset(self) -> None:
         if self._moved or not host_decides(self._sum):
-            self._count.zero_()
+            self._count_stale = True  # the next add overwrites it
         self._n, self._moved = 0.0, False
         self._pending = self._normalised = False
         self._stale = True

@@ -61,8 +61,8 @@ def test_whitening_fixed_point(max_factor_dim: int) -> None:
 
 
 def _accepted(flag: Tensor | None) -> bool:
-    """``close_statistics`` folded a pair: it returned a device flag that says nothing was rejected."""
-    return flag is not None and not bool(flag)
+    """``close_statistics`` folded a pair: it returned a device flag that says the statistics were kept."""
+    return flag is not None and bool(flag)
 
 
 def test_newton_form_fits_inverse_hessian_of_a_quadratic() -> None:
@@ -133,8 +133,8 @@ def test_non_finite_gradient_keeps_q_and_norm_bound() -> None:
     pre.close_statistics(1.0)
     q = pre.q_l.clone()
     pre.observe_grad(torch.full((3, 2), float("nan"), dtype=F64))
-    rejected = pre.close_statistics(1.0)
-    assert rejected is not None and bool(rejected) and torch.equal(pre.q_l, q)
+    kept = pre.close_statistics(1.0)
+    assert kept is not None and not bool(kept) and torch.equal(pre.q_l, q)
     m = torch.randn(6, 6, dtype=F64)
     m = m @ m.T
     bound, norm = float(norm_lower_bound(m)), float(torch.linalg.matrix_norm(m, 2))

@@ -1,0 +1,90 @@
+"""Kernel launches per layer: on an accelerator every tensor operation of the hot path is a kernel launch, a few
+microseconds of fixed cost that a narrow layer's short kernels cannot hide. This counts, on the accelerator's path
+(``linalg.HOST_DECIDES_ON_CPU`` off, as in ``test_sync``), the operations one more layer adds to a steady-state step
+beyond what the plain model's forward and backward launch, and holds each method to its count.
+
+Counted: every ATen operation that computes (views, host reads and the host-side wrapping of Python numbers are
+not kernels). The budgets are the counts of the code that set them: lower one when you remove operations, and
+explain a rise in the commit that makes it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_soo import PreconditionerManager, linalg
+from tests.engine.test_sync import _mlp
+
+#: operations that launch nothing on a device
+NOT_KERNELS = {"_local_scalar_dense", "scalar_tensor", "detach", "lift_fresh"}
+
+#: (method, frozen) -> kernels one more layer adds to a step that does not refresh, default options
+BUDGETS = {
+    ("kfac", False): 40,
+    ("kfac", True): 11,
+    ("shampoo", False): 55,
+    ("shampoo", True): 18,
+    ("gauss_newton", False): 36,
+    ("gauss_newton", True): 23,
+    ("psgd", False): 103,
+    ("psgd", True): 15,
+}
+
+
+class _Kernels(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in NOT_KERNELS:
+            self.names[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _kernels(method: str | None, depth: int, frozen: bool) -> Counter[str]:
+    """Kernels of the fourth step (steady state: past the refresh at step 0 and, frozen, the freeze at step 1)."""
+    torch.manual_seed(0)
+    model = _mlp(depth)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    interval = None if frozen else 1000
+    manager = PreconditionerManager(model, method, preconditioner_interval=interval) if method else None
+    x, y = torch.randn(32, 8), torch.randint(0, 10, (32,))
+    host, linalg.HOST_DECIDES_ON_CPU = linalg.HOST_DECIDES_ON_CPU, False
+    try:
+        for _ in range(4):
+            opt.zero_grad(set_to_none=True)
+            with _Kernels() as counted:
+                if manager is not None:
+                    manager.begin_step()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                if manager is not None:
+                    manager.step(opt)
+            opt.step()
+    finally:
+        linalg.HOST_DECIDES_ON_CPU = host
+    return counted.names
+
+
+def _per_layer(method: str | None, frozen: bool) -> Counter[str]:
+    """What 12 more layers add, divided by 12 (all layers between the first and last are 16 x 16)."""
+    shallow, deep = _kernels(method, 5, frozen), _kernels(method, 17, frozen)
+    return Counter({k: v / 12 for k, v in (deep - shallow).items()})
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["collecting", "frozen"])
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "gauss_newton", "psgd"])
+def test_kernels_per_layer_stay_within_budget(method: str, frozen: bool) -> None:
+    plain = _per_layer(None, frozen)
+    ours = _per_layer(method, frozen)
+    extra = sum(ours.values()) - sum(plain.values())
+    budget = BUDGETS[(method, frozen)]
+    detail = dict((ours - plain).most_common())
+    assert extra <= budget, f"{extra:g} kernels per layer > budget {budget}: {detail}"
+    assert extra >= budget - 0.5, f"{extra:g} kernels per layer: lower the budget of {budget} to it ({detail})"
