@@ -109,6 +109,8 @@ def _row_peaks(d: Tensor) -> Tensor:
     row holding NaN; 4x cheaper than ``(d != 0).any(1)`` on the CPU. Large ``d`` as ``max(max d, −min d)``, without
     a ``d``-sized temporary (2048 x 512 rows: 0.37 against 0.51 ms warm, 0.51 against 1.16 out of cache, one
     thread); small ones as ``|d|``'s maximum, one operation fewer."""
+    if not host_decides(d):  # an accelerator: one reduction, one launch
+        return torch.linalg.vector_norm(d, float("inf"), dim=1)
     if d.numel() < PEAKS_SPLIT:
         return d.abs().amax(1)
     return torch.maximum(d.amax(1), d.amin(1).neg_())

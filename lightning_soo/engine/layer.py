@@ -115,7 +115,7 @@ def _fit(obs: Observation, shape: tuple[int, int], rows: slice | None, transpose
         full = d.new_zeros(d.shape[0], d_out)
         full[:, rows] = d
         d = full
-    if short:
+    if short and not isinstance(h, IndexRows):
         h = torch.cat([h, h.new_zeros(h.shape[0], d_in - h.shape[1])], dim=1)
     return Observation(h, d, obs.rows, obs.n)
 

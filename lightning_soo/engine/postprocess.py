@@ -110,7 +110,7 @@ def graft(out: Tensor, grad: Tensor, dim: tuple[int, ...] | None = None) -> Tens
     the dimensions of one layer's matrix in a stack (None: the whole tensor is one layer's)."""
     norm = torch.linalg.vector_norm(out, dim=dim, keepdim=dim is not None)
     gnorm = torch.linalg.vector_norm(grad.to(out.dtype), dim=dim, keepdim=dim is not None)
-    return out * torch.where(norm > 0, gnorm / norm, torch.ones_like(norm))
+    return out * torch.where(norm > 0, gnorm / norm, 1.0)
 
 
 def _scaled(out: Tensor, scale: Tensor | float) -> Tensor:
@@ -168,7 +168,7 @@ def write_updates(
         terms += [(dot * item.lr2).sum() for dot, item in zip(sdots, stacks, strict=True)]  # type: ignore[operator]
         total = torch.stack(terms).sum()
         ratio = (kl_clip / total).sqrt().clamp(max=1.0)
-        nu = torch.where(total > 0, ratio, torch.ones_like(total))
+        nu = torch.where(total > 0, ratio, 1.0)
     capped: list[Tensor] = []
     for (adapter, _, _), out, ok in zip(items, outs, finite, strict=True):
         scale = nu

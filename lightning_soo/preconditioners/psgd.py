@@ -47,14 +47,13 @@ def norm_lower_bound(a: Tensor) -> Tensor:
         x = a[:, int(a.square().sum(0).argmax())] @ a
         n = float(torch.linalg.vector_norm(x))
         return torch.linalg.vector_norm((x / n if n > 0 else x) @ a.mT) * s
-    scale = a.abs().amax()
-    one = torch.ones_like(scale)
-    a = a / torch.where(scale > 0, scale, one)
-    col = a.index_select(1, a.square().sum(0).argmax().reshape(1)).squeeze(1)  # no device sync for the index
+    scale = torch.linalg.vector_norm(a, float("inf"))  # one reduction per quantity: each is a launch
+    a = a / torch.where(scale > 0, scale, 1.0)
+    col = a.index_select(1, torch.linalg.vector_norm(a, dim=0).argmax().reshape(1)).squeeze(1)  # no device sync
     x = col @ a
     norm = torch.linalg.vector_norm(x)
-    bound = scale * torch.linalg.vector_norm((x / torch.where(norm > 0, norm, one)) @ a.mT)
-    return torch.where(scale > 0, bound, torch.zeros_like(scale))
+    bound = scale * torch.linalg.vector_norm((x / torch.where(norm > 0, norm, 1.0)) @ a.mT)
+    return torch.where(scale > 0, bound, 0.0)
 
 
 def update_probability(step: int, p_max: float, p_min: float, decay: float, flat: int) -> float:
@@ -176,7 +175,7 @@ class PSGD(Preconditioner):
             v = self.probe()
         if self.q_l is None:  # the first pair sets Q's scale: checked on the host, once
             if not linalg.all_finite(h):
-                return torch.ones((), dtype=torch.bool, device=self.device)
+                return torch.zeros((), dtype=torch.bool, device=self.device)  # not kept
             self._initialise(v, h)
         q_l, q_r = self._update(v, h)
         keep = linalg.finite(h, q_l, q_r)  # a rejected update leaves Q as it was

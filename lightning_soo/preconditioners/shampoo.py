@@ -29,6 +29,11 @@ from lightning_soo.preconditioners.base import Preconditioner
 from lightning_soo.preconditioners.blocks import BlockSide
 
 
+def _row_norms(rows: Tensor) -> Tensor:
+    """Each row's Euclidean norm as a column: one reduction (``square``, ``sum`` and ``sqrt`` are three launches)."""
+    return torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+
+
 class Shampoo(Preconditioner):
     """Shampoo's two-sided preconditioner of one layer."""
 
@@ -73,8 +78,8 @@ class Shampoo(Preconditioner):
     def observe_transposed(self, inputs: Tensor, grads: Tensor, count: Count, n_examples: Count) -> None:
         """A use in the swapped orientation (a tied head): each row's gradient is ``h δᵀ`` in this layer's
         coordinates, so ``L += ‖δ‖² h hᵀ`` and ``R += ‖h‖² δ δᵀ`` (a diagonal side keeps the diagonal)."""
-        self.left.add(inputs * grads.square().sum(1, keepdim=True).sqrt(), n_examples)
-        self.right.add(grads * inputs.square().sum(1, keepdim=True).sqrt(), n_examples)
+        self.left.add(inputs * _row_norms(grads), n_examples)
+        self.right.add(grads * _row_norms(inputs), n_examples)
 
     def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float = 1.0) -> None:
         h: Rows = ctx
@@ -83,8 +88,8 @@ class Shampoo(Preconditioner):
             self.left.add(rows, n_examples, s2)  # ‖h̄_n‖ = 1 for one-hot rows
             self.right.add(h, n_examples, s2, weights=rows.square().sum(1))  # diagonal: Σ ‖δ_n‖² at each index
             return
-        self.left.add(rows * h.square().sum(1, keepdim=True).sqrt(), n_examples, s2)  # Δᵀ diag(‖h̄‖²) Δ
-        self.right.add(h * rows.square().sum(1, keepdim=True).sqrt(), n_examples, s2)  # H̄ᵀ diag(‖δ‖²) H̄
+        self.left.add(rows * _row_norms(h), n_examples, s2)  # Δᵀ diag(‖h̄‖²) Δ
+        self.right.add(h * _row_norms(rows), n_examples, s2)  # H̄ᵀ diag(‖δ‖²) H̄
 
     def observe_grad(self, grad: Tensor) -> None:
         self.left.add(grad.mT, 1)  # G Gᵀ

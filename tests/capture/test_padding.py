@@ -103,10 +103,14 @@ def test_legitimately_zero_rows_leave_the_factors_and_the_count() -> None:
     torch.testing.assert_close(pre.b, (5 / 6) ** 2 * g.T @ g / 5)
 
 
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device-path"])  # the device's one-reduction form
 @pytest.mark.parametrize("rows", [64, 512])  # below and above ``PEAKS_SPLIT`` entries (x 256 columns)
-def test_row_peaks_of_both_forms(rows: int) -> None:
+def test_row_peaks_of_every_form(rows: int, host: bool, monkeypatch) -> None:
     """Zero exactly for padding rows (not for a constant or negative row), NaN for a row holding NaN."""
+    from lightning_soo import linalg
     from lightning_soo.capture.adapters import PEAKS_SPLIT, _row_peaks
+
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
 
     d = torch.randn(rows, 256)
     d[1], d[2], d[3] = 0.0, -2.0, 5.0

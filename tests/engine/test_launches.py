@@ -25,14 +25,14 @@ NOT_KERNELS = {"_local_scalar_dense", "scalar_tensor", "detach", "lift_fresh"}
 
 #: (method, frozen) -> kernels one more layer adds to a step that does not refresh, default options
 BUDGETS = {
-    ("kfac", False): 40,
+    ("kfac", False): 39,
     ("kfac", True): 11,
-    ("shampoo", False): 55,
-    ("shampoo", True): 18,
-    ("gauss_newton", False): 36,
-    ("gauss_newton", True): 23,
-    ("psgd", False): 103,
-    ("psgd", True): 15,
+    ("shampoo", False): 49,
+    ("shampoo", True): 17,
+    ("gauss_newton", False): 34,
+    ("gauss_newton", True): 22,
+    ("psgd", False): 94,
+    ("psgd", True): 14,
 }
 
 

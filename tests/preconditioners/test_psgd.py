@@ -150,3 +150,13 @@ def test_triangular_products_equal_dense(n: int) -> None:
     t = torch.randn(n, n, generator=g, dtype=F64)
     torch.testing.assert_close(triu_matmul(t, q), torch.triu(t) @ q, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(_gram(q), q.T @ q, rtol=1e-12, atol=1e-10)
+
+
+def test_non_finite_first_pair_is_reported_as_not_kept() -> None:
+    """The first pair sets Q's scale; a non-finite one sets nothing and says so (the manager counts it skipped)."""
+    pre = PSGD(3, 2, dtype=F64, device=CPU)
+    pre.observe_grad(torch.full((3, 2), float("nan"), dtype=F64))
+    kept = pre.close_statistics(1.0)
+    assert kept is not None and not bool(kept) and pre.q_l is None
+    pre.observe_grad(torch.randn(3, 2, dtype=F64))
+    assert _accepted(pre.close_statistics(1.0)) and pre.q_l is not None
