@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.bare import BareKFAC
 from lightning_soo import PreconditionerManager
 
 
@@ -72,7 +73,11 @@ StepFn = Callable[[], None]
 
 
 def make_step(
-    model: nn.Module, manager: PreconditionerManager | None, x: torch.Tensor, y: torch.Tensor, lr: float = 0.01
+    model: nn.Module,
+    manager: PreconditionerManager | BareKFAC | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float = 0.01,
 ) -> StepFn:
     """One full optimizer step: zero_grad, begin_step, forward, backward, manager.step, SGD(momentum) step."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)

@@ -26,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from benchmarks.bare import BareKFAC
 from benchmarks.common import (
     forward_backward_flops,
     interleaved,
@@ -89,7 +90,7 @@ def frozen_flops(shapes: list[tuple[int, int]], s: Setting) -> float:
     return sum(2 * (o * o * i + o * i * i) for o, i in shapes)
 
 
-Factory = Callable[[nn.Module, Setting], PreconditionerManager]
+Factory = Callable[[nn.Module, Setting], PreconditionerManager | BareKFAC]
 
 
 def _kfac(inverse: str) -> Factory:
@@ -182,6 +183,11 @@ METHODS: dict[str, tuple[Factory, Callable[[list[tuple[int, int]], Setting], flo
     "kfac": (_kfac("cholesky"), kfac_flops),
     "kfac-eigen": (_kfac("eigen"), lambda sh, s: kfac_flops(sh, s, products=4, inverse_cost=9.0)),
     "kfac-frozen": (_kfac_frozen, frozen_flops),
+    # reference, not the library: the same products with no checks (``benchmarks/bare.py``), full Grams
+    "kfac-bare": (
+        lambda model, s: BareKFAC(model, s.statistics_interval, s.preconditioner_interval),
+        lambda sh, s: kfac_flops(sh, dataclasses.replace(s, device="cuda"), factored=False),
+    ),
     "shampoo": (_shampoo, shampoo_flops),
     "gauss_newton": (_gauss_newton, gauss_newton_flops),
     "psgd": (_psgd, psgd_flops),
