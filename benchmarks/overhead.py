@@ -91,9 +91,10 @@ def frozen_flops(shapes: list[tuple[int, int]], s: Setting) -> float:
 
 
 Factory = Callable[[nn.Module, Setting], PreconditionerManager | BareKFAC]
+ManagerFactory = Callable[[nn.Module, Setting], PreconditionerManager]
 
 
-def _kfac(inverse: str) -> Factory:
+def _kfac(inverse: str) -> ManagerFactory:
     def build(model: nn.Module, s: Setting) -> PreconditionerManager:
         return PreconditionerManager(
             model,
