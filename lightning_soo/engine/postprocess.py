@@ -43,7 +43,7 @@ class Verdicts(Generic[T]):
                 self.flags.append((kind, list(owners), flags.reshape(-1), raised_when))
             return
         pairs = list(zip(owners, flags, strict=False))
-        self.raised += [(kind, owner) for owner, flag in pairs if isinstance(flag, bool) and flag is raised_when]
+        self.raised += [(kind, owner) for owner, flag in pairs if flag is raised_when]
         tensors = [(owner, flag) for owner, flag in pairs if isinstance(flag, Tensor)]
         if tensors:
             vector = torch.stack([flag.reshape(()) for _, flag in tensors])
