@@ -236,13 +236,13 @@ class PreconditionerManager:
                 self.counters["bytes_reduced"] = self.counters.get("bytes_reduced", 0) + reduce_statistics(layers)
             for layer in layers:
                 pre = layer.preconditioner
-                if pre.uses_grad:
-                    g = layer.adapter.grad_matrix()
-                    if g is not None:
-                        pre.observe_grad(g.to(pre.dtype))
-                kept = pre.close_statistics(output_scale)
-                if kept is not None:
-                    self._verdicts.add("stats", [layer], [kept], raised_when=False)
+                if pre.uses_grad and (g := layer.adapter.grad_matrix()) is not None:
+                    pre.observe_grad(g.to(pre.dtype))
+            for cls in dict.fromkeys(type(layer.preconditioner) for layer in layers):  # equal shapes close as banks
+                group = [layer for layer in layers if type(layer.preconditioner) is cls]
+                kept = cls.close_many([layer.preconditioner for layer in group], output_scale)
+                closed = [(layer, k) for layer, k in zip(group, kept, strict=True) if k is not None]
+                self._verdicts.add("stats", [c[0] for c in closed], [c[1] for c in closed], raised_when=False)
 
     def _refresh_due(self, layers: list[Layer], step: int, lr: float | None) -> None:
         damping = self.damping(step, lr, self.batch_size) if self.damping is not None else 0.0

@@ -146,6 +146,12 @@ class Preconditioner:
         """
         return None
 
+    @classmethod
+    def close_many(cls, pres: list[Preconditioner], output_scale: float | Tensor) -> list[Tensor | bool | None]:
+        """``[p.close_statistics(output_scale) for p in pres]``; methods close equally shaped factors of many layers
+        as one stack (``banks``: a handful of operations per stack instead of per layer)."""
+        return [p.close_statistics(output_scale) for p in pres]
+
     def statistics_tensors(self) -> list[Tensor] | None:
         """This step's statistics as tensors to be summed in place across ranks before ``close_statistics``
         (data parallelism); ``[]`` when every rank already has the same statistics (e.g. from the all-reduced

@@ -36,6 +36,7 @@ from torch import Tensor
 from lightning_soo import linalg
 from lightning_soo.capture.adapters import Count, Rows
 from lightning_soo.options import KFACOptions, StepOptions
+from lightning_soo.preconditioners.banks import Sides, close_banked
 from lightning_soo.preconditioners.base import Preconditioner, fit_square
 from lightning_soo.preconditioners.statistics import Factor
 
@@ -184,6 +185,16 @@ class KFAC(Preconditioner):
             if id(f) not in folded:  # an orientation without both halves this step
                 f.reset()
         return keep
+
+    @classmethod
+    def close_many(cls, pres: list[Preconditioner], output_scale: float | Tensor) -> list[Tensor | bool | None]:
+        """Layers of equal factor shapes close as banks (``banks.close_banked``); the others one by one."""
+        s2 = output_scale**2  # B is quadratic in the output gradient; one operation for all layers
+
+        def sides(p: KFAC) -> Sides | None:
+            return None if p.transposed_uses else [(p._a, 1.0), (p._b, s2)]
+
+        return close_banked(pres, sides, lambda p: p.factor_decay, lambda p: p.close_statistics(output_scale))
 
     def statistics_tensors(self) -> list[Tensor]:
         return [t for f in self._factors for t in f.statistics_tensors()]

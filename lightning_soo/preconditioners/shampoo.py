@@ -25,6 +25,7 @@ from torch import Tensor
 from lightning_soo import linalg
 from lightning_soo.capture.adapters import Count, IndexRows, Rows
 from lightning_soo.options import ShampooOptions, StepOptions
+from lightning_soo.preconditioners.banks import Sides, close_banked
 from lightning_soo.preconditioners.base import Preconditioner
 from lightning_soo.preconditioners.blocks import BlockSide
 
@@ -110,6 +111,22 @@ class Shampoo(Preconditioner):
                 for f in side.factors:
                     f.value = None
         return keep
+
+    @classmethod
+    def close_many(cls, pres: list[Preconditioner], output_scale: float | Tensor) -> list[Tensor | bool | None]:
+        """Layers whose sides are one dense block each, of equal shapes, close as banks (``banks``)."""
+        s2 = output_scale**2  # one operation for all layers
+
+        def sides(p: Shampoo) -> Sides | None:
+            if len(p.left.factors) != 1 or len(p.right.factors) != 1:
+                return None
+            scale = s2 if p.uses_hooks else 1.0
+            return [(p.left.factors[0], scale), (p.right.factors[0], scale)]
+
+        def decay(p: Shampoo) -> float | None:
+            return p.beta if p.accumulate == "ema" else None
+
+        return close_banked(pres, sides, decay, lambda p: p.close_statistics(output_scale))
 
     def discard_statistics(self) -> None:
         for side in self.sides:

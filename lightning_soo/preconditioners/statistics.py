@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -36,6 +38,7 @@ class Factor:
         self._normalised = False  # ``_sum`` holds the step's mean so far (on the host, which reads the counts)
         self._n = 0.0  # the step's count where the host decides (``_count`` holds it on a device)
         self._moved = False  # the host's count was moved into ``_count`` (to be summed across ranks)
+        self.bank: Any = None  # the ``banks.FactorBank`` whose stacked tensors hold this factor's, if any
 
     @property
     def value(self) -> Tensor | None:

@@ -97,7 +97,9 @@ def test_stacks_follow_a_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not torch.equal(lefts[0], lefts[1])
 
 
-def test_one_sync_per_step_with_stacks(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("method", ["kfac", "shampoo"])
+def test_one_sync_per_step_with_stacks(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stacked products and banked statistics (``preconditioners.banks``) read the device once a step."""
     monkeypatch.setattr(linalg, "BATCH_ON_CPU", True)
-    counts = _syncs_per_step("kfac", 17, False, kl_clip=1e-3, grafting="sgd", max_update_norm=1.0)
+    counts = _syncs_per_step(method, 17, False, kl_clip=1e-3, grafting="sgd", max_update_norm=1.0)
     assert max(counts) <= 1, counts

@@ -1,0 +1,149 @@
+"""Equally shaped factors of many layers closed as one stack: a statistics step's finiteness probes, count
+normalisation and fold into the running averages in a handful of operations per stack instead of per layer.
+
+Per layer, a K-FAC step closes with about eighteen device operations (the probes, ``count > 0``, the divisor, the
+division, the kept-or-old choice and the ``lerp_``, for each factor). On an accelerator each is a kernel launch of a
+few microseconds that a narrow layer's short kernels cannot hide, so a deep stack of equal blocks pays them 48 times
+a step. A ``FactorBank`` keeps the step sums, counts and running values of its members' factors as views of stacked
+tensors (``sums[i]`` is member ``i``'s ``Factor._sum``), so the hooks' products write into the stack as they always
+did, and the close is the same arithmetic as ``Factor.fold`` on the stacked tensors (``close``).
+
+A bank is built the first time a group of layers closes together with a value each (a first value is checked on the
+host, once per factor and run: ``Factor.fold``) and copies their tensors in; it is kept while its members' tensors
+are still its views (a checkpoint load or a dropped first value replaces them: the next close rebuilds the bank).
+A member that closes without the others (it saw no rows this step) folds alone, through the same views. Used where
+the device decides (``linalg.host_decides`` is False) and stacks are built (not on the CPU unless
+``linalg.BATCH_ON_CPU``). On the CPU each fold is already one pass, decided on the host, and a host-decided bank (one
+``lerp_`` per stack) measured the same as the layer-by-layer folds on the deep MLP of ``benchmarks/overhead.py``
+(K-FAC 1.002, Shampoo 0.994, interleaved in one process): there the time goes into the passes, not their launches.
+
+On the accelerator's path one more equal layer now adds 10 operations to a K-FAC statistics step (28 closing alone)
+and 14 to Shampoo's (32): ``tests/engine/test_launches.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_soo import linalg
+from lightning_soo.preconditioners.statistics import Factor
+
+#: smallest number of layers worth a bank
+MIN_MEMBERS = 2
+
+Sides = list[tuple[Factor, "float | Tensor"]]  # a layer's factors to fold, each with the scale of its step mean
+
+
+class FactorBank:
+    """The factors of ``rows`` (one list of factors per member, equal dimensions position by position) as views
+    of stacked sums, counts and values."""
+
+    def __init__(self, rows: list[list[Factor]]) -> None:
+        self.rows = rows
+        self.sums: list[Tensor] = []
+        self.counts: list[Tensor] = []
+        self.values: list[Tensor] = []
+        for j in range(len(rows[0])):
+            column = [row[j] for row in rows]
+            self.sums.append(torch.stack([f._sum for f in column]))
+            self.counts.append(torch.stack([f._count for f in column]))
+            self.values.append(torch.stack([f._value for f in column]))  # type: ignore[misc]
+            for i, f in enumerate(column):
+                f._sum, f._count, f._value = self.sums[j][i], self.counts[j][i], self.values[j][i]
+                f.bank = self
+        self._views = [[(f._sum, f._count, f._value) for f in row] for row in rows]
+
+    def valid(self) -> bool:
+        """Every member's tensors are still this bank's views (a load or a dropped first value replaces them)."""
+        for row, views in zip(self.rows, self._views, strict=True):
+            for f, (s, c, v) in zip(row, views, strict=True):
+                if f._sum is not s or f._count is not c or f._value is not v:
+                    return False
+        return True
+
+    def has(self, rows: list[list[Factor]]) -> bool:
+        """``rows`` are this bank's members, in its order."""
+        return len(rows) == len(self.rows) and all(a[0] is b[0] for a, b in zip(rows, self.rows, strict=True))
+
+    def close(self, scales: Sequence[float | Tensor], decay: float | None) -> Tensor:
+        """Fold every member's step into its running averages, as ``Factor.fold`` does one by one (``scales``:
+        one per factor position); returns the members' flags (True: the step's statistics were finite, kept)."""
+        probe = self.sums[0].diagonal(dim1=1, dim2=2).sum(1)  # ``Factor.finite_probe``: the traces
+        for sums in self.sums[1:]:
+            probe = probe + sums.diagonal(dim1=1, dim2=2).sum(1)
+        keep = linalg.is_finite(probe)
+        for sums, counts, values, scale in zip(self.sums, self.counts, self.values, scales, strict=True):
+            counted = counts > 0
+            flag = (keep & counted).reshape(-1, 1, 1)
+            divisor = torch.where(counted, counts, 1.0).reshape(-1, 1, 1)
+            unit = isinstance(scale, float) and scale == 1.0
+            mean = sums.div_(divisor) if unit else sums.mul_(scale / divisor)
+            if decay is None:  # a rejected step adds zero
+                values.add_(torch.where(flag, mean, mean.new_zeros(()), out=mean))
+            elif decay == 0.0:
+                torch.where(flag, mean, values, out=values)
+            else:  # a rejected step folds the old value into itself: unchanged
+                values.lerp_(torch.where(flag, mean, values, out=mean), 1.0 - decay)
+        self._reset()
+        return keep
+
+    def _reset(self) -> None:
+        for row in self.rows:
+            for f in row:
+                f._mirror_due |= f._halves
+                f.reset()
+
+
+def _bankable(sides: Sides | None) -> bool:
+    """Every factor dense, decided on the device, with rows this step and a running value (not a first fold)."""
+    if not sides:
+        return False
+    first = sides[0][0]._sum
+    if linalg.host_decides(first) or (first.device.type == "cpu" and not linalg.BATCH_ON_CPU):
+        return False
+    return all(not f.diagonal and f.pending and f._value is not None for f, _ in sides)
+
+
+def close_banked(
+    pres: Sequence[Any],
+    sides_of: Callable[[Any], Sides | None],
+    decay_of: Callable[[Any], float | None],
+    close_alone: Callable[[Any], Tensor | bool | None],
+) -> list[Tensor | bool | None]:
+    """Close the statistics of ``pres``: those whose factors (``sides_of``; None: not bankable) match in shape and
+    decay, as banks; the others with ``close_alone``. Returns each one's ``close_statistics`` flag."""
+    groups: dict[tuple, list[tuple[int, Sides]]] = {}
+    results: list[Tensor | bool | None] = [None] * len(pres)
+    alone = []
+    for i, pre in enumerate(pres):
+        sides = sides_of(pre)
+        if sides is None or not _bankable(sides):
+            alone.append(i)
+            continue
+        f0 = sides[0][0]
+        scales = tuple(id(s) if isinstance(s, Tensor) else s for _, s in sides)
+        key = (tuple(f.dim for f, _ in sides), scales, f0.dtype, f0.device, decay_of(pre))
+        groups.setdefault(key, []).append((i, sides))
+    for key, members in groups.items():
+        if len(members) < MIN_MEMBERS:
+            alone += [i for i, _ in members]
+            continue
+        rows = [[f for f, _ in sides] for _, sides in members]
+        banks = {id(b): b for row in rows if (b := row[0].bank) is not None and b.valid()}
+        if len(banks) == 1 and (bank := next(iter(banks.values()))).has(rows):
+            pass
+        elif all(len(b.rows) < len(rows) for b in banks.values()):  # new members (or none banked yet): rebuild
+            bank = FactorBank(rows)
+        else:  # some members saw no rows this step: the others fold alone, through the bank's views
+            alone += [i for i, _ in members]
+            continue
+        keep = bank.close([scale for _, scale in members[0][1]], key[-1])
+        for k, (i, _) in enumerate(members):
+            results[i] = keep[k]
+    for i in sorted(alone):
+        results[i] = close_alone(pres[i])
+    return results
