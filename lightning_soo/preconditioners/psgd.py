@@ -25,7 +25,7 @@ generator. Refresh forms ``Q_lᵀQ_l`` and ``Q_rᵀQ_r`` when Q changed since th
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -34,66 +34,22 @@ from lightning_soo import linalg
 from lightning_soo.linalg import left_mul, right_mul
 from lightning_soo.options import PSGDOptions
 from lightning_soo.preconditioners.base import Preconditioner, fit_square
+from lightning_soo.preconditioners.psgd_math import (
+    _gram,
+    _solve_left_t,
+    _solve_right,
+    _terms,
+    fit_stacked,
+    norm_lower_bound,
+    triu_matmul,
+)
 
-
-def norm_lower_bound(a: Tensor) -> Tensor:
-    """A cheap lower bound of the spectral norm of a symmetric ``a`` (within about √2 of it, per Li): the norm of
-    ``a`` applied to its largest column, normalised."""
-    if linalg.host_decides(a):  # the scale, the column and the norm read on the host: no device-side fallbacks
-        s = float(a.abs().amax())
-        if not s > 0:  # zero, or not finite: as the device path
-            return a.new_zeros(())
-        a = a / s
-        x = a[:, int(a.square().sum(0).argmax())] @ a
-        n = float(torch.linalg.vector_norm(x))
-        return torch.linalg.vector_norm((x / n if n > 0 else x) @ a.mT) * s
-    scale = torch.linalg.vector_norm(a, float("inf"))  # one reduction per quantity: each is a launch
-    a = a / torch.where(scale > 0, scale, 1.0)
-    col = a.index_select(1, torch.linalg.vector_norm(a, dim=0).argmax().reshape(1)).squeeze(1)  # no device sync
-    x = col @ a
-    norm = torch.linalg.vector_norm(x)
-    bound = scale * torch.linalg.vector_norm((x / torch.where(norm > 0, norm, 1.0)) @ a.mT)
-    return torch.where(scale > 0, bound, 0.0)
+__all__ = ["PSGD", "norm_lower_bound", "triu_matmul", "update_probability"]
 
 
 def update_probability(step: int, p_max: float, p_min: float, decay: float, flat: int) -> float:
     """Kron's schedule: ``p_max`` for ``flat`` steps, then decaying exponentially to ``p_min``."""
     return min(p_max, max(p_min, p_max * math.exp(-decay * (step - flat))))
-
-
-MIN_BLOCK = 256  # below this, dense products beat the block recursion
-
-
-def triu_matmul(t: Tensor, q: Tensor) -> Tensor:
-    """``triu(T) · Q`` for an upper-triangular ``Q``: the product is upper triangular, and 2x2 blocking skips the
-    zero blocks (recursively; about 40% of the dense FLOPs at two levels)."""
-    n = q.shape[0]
-    if n < 2 * MIN_BLOCK:
-        return torch.triu(t) @ q
-    h = n // 2
-    out = torch.zeros_like(q)
-    out[:h, :h] = triu_matmul(t[:h, :h], q[:h, :h])
-    out[:h, h:] = torch.triu(t[:h, :h]) @ q[:h, h:] + t[:h, h:] @ q[h:, h:]
-    out[h:, h:] = triu_matmul(t[h:, h:], q[h:, h:])
-    return out
-
-
-def _gram(q: Tensor) -> Tensor:
-    """``QᵀQ`` of an upper-triangular factor (2x2 blocking skips the zero blocks, using symmetry), ``q²`` of a
-    diagonal one."""
-    if q.dim() == 1:
-        return q * q
-    n = q.shape[0]
-    if n < 2 * MIN_BLOCK:
-        return q.mT @ q
-    h = n // 2
-    q11, q12, q22 = q[:h, :h], q[:h, h:], q[h:, h:]
-    out = torch.empty_like(q)
-    out[:h, :h] = _gram(q11)
-    out[:h, h:] = q11.mT @ q12
-    out[h:, :h] = out[:h, h:].mT
-    out[h:, h:] = q12.mT @ q12 + _gram(q22)
-    return out
 
 
 class PSGD(Preconditioner):
@@ -163,16 +119,21 @@ class PSGD(Preconditioner):
         return [self._pair[1], self._ranks]
 
     def close_statistics(self, output_scale: float | Tensor) -> Tensor | bool | None:
+        pair = self._take()
+        return None if pair is None else self._fit_pair(*pair)
+
+    def _take(self) -> tuple[Tensor, Tensor] | None:
+        """This step's pair ``(V, H)`` when the schedule fits Q now (the whitening probe drawn), else None."""
         pair, self._pair = self._pair, None
-        if pair is None:
-            return None
-        if not self._advance():
+        if pair is None or not self._advance():
             return None
         v, h = pair
         if self._ranks is not None:  # summed over ranks: the mean of their Hessian-vector products
             h, self._ranks = h / self._ranks, None
-        if v is None:
-            v = self.probe()
+        return (self.probe() if v is None else v), h
+
+    def _fit_pair(self, v: Tensor, h: Tensor) -> Tensor | bool:
+        """One fitting step from ``(V, H)``; returns whether it was kept (finite)."""
         if self.q_l is None:  # the first pair sets Q's scale: checked on the host, once
             if not linalg.all_finite(h):
                 return torch.zeros((), dtype=torch.bool, device=self.device)  # not kept
@@ -187,6 +148,47 @@ class PSGD(Preconditioner):
         self.updates += 1
         self._dirty = True
         return keep
+
+    def _stackable(self) -> bool:
+        """Fits with others of its shape: dense factors past the first pair, decided on an accelerator."""
+        q = self.q_l
+        if q is None or self.diag_l or self.diag_r or linalg.host_decides(q):
+            return False
+        return q.device.type != "cpu" or linalg.BATCH_ON_CPU
+
+    @classmethod
+    def close_many(cls, pres: list[Preconditioner], output_scale: float | Tensor) -> list[Tensor | bool | None]:
+        """Layers of one shape that fit this step do so as one stack (``psgd_math.fit_stacked``), each operation
+        once per stack; the others one by one. Probes come from each layer's own generator, as one by one."""
+        results: list[Tensor | bool | None] = [None] * len(pres)
+        groups: dict[tuple, list[tuple[int, tuple[Tensor, Tensor]]]] = {}
+        for i, p in enumerate(pres):
+            assert isinstance(p, PSGD)
+            pair = p._take()
+            if pair is not None and p._stackable():
+                key = (p.d_out, p.d_in, p.dtype, p.device, p.lr_preconditioner, p.updates % 100 == 99)
+                groups.setdefault(key, []).append((i, pair))
+            elif pair is not None:
+                results[i] = p._fit_pair(*pair)
+        for members in groups.values():
+            group = [cast(PSGD, pres[i]) for i, _ in members]
+            if len(group) < 2:
+                results[members[0][0]] = group[0]._fit_pair(*members[0][1])
+                continue
+            v, h = (torch.stack([pair[k] for _, pair in members]) for k in (0, 1))
+            ql, qr = torch.stack([p.q_l for p in group]), torch.stack([p.q_r for p in group])  # type: ignore[misc]
+            new_l, new_r = fit_stacked(
+                ql, qr, h, v, group[0].lr_preconditioner, group[0].tiny, group[0].updates % 100 == 99
+            )
+            keep = linalg.is_finite(h.sum((1, 2)) + new_l.sum((1, 2)) + new_r.sum((1, 2)))
+            kept = keep.reshape(-1, 1, 1)
+            ql, qr = torch.where(kept, new_l, ql), torch.where(kept, new_r, qr)
+            for k, ((i, _), p) in enumerate(zip(members, group, strict=True)):
+                p.q_l, p.q_r = ql[k], qr[k]
+                p.updates += 1
+                p._dirty = True
+                results[i] = keep[k]
+        return results
 
     def discard_statistics(self) -> None:
         self._pair = self._ranks = None
@@ -242,6 +244,13 @@ class PSGD(Preconditioner):
     def precondition(self, grad: Tensor) -> Tensor:
         return right_mul(left_mul(self.p_l, grad.to(self.dtype)), self.p_r)
 
+    def kronecker_operands(self) -> tuple[Tensor, Tensor] | None:
+        """``(Q_lᵀQ_l, Q_rᵀQ_r)`` when both sides are dense: equal layers are then preconditioned as one stack on an
+        accelerator (``engine.batched``)."""
+        if self.p_l is None or self.p_r is None or self.p_l.dim() != 2 or self.p_r.dim() != 2:
+            return None
+        return self.p_l, self.p_r
+
     def curvature_matvec(self, v: Tensor) -> Tensor:
         """``P⁻¹ V = (Q_lᵀQ_l)⁻¹ V (Q_rᵀQ_r)⁻¹`` of the current P (SPD solves; a diagnostic, not on the hot path)."""
         x = v.to(self.dtype)
@@ -284,30 +293,3 @@ class PSGD(Preconditioner):
     def inverse_tensors_loaded(self) -> None:
         self._read_header()
         self._dirty = False
-
-
-# -- small helpers: a factor is a triangular matrix or a diagonal stored as a vector ---------------------------
-def _solve_left_t(q: Tensor, x: Tensor) -> Tensor:
-    """``Q⁻ᵀ X``."""
-    return x / q.unsqueeze(1) if q.dim() == 1 else torch.linalg.solve_triangular(q.mT, x, upper=False)
-
-
-def _solve_right(x: Tensor, q: Tensor) -> Tensor:
-    """``X Q⁻¹``."""
-    return x / q if q.dim() == 1 else torch.linalg.solve_triangular(q, x, upper=True, left=False)
-
-
-def _terms(a: Tensor, b: Tensor, left: bool, diagonal: bool) -> tuple[Tensor, Tensor]:
-    """The criterion's gradient terms for one factor: ``AAᵀ, BBᵀ`` (left) or ``AᵀA, BᵀB`` (right); only their
-    diagonals for a diagonal factor."""
-    if diagonal:
-        dim = 1 if left else 0
-        return a.square().sum(dim), b.square().sum(dim)
-    return _self_gram(a, left), _self_gram(b, left)
-
-
-def _self_gram(x: Tensor, left: bool) -> Tensor:
-    """``XXᵀ`` (left) or ``XᵀX``, multiplying only the blocks on and above the diagonal (``linalg.gram_``)."""
-    rows = x.mT if left else x
-    d = rows.shape[1]
-    return linalg.gram_(rows.new_empty(d, d), rows, beta=0.0, alpha=1.0)

@@ -36,13 +36,16 @@ BUDGETS = {
     ("psgd", True): 14,
 }
 
-#: the same where equal layers are stacked (one accelerator): the products (``engine.batched``) and the statistics'
-#: close (``preconditioners.banks``) take a handful of kernels per stack, whatever its depth
+#: the same where equal layers are stacked (one accelerator): the products (``engine.batched``), the statistics'
+#: close (``preconditioners.banks``) and PSGD's fit (``psgd_math.fit_stacked``) take a handful of kernels per stack,
+#: whatever its depth; what is left per layer is the hooks' own work (PSGD: the gradient matrix and its probe)
 STACKED_BUDGETS = {
     ("kfac", False): 10,
     ("kfac", True): 0,
     ("shampoo", False): 14,
     ("shampoo", True): 0,
+    ("psgd", False): 2,
+    ("psgd", True): 0,
 }
 
 
@@ -105,7 +108,7 @@ def test_kernels_per_layer_stay_within_budget(method: str, frozen: bool) -> None
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["collecting", "frozen"])
-@pytest.mark.parametrize("method", ["kfac", "shampoo"])
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "psgd"])
 def test_stacked_layers_add_few_kernels(method: str, frozen: bool) -> None:
     """One accelerator: a deeper stack of equal layers costs almost no further launches."""
     _check(method, frozen, True, STACKED_BUDGETS[(method, frozen)])

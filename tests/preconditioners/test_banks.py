@@ -1,7 +1,8 @@
-"""Equally shaped factors closed as one bank (``preconditioners.banks``; accelerators only by default, forced on the
-CPU here with the device deciding): the running factors, flags and written gradients are those of the
-layer-by-layer close, through non-finite steps, steps of padding only, loss scaling, a layer that skips a step and a
-checkpoint round trip, and a checkpoint holds each factor alone, not its bank."""
+"""Equally shaped layers closing their statistics as one stack (accelerators only by default, forced on the CPU here
+with the device deciding): K-FAC's and Shampoo's factors as one bank (``preconditioners.banks``), PSGD's fitting
+step as one stack (``psgd_math.fit_stacked``). The running factors, flags and written gradients are those of the
+layer-by-layer close, through non-finite steps, steps of padding only, loss scaling, a layer that skips a step, PSGD's
+balancing step and a checkpoint round trip, and a checkpoint holds each layer's tensors alone, not the stack."""
 
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def _factors(manager: PreconditionerManager) -> dict[str, list[torch.Tensor]]:
         pre: Any = layer.preconditioner
         if hasattr(pre, "_a"):
             out[name] = [pre.a.clone(), pre.b.clone()]
+        elif hasattr(pre, "q_l"):
+            out[name] = [pre.q_l.clone(), pre.q_r.clone()]
         else:
             out[name] = [f.value.clone() for side in pre.sides for f in side.factors]
     return out
@@ -83,10 +86,19 @@ def _run(banked: bool, method: str, monkeypatch: pytest.MonkeyPatch, resume: boo
         if scaler:
             for p in model.parameters():
                 p.grad.div_(8.0)
-        if step == 3:  # keep the weights finite: the NaN only reaches the statistics
+        if step == 3 and method == "psgd":  # PSGD fits on the gradient: one layer's is not finite
+            model.hidden[2].weight.grad[0, 0] = float("nan")
+        elif step == 3:  # keep the weights finite: the NaN only reaches the statistics
             for p in model.parameters():
                 p.grad.nan_to_num_(0.0)
+        if step == 7 and method == "psgd":  # PSGD's balancing step (every 100th update)
+            for layer in manager.layers.values():
+                layer.preconditioner.updates = 99  # type: ignore[attr-defined]
         manager.step(opt, grad_scaler=scaler)
+        if step == 3:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.nan_to_num_(0.0)
         flags.append(dict(manager.counters))
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
         opt.step()
@@ -97,7 +109,9 @@ def _run(banked: bool, method: str, monkeypatch: pytest.MonkeyPatch, resume: boo
             manager.remove_hooks()
             manager = build()
             manager.load_state_dict(state)
-    if banked:
+    if banked and method == "psgd":  # the stacked fit leaves its members' factors as views of one stack
+        assert manager.layers["hidden.0"].preconditioner.q_l._base is not None  # type: ignore[attr-defined]
+    elif banked:
         banks = {id(f.bank) for layer in manager.layers.values() for f in _all_factors(layer.preconditioner)}
         assert any(isinstance(f.bank, FactorBank) for f in _all_factors(manager.layers["hidden.0"].preconditioner))
         assert len(banks) >= 2  # the hidden layers' bank, and the input/output layers alone (None)
@@ -119,7 +133,7 @@ def _walk(state: Any) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("resume", [False, True], ids=["one-run", "resumed"])
-@pytest.mark.parametrize("method", ["kfac", "shampoo"])
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "psgd"])
 def test_banked_close_equals_the_layer_by_layer_close(
     method: str, resume: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
