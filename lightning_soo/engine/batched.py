@@ -3,8 +3,10 @@ post-processing (grafting, finiteness, KL clip terms, norm cap, the write into `
 per stack instead of a handful per layer. This is what keeps a deep stack of equal blocks from paying a kernel
 launch per layer and operation on a GPU.
 
-A layer joins a stack when its preconditioner gives dense Kronecker operands (``kronecker_operands``: K-FAC's
-Cholesky inverses) and its adapter is a plain ``nn.Linear`` view (the whole weight, optional whole bias). The stacked
+A layer joins a stack when its preconditioner gives stackable operands (``stack_operands``: the dense Kronecker
+operands of K-FAC's Cholesky inverses, Shampoo's one-block roots and PSGD's ``QᵀQ``, or Gauss-Newton's examples and
+Cholesky factor; ``precondition_stacked`` multiplies them) and its adapter is a plain ``nn.Linear`` view (the whole
+weight, optional whole bias). The stacked
 operands are rebuilt when a member's operands change (a refresh or a checkpoint load replaces the tensors); the
 cache holds the members' tensors, so an identity check is exact. Memory: a second copy of the members' inverses
 and one gradient-sized buffer per stack. Under ``torch.distributed`` nothing is stacked
@@ -38,12 +40,16 @@ class Stack:
     """Members of one shape, their stacked operands and a gradient buffer with a view per member."""
 
     layers: list[Layer]
-    operands: list[tuple[Tensor, Tensor]]  # the members' (L, R) the stacked ones were built from
-    left: Tensor  # (n, d_out, d_out)
-    right: Tensor  # (n, d_in, d_in), bias column included
+    operands: list[tuple[Tensor, ...]]  # the members' operands the stacked ones were built from
+    stacked: tuple[Tensor, ...]  # each operand stacked over the members (K-FAC: L and R)
     buffer: Tensor  # (n, d_out, d_in): G in, the written update out
     weight_views: list[Tensor] = field(default_factory=list)
     bias_views: list[Tensor] = field(default_factory=list)
+
+    @property
+    def left(self) -> Tensor:
+        """The first stacked operand (a Kronecker method's ``L``)."""
+        return self.stacked[0]
 
     def _grads(self, part: int) -> list[Tensor]:
         """The members' current gradients of their weight (``part`` 0) or bias (1)."""
@@ -72,14 +78,25 @@ def _key(layer: Layer) -> tuple | None:
     if adapter.bias is not None and adapter.bias.rows is not None:
         return None
     grads = [p.grad for p in adapter.params]
-    if any(g is None or g.is_sparse for g in grads) or pre.kronecker_operands() is None:
+    operands = pre.stack_operands() if not any(g is None or g.is_sparse for g in grads) else None
+    if operands is None:
         return None
     w = adapter.weight.param
-    return (type(pre), pre.d_out, pre.d_in, adapter.bias is not None, pre.dtype, cast(Tensor, grads[0]).dtype, w.device)
+    shapes = tuple(t.shape for t in operands)
+    return (
+        type(pre),
+        pre.d_out,
+        pre.d_in,
+        shapes,
+        adapter.bias is not None,
+        pre.dtype,
+        cast(Tensor, grads[0]).dtype,
+        w.device,
+    )
 
 
-def _operands(layer: Layer) -> tuple[Tensor, Tensor]:
-    operands = layer.preconditioner.kronecker_operands()
+def _operands(layer: Layer) -> tuple[Tensor, ...]:
+    operands = layer.preconditioner.stack_operands()
     assert operands is not None  # checked by _key
     return operands
 
@@ -116,23 +133,23 @@ class Stacks:
         operands = [_operands(layer) for layer in members]
         stack = self._cache.get(names)
         fresh = stack is not None and all(
-            old[0] is new[0] and old[1] is new[1] for old, new in zip(stack.operands, operands, strict=True)
+            all(a is b for a, b in zip(old, new, strict=True))
+            for old, new in zip(stack.operands, operands, strict=True)
         )
         if stack is not None and fresh:
             return stack
-        left = torch.stack([op[0] for op in operands])
-        right = torch.stack([op[1] for op in operands])
+        stacked = tuple(torch.stack(column) for column in zip(*operands, strict=True))
         if stack is None:
             pre = members[0].preconditioner
-            buffer = left.new_empty(len(members), pre.d_out, pre.d_in)
+            buffer = stacked[0].new_empty(len(members), pre.d_out, pre.d_in)
             d = members[0].adapter.weight.param.shape[1]
-            stack = Stack(members, operands, left, right, buffer)
+            stack = Stack(members, operands, stacked, buffer)
             stack.weight_views = [buffer[i, :, :d] for i in range(len(members))]
             if members[0].adapter.bias is not None:
                 stack.bias_views = [buffer[i, :, d] for i in range(len(members))]
             self._cache[names] = stack
         else:
-            stack.operands, stack.left, stack.right = operands, left, right
+            stack.operands, stack.stacked = operands, stacked
         return stack
 
     def clear(self) -> None:
@@ -145,7 +162,7 @@ def precondition(stacks: Sequence[Stack], lrs: dict[int, float] | None, default:
     items = []
     for stack in stacks:
         g = stack.load()
-        out = torch.bmm(torch.bmm(stack.left, g), stack.right)
+        out = type(stack.layers[0].preconditioner).precondition_stacked(stack.stacked, g)
         lr2 = None
         if lrs is not None:
             values = [lrs.get(id(layer.adapter.params[0]), default) ** 2 for layer in stack.layers]

@@ -195,6 +195,19 @@ class Preconditioner:
         factors the product through the step's rows where that is cheaper, ``engine.factored``)."""
         return None
 
+    def stack_operands(self) -> tuple[Tensor, ...] | None:
+        """Tensors whose stacks over equally shaped layers give their ``P·G`` in one go (``precondition_stacked``;
+        the manager stacks such layers on accelerators, ``engine.batched``), or None; replaced, not modified in place,
+        when the preconditioner changes. Default: the Kronecker operands."""
+        return self.kronecker_operands()
+
+    @classmethod
+    def precondition_stacked(cls, operands: tuple[Tensor, ...], g: Tensor) -> Tensor:
+        """``P·G`` of a stack of gradients ``g`` (``n x d_out x d_in``) from the stacked ``stack_operands``;
+        default: ``L · G · R`` in two ``bmm``."""
+        left, right = operands
+        return torch.bmm(torch.bmm(left, g), right)
+
     def refresh_cost(self) -> float:
         """Relative cost of a refresh (the n³ of dense factors), used to split inverse work across ranks."""
         return float(self.d_in**3 + self.d_out**3)

@@ -151,6 +151,7 @@ class GaussNewton(Preconditioner):
         self._unsettled: tuple[Basis | None, Tensor | bool] | None = None  # (basis before it, is it finite?)
         self.basis: Basis | None = None  # basis of the current preconditioner
         self.chol: Tensor | None = None  # Cholesky factor of K + NρI
+        self._rho: tuple[Tensor, Tensor] | None = None  # (the factor it belongs to, ρ as a device tensor)
         self.damping = 0.0
 
     # -- statistics -------------------------------------------------------------------------------------
@@ -260,6 +261,25 @@ class GaussNewton(Preconditioner):
     def precondition(self, grad: Tensor) -> Tensor:
         g = grad.to(self.dtype)
         return self.basis.remove(g, self._solve(self.basis.project(g)), self.damping)
+
+    def stack_operands(self) -> tuple[Tensor, ...] | None:
+        """``(H, Δ, chol, ρ)`` when every row is an example with dense inputs (``nn.Linear``): layers with equally
+        many examples are then preconditioned as one stack on an accelerator (``engine.batched``)."""
+        basis = self.basis
+        if not isinstance(basis, RowBasis) or isinstance(basis.h, IndexRows) or self.chol is None:
+            return None
+        if self._rho is None or self._rho[0] is not self.chol:  # one tensor per refresh: the stacks' cache key
+            self._rho = (self.chol, torch.tensor(self.damping, dtype=self.dtype).to(self.device, non_blocking=True))
+        return basis.h, basis.d, self.chol, self._rho[1]
+
+    @classmethod
+    def precondition_stacked(cls, operands: tuple[Tensor, ...], g: Tensor) -> Tensor:
+        """``(G − U S⁻¹ Uᵀ G) / ρ`` of every member: ``precondition`` with each operation once per stack."""
+        h, d, chol, rho = operands
+        c = ((d @ g) * h).sum(2) if h.shape[2] <= d.shape[2] else ((h @ g.mT) * d).sum(2)  # Uᵀ vec(G) per member
+        y = torch.linalg.solve_triangular(chol, c.unsqueeze(2), upper=False)
+        w = torch.linalg.solve_triangular(chol.mT, y, upper=True)  # (K + NρI)⁻¹ Uᵀ G
+        return torch.baddbmm(g, (d * w).mT, h, alpha=-1.0).div_(rho.reshape(-1, 1, 1))
 
     def _solve(self, c: Tensor) -> Tensor:
         """``(K + NρI)⁻¹ c`` by two triangular solves with the Cholesky factor: ``cholesky_solve`` copies the

@@ -60,7 +60,7 @@ def _written(
     [{}, {"kl_clip": 1e-3, "grafting": "sgd", "max_update_norm": 0.05}, {"kl_clip": None}],
     ids=["defaults", "all-on", "no-clip"],
 )
-@pytest.mark.parametrize("method", ["kfac", "shampoo", "psgd"])
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "psgd", "gauss_newton"])
 def test_stacked_layers_write_the_layer_by_layer_gradients(
     method: str, options: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -97,7 +97,7 @@ def test_stacks_follow_a_refresh(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not torch.equal(lefts[0], lefts[1])
 
 
-@pytest.mark.parametrize("method", ["kfac", "shampoo", "psgd"])
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "psgd", "gauss_newton"])
 def test_one_sync_per_step_with_stacks(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stacked products, banked statistics and PSGD's stacked fit read the device once a step."""
     monkeypatch.setattr(linalg, "BATCH_ON_CPU", True)

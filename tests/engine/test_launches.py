@@ -46,6 +46,8 @@ STACKED_BUDGETS = {
     ("shampoo", True): 0,
     ("psgd", False): 2,
     ("psgd", True): 0,
+    ("gauss_newton", False): 11,
+    ("gauss_newton", True): 0,
 }
 
 
@@ -108,7 +110,7 @@ def test_kernels_per_layer_stay_within_budget(method: str, frozen: bool) -> None
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["collecting", "frozen"])
-@pytest.mark.parametrize("method", ["kfac", "shampoo", "psgd"])
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "psgd", "gauss_newton"])
 def test_stacked_layers_add_few_kernels(method: str, frozen: bool) -> None:
     """One accelerator: a deeper stack of equal layers costs almost no further launches."""
     _check(method, frozen, True, STACKED_BUDGETS[(method, frozen)])
