@@ -30,7 +30,7 @@ BUDGETS = {
     ("kfac", True): 11,
     ("shampoo", False): 48,
     ("shampoo", True): 17,
-    ("gauss_newton", False): 33,
+    ("gauss_newton", False): 28,
     ("gauss_newton", True): 22,
     ("psgd", False): 93,
     ("psgd", True): 14,
@@ -46,7 +46,7 @@ STACKED_BUDGETS = {
     ("shampoo", True): 0,
     ("psgd", False): 2,
     ("psgd", True): 0,
-    ("gauss_newton", False): 11,
+    ("gauss_newton", False): 6,
     ("gauss_newton", True): 0,
 }
 

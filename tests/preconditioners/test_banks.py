@@ -147,3 +147,25 @@ def test_banked_close_equals_the_layer_by_layer_close(
     for step_a, step_b in zip(banked["grads"], one_by_one["grads"], strict=True):
         for a, b in zip(step_a, step_b, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("host", [False, True], ids=["device", "host"])
+def test_gauss_newton_flags_each_layer_of_a_joint_close(host: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gauss-Newton closes its layers with one ``foreach`` norm on the device: each layer keeps its own verdict."""
+    from lightning_soo.preconditioners import GaussNewton
+
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
+    gen = torch.Generator().manual_seed(0)
+    pres = [GaussNewton(4, 5, dtype=torch.float64, device=torch.device("cpu")) for _ in range(4)]
+    for i, pre in enumerate(pres):
+        h, d = (
+            torch.randn(6, 5, dtype=torch.float64, generator=gen),
+            torch.randn(6, 4, dtype=torch.float64, generator=gen),
+        )
+        if i == 1:
+            d[2, 3] = float("inf")
+        if i == 3:
+            h[0, 0] = float("nan")
+        pre.observe_output_grads(d, 6, pre.observe_inputs(h, 6))
+    flags = GaussNewton.close_many(pres, 1.0)  # type: ignore[arg-type]
+    assert [bool(f) for f in flags] == [True, False, True, False]
