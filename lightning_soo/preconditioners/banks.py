@@ -4,9 +4,10 @@ normalisation and fold into the running averages in a handful of operations per 
 Per layer, a K-FAC step closes with about eighteen device operations (the probes, ``count > 0``, the divisor, the
 division, the kept-or-old choice and the ``lerp_``, for each factor). On an accelerator each is a kernel launch of a
 few microseconds that a narrow layer's short kernels cannot hide, so a deep stack of equal blocks pays them 48 times
-a step. A ``FactorBank`` keeps the step sums, counts and running values of its members' factors as views of stacked
-tensors (``sums[i]`` is member ``i``'s ``Factor._sum``), so the hooks' products write into the stack as they always
-did, and the close is the same arithmetic as ``Factor.fold`` on the stacked tensors (``close``).
+a step. A ``FactorBank`` keeps the step sums and running values of its members' factors as views of stacked tensors
+(``sums[i]`` is member ``i``'s ``Factor._sum``), so the hooks' products write into the stack as they always did; the
+step's counts (the tensors the rows came with) are stacked when it closes, and the close is the same arithmetic as
+``Factor.fold`` on the stacked tensors (``close``).
 
 A bank is built the first time a group of layers closes together with a value each (a first value is checked on the
 host, once per factor and run: ``Factor.fold``) and copies their tensors in; it is kept while its members' tensors
@@ -17,8 +18,9 @@ the device decides (``linalg.host_decides`` is False) and stacks are built (not 
 ``lerp_`` per stack) measured the same as the layer-by-layer folds on the deep MLP of ``benchmarks/overhead.py``
 (K-FAC 1.002, Shampoo 0.994, interleaved in one process): there the time goes into the passes, not their launches.
 
-On the accelerator's path one more equal layer now adds 10 operations to a K-FAC statistics step (28 closing alone)
-and 14 to Shampoo's (32): ``tests/engine/test_launches.py``.
+On the accelerator's path one more equal layer adds 8 operations to a K-FAC statistics step (28 before banks) and
+12 to Shampoo's (32): ``tests/engine/test_launches.py``. Under data parallelism the ranks sum the step sums in place
+through the bank's views (``statistics_tensors``).
 """
 
 from __future__ import annotations
@@ -40,28 +42,26 @@ Sides = list[tuple[Factor, "float | Tensor"]]  # a layer's factors to fold, each
 
 class FactorBank:
     """The factors of ``rows`` (one list of factors per member, equal dimensions position by position) as views
-    of stacked sums, counts and values."""
+    of stacked sums and values."""
 
     def __init__(self, rows: list[list[Factor]]) -> None:
         self.rows = rows
         self.sums: list[Tensor] = []
-        self.counts: list[Tensor] = []
         self.values: list[Tensor] = []
         for j in range(len(rows[0])):
             column = [row[j] for row in rows]
             self.sums.append(torch.stack([f._sum for f in column]))
-            self.counts.append(torch.stack([f._count for f in column]))
             self.values.append(torch.stack([f._value for f in column]))  # type: ignore[misc]
             for i, f in enumerate(column):
-                f._sum, f._count, f._value = self.sums[j][i], self.counts[j][i], self.values[j][i]
+                f._sum, f._value = self.sums[j][i], self.values[j][i]
                 f.bank = self
-        self._views = [[(f._sum, f._count, f._value) for f in row] for row in rows]
+        self._views = [[(f._sum, f._value) for f in row] for row in rows]
 
     def valid(self) -> bool:
         """Every member's tensors are still this bank's views (a load or a dropped first value replaces them)."""
         for row, views in zip(self.rows, self._views, strict=True):
-            for f, (s, c, v) in zip(row, views, strict=True):
-                if f._sum is not s or f._count is not c or f._value is not v:
+            for f, (s, v) in zip(row, views, strict=True):
+                if f._sum is not s or f._value is not v:
                     return False
         return True
 
@@ -76,7 +76,13 @@ class FactorBank:
         for sums in self.sums[1:]:
             probe = probe + sums.diagonal(dim1=1, dim2=2).sum(1)
         keep = linalg.is_finite(probe)
-        for sums, counts, values, scale in zip(self.sums, self.counts, self.values, scales, strict=True):
+        stacked: dict[tuple[int, ...], tuple[list[Tensor], Tensor]] = {}  # K-FAC's two factors count the same
+        for j, (sums, values, scale) in enumerate(zip(self.sums, self.values, scales, strict=True)):
+            tallies = [row[j]._counted() for row in self.rows]  # held in ``stacked``: their ids stay theirs
+            key = tuple(id(t) for t in tallies)
+            if key not in stacked:
+                stacked[key] = (tallies, torch.stack(tallies))
+            counts = stacked[key][1]
             counted = counts > 0
             flag = (keep & counted).reshape(-1, 1, 1)
             divisor = torch.where(counted, counts, 1.0).reshape(-1, 1, 1)

@@ -29,15 +29,17 @@ class Factor:
         shape = (dim,) if diagonal else (dim, dim)
         self._sum = torch.zeros(shape, dtype=dtype, device=device)
         self._count = torch.zeros((), dtype=dtype, device=device)  # a tensor so ranks can sum it with the sums
-        self._count_stale = False  # ``_count`` holds a closed step's count: the first add overwrites it (no zeroing)
+        self._tally: Tensor | None = None  # the step's count tensors (the padding rule's): the first one as it is
         self._value: Tensor | None = None
         self._halves = not diagonal and gram_cuts(dim, device) is not None  # step sums hold their upper blocks only
         self._mirror_due = False  # the running value's lower blocks are stale (mirrored when read)
         self._pending = False  # rows were added this step (kept on the host: no device sync to know it)
         self._stale = False  # ``_sum`` still holds a closed step's values (zero before reading)
         self._normalised = False  # ``_sum`` holds the step's mean so far (on the host, which reads the counts)
-        self._n = 0.0  # the step's count where the host decides (``_count`` holds it on a device)
-        self._moved = False  # the host's count was moved into ``_count`` (to be summed across ranks)
+        self._n = (
+            0.0  # the step's count as a number: all of it where the host decides, else the counts given as numbers
+        )
+        self._moved = False  # the step's count was moved into ``_count`` (to be summed across ranks)
         self.bank: Any = None  # the ``banks.FactorBank`` whose stacked tensors hold this factor's, if any
 
     @property
@@ -62,11 +64,12 @@ class Factor:
         return self._n if host_decides(self._sum) and not self._moved else float(self._counted())
 
     def _counted(self) -> Tensor:
-        """The step's count tensor (zeroed first when it still holds a closed step's)."""
-        if self._count_stale:
-            self._count.zero_()
-            self._count_stale = False
-        return self._count
+        """The step's count as a tensor: the count tensor the rows came with (no copy; a sum when there were
+        several), or ``_count`` filled with the numbers, or ``_count`` summed across ranks."""
+        tally = self._tally
+        if self._moved or tally is None:
+            return self._count if self._moved else self._count.fill_(self._n)
+        return tally if self._n == 0.0 else tally + self._n
 
     def _zeroed(self) -> Tensor:
         if self._stale:
@@ -83,11 +86,13 @@ class Factor:
 
     def statistics_tensors(self) -> list[Tensor]:
         """This step's sums and count, to be summed in place across ranks."""
-        if host_decides(self._sum) and not self._moved:
-            self._count.fill_(self._n)
-            self._count_stale = False
+        if not self._moved:
+            if host_decides(self._sum):
+                self._count.fill_(self._n)
+            else:
+                self._count.copy_(self._counted())
             self._moved = True
-        return [self._as_sum(), self._counted()]
+        return [self._as_sum(), self._count]
 
     def add(self, rows: Rows, count: int | Tensor, scale: float = 1.0, weights: Tensor | None = None) -> None:
         """Add ``Σ x xᵀ`` over ``rows`` (times ``scale``) and ``count`` to the divisor (a tensor when it depends on
@@ -114,14 +119,14 @@ class Factor:
         self._pending = True
 
     def _add_count(self, count: int | Tensor) -> None:
-        """Count rows on the device: the step's first count overwrites the last step's (one operation either way)."""
-        if not self._count_stale:
+        """Count rows on the device: a count tensor is kept as it is (no operation; the adapter made it and does not
+        change it), a second one added to it, numbers on the host."""
+        if self._moved:  # after the counts were summed across ranks (not in a normal step)
             self._count.add_(count)
         elif isinstance(count, Tensor):
-            self._count.copy_(count)
+            self._tally = count if self._tally is None else self._tally + count
         else:
-            self._count.fill_(count)
-        self._count_stale = False
+            self._n += count
 
     def _add_mean(self, rows: Tensor, count: float, scale: float) -> None:
         """Keep the step's mean instead of its sum, in the product itself (``beta``/``alpha``), so the fold needs
@@ -201,8 +206,7 @@ class Factor:
         return total if self.diagonal else torch.trace(total)
 
     def reset(self) -> None:
-        if self._moved or not host_decides(self._sum):
-            self._count_stale = True  # the next add overwrites it
+        self._tally = None
         self._n, self._moved = 0.0, False
         self._pending = self._normalised = False
         self._stale = True

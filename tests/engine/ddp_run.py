@@ -14,18 +14,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_soo import GaussNewtonCallback, KFACCallback, PSGDCallback, ShampooCallback
+from lightning_soo import GaussNewtonCallback, KFACCallback, PSGDCallback, ShampooCallback, linalg
 from tests.cases import MLP, classification_data, trainer
 
 
 class LastGrads(L.Callback):
     """Placed after the K-FAC callback: records the preconditioned gradients of the last step."""
 
-    def __init__(self) -> None:
+    def __init__(self, cb: L.Callback) -> None:
         self.grads: list[torch.Tensor] = []
+        self.cb, self.banked = cb, 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.grads = [p.grad.detach().clone() for p in pl_module.parameters()]
+        manager = getattr(self.cb, "manager", None)
+        if manager is not None:  # factors closed as banks (``preconditioners.banks``)
+            pres = [layer.preconditioner for layer in manager.layers.values()]
+            self.banked = sum(getattr(f, "bank", None) is not None for p in pres for f in getattr(p, "_factors", []))
 
 
 class ShardedMLP(MLP):
@@ -50,10 +55,25 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true")
     parser.add_argument("--fraction", type=float, default=1.0, help="grad_worker_fraction")
     parser.add_argument("--method", default="kfac", choices=["kfac", "shampoo", "gauss_newton", "psgd", "psgd_hessian"])
+    parser.add_argument("--device-path", action="store_true", help="the accelerator's path, on a deeper MLP")
     args = parser.parse_args()
     torch.manual_seed(0)
     per_rank = 32 // args.devices  # the global batch is 32 either way
     model = ShardedMLP(batch_size=per_rank).double()
+    if args.device_path:  # flags decided on the device, equal layers stacked and banked: as on one GPU per rank
+        linalg.HOST_DECIDES_ON_CPU, linalg.BATCH_ON_CPU = False, True
+        relu = torch.nn.ReLU
+        model.net = torch.nn.Sequential(
+            torch.nn.Linear(12, 16),
+            relu(),
+            torch.nn.Linear(16, 16),
+            relu(),
+            torch.nn.Linear(16, 16),
+            relu(),
+            torch.nn.Linear(16, 16),
+            relu(),
+            torch.nn.Linear(16, 4),
+        ).double()
     if args.method == "shampoo":
         cb = ShampooCallback(preconditioner_interval=2, damping=1e-3, grad_worker_fraction=args.fraction)
     elif args.method == "gauss_newton":
@@ -63,7 +83,7 @@ def main() -> None:
         cb = PSGDCallback(fit=fit, grad_worker_fraction=args.fraction)
     else:
         cb = KFACCallback(preconditioner_interval=2, kl_clip=None, grad_worker_fraction=args.fraction)
-    last = LastGrads()
+    last = LastGrads(cb)
     cbs = [last] if "--plain" in sys.argv else [cb, last]
     kwargs = {"strategy": "ddp", "devices": args.devices} if args.devices > 1 else {"devices": 1}
     t = trainer(
@@ -81,6 +101,7 @@ def main() -> None:
         "params": [p.detach() for p in model.parameters()],
         "grads": last.grads,
         "state": cb.state_dict(),
+        "banked": last.banked,
     }
     if t.is_global_zero:
         torch.save(result, args.out)

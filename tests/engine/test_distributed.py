@@ -44,6 +44,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
         "psgd_ddp": _run(tmp, 2, "psgd_ddp", "--steps", "5", "--method", "psgd", "--fraction", "0.5"),
         "psgd_hessian_single": _run(tmp, 1, "psgdh_single", "--steps", "5", "--method", "psgd_hessian"),
         "psgd_hessian_ddp": _run(tmp, 2, "psgdh_ddp", "--steps", "5", "--method", "psgd_hessian"),
+        "device_single": _run(tmp, 1, "device_single", "--steps", "5", "--device-path"),
+        "device_ddp": _run(tmp, 2, "device_ddp", "--steps", "5", "--device-path"),
     }
 
 
@@ -103,3 +105,16 @@ def test_ddp_checkpoint_resumes_on_one_and_two_processes(runs: dict[str, list[di
     for key in ("resume1", "resume2"):
         for a, b in zip(runs["straight"][0]["params"], runs[key][0]["params"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_ddp_on_the_accelerators_path_equals_single_process(runs: dict[str, list[dict]]) -> None:
+    """The accelerator's path under DDP (flags on the device; equal layers' statistics banked, summed across ranks
+    in place through the bank's views): the same factors and weights as one process on the whole batch."""
+    single = runs["device_single"][0]
+    for rank in runs["device_ddp"]:
+        assert rank["banked"] >= 6  # the three 16 x 16 layers' factors
+        for a, b in zip(single["params"], rank["params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+        for name, layer in single["state"]["layers"].items():
+            for key in ("a", "b"):
+                torch.testing.assert_close(layer[key], rank["state"]["layers"][name][key], rtol=1e-10, atol=1e-12)
