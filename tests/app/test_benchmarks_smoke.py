@@ -47,6 +47,17 @@ def test_refresh_quick(tmp_path: Path) -> None:
     assert all(r["per_layer_ms"] > 0 and r["batched_ms"] > 0 for r in rows)
 
 
+def test_launches_quick(tmp_path: Path) -> None:
+    """Operations per step, layer by layer and stacked: stacking never adds any, and frozen steps take fewer."""
+    out = tmp_path / "launches.json"
+    _quick("launches.py", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"kfac", "shampoo", "gauss_newton", "psgd"}
+    assert all(r["sgd_ops"] > 0 and r["stacked_ops"] <= r["alone_ops"] for r in rows)
+    deep = {(r["method"], r["steps"]): r["stacked_ops"] for r in rows if r["setting"] == "deep"}
+    assert all(deep[(m, "frozen")] < deep[(m, "collecting")] for m in ("kfac", "shampoo", "gauss_newton", "psgd"))
+
+
 def test_gram_flops_count_the_blocks_gram_multiplies() -> None:
     """The FLOP floor counts a statistic's Gram as ``linalg.gram_`` takes it: one product below two column blocks,
     the blocks on and above the diagonal above (785 columns: four blocks, 62% of the full product)."""
