@@ -132,14 +132,16 @@ def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean
         obs = _fit(use.rows.observe(xs, g.to(pre.dtype)), layer.adapter.shape, rows, transposed)
         if not transposed and rows is None and isinstance(obs.h, Tensor) and host_decides(obs.d):
             layer.kept.keep(layer.adapter.shape, obs.h, obs.d)  # G = ΔᵀH̄ from these rows: a cheaper product at the step
-        # undo the 1/N of a mean loss (per-example output gradients): a count the host knows goes into the products
+        # undo the 1/N of a mean loss (per-example output gradients): a count the host knows goes into the products,
+        # a count tensor to a method that applies it inside its statistics (``count_scaled_rows``), else to the rows
         by_scale = mean and not transposed and not isinstance(obs.n, Tensor)
-        d = obs.d * obs.n if mean and not by_scale else obs.d
+        inside = mean and not transposed and isinstance(obs.n, Tensor) and pre.count_scaled_rows
+        d = obs.d * obs.n if mean and not (by_scale or inside) else obs.d
         if transposed:
             pre.observe_transposed(obs.h, d, obs.rows, obs.n)  # type: ignore[arg-type]
         else:
             ctx = pre.observe_inputs(obs.h, obs.rows)
-            pre.observe_output_grads(d, obs.n, ctx, float(obs.n) if by_scale else 1.0)
+            pre.observe_output_grads(d, obs.n, ctx, obs.n if inside else float(obs.n) if by_scale else 1.0)
     timings["statistics"] += time.perf_counter() - t0
 
 

@@ -18,7 +18,7 @@ the device decides (``linalg.host_decides`` is False) and stacks are built (not 
 ``lerp_`` per stack) measured the same as the layer-by-layer folds on the deep MLP of ``benchmarks/overhead.py``
 (K-FAC 1.002, Shampoo 0.994, interleaved in one process): there the time goes into the passes, not their launches.
 
-On the accelerator's path one more equal layer adds 8 operations to a K-FAC statistics step (28 before banks) and
+On the accelerator's path one more equal layer adds 7 operations to a K-FAC statistics step (28 before banks) and
 12 to Shampoo's (32): ``tests/engine/test_launches.py``. Under data parallelism the ranks sum the step sums in place
 through the bank's views (``statistics_tensors``).
 """
@@ -65,6 +65,10 @@ class FactorBank:
                     return False
         return True
 
+    def uniform(self) -> bool:
+        """Each factor position owes its count's square (``Factor.add``'s ``squared``) in every member or in none."""
+        return all(len({row[j]._squared for row in self.rows}) == 1 for j in range(len(self.rows[0])))
+
     def has(self, rows: list[list[Factor]]) -> bool:
         """``rows`` are this bank's members, in its order."""
         return len(rows) == len(self.rows) and all(a[0] is b[0] for a, b in zip(rows, self.rows, strict=True))
@@ -87,7 +91,10 @@ class FactorBank:
             flag = (keep & counted).reshape(-1, 1, 1)
             divisor = torch.where(counted, counts, 1.0).reshape(-1, 1, 1)
             unit = isinstance(scale, float) and scale == 1.0
-            mean = sums.div_(divisor) if unit else sums.mul_(scale / divisor)
+            if self.rows[0][j]._squared:  # the count's square owed by ``Factor.add``: Σ n²xxᵀ / n = n Σ xxᵀ
+                mean = sums.mul_(divisor) if unit else sums.mul_(divisor * scale)
+            else:
+                mean = sums.div_(divisor) if unit else sums.mul_(scale / divisor)
             if decay is None:  # a rejected step adds zero
                 values.add_(torch.where(flag, mean, mean.new_zeros(()), out=mean))
             elif decay == 0.0:
@@ -145,6 +152,9 @@ def close_banked(
         elif all(len(b.rows) < len(rows) for b in banks.values()):  # new members (or none banked yet): rebuild
             bank = FactorBank(rows)
         else:  # some members saw no rows this step: the others fold alone, through the bank's views
+            alone += [i for i, _ in members]
+            continue
+        if not bank.uniform():  # a member called twice this step took its weights early: all fold alone
             alone += [i for i, _ in members]
             continue
         keep = bank.close([scale for _, scale in members[0][1]], key[-1])

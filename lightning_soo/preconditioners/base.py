@@ -34,6 +34,9 @@ class Preconditioner:
     uses_grad: bool = False
     #: every square matrix among ``statistics_tensors`` is symmetric (sent as its upper triangle under DDP)
     symmetric_statistics: bool = False
+    #: ``observe_output_grads`` takes rows not yet multiplied by a mean loss's count when the count is a tensor (the
+    #: padding rule's), and that tensor as ``scale``: the method applies it inside its statistics (a pass fewer)
+    count_scaled_rows: bool = False
     #: tensor attributes persisted by ``state_dict`` (None values are skipped)
     state_tensors: tuple[str, ...] = ()
     #: plain-number attributes persisted by ``state_dict``
@@ -119,7 +122,7 @@ class Preconditioner:
         padding rule are zero) into this step's sums; the return value is handed to observe_output_grads."""
         return None
 
-    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float = 1.0) -> None:
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float | Tensor = 1.0) -> None:
         """Fold per-example output-gradient rows ``scale · rows`` (up to the step's constant ``output_scale``);
         ``scale`` is the ``N`` of a mean loss, which a method whose statistics are quadratic in the rows applies as
         ``scale²`` inside its products instead of a pass over the rows."""

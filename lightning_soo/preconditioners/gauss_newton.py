@@ -163,7 +163,7 @@ class GaussNewton(Preconditioner):
     def observe_inputs(self, rows: Rows, count: Count) -> Rows:
         return rows
 
-    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float = 1.0) -> None:
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float | Tensor = 1.0) -> None:
         per_row = not isinstance(n_examples, int) or rows.shape[0] == n_examples  # a tensor: token rows
         self._chunks.append((ctx, rows, rows.shape[0] if per_row else n_examples, scale))  # Δ scaled when packed
 

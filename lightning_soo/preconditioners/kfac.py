@@ -102,6 +102,7 @@ class KFAC(Preconditioner):
     supports_transposed = True
     state_tensors = ("a", "b", "a_t", "b_t", "a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b")
     symmetric_statistics = True  # Σ h̄h̄ᵀ and Σ ggᵀ
+    count_scaled_rows = True  # B is quadratic in the output gradients: a count tensor is applied at the close
     state_numbers = ("damping", "rho_a", "rho_b")
     derived = ("a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b", "damping", "rho_a", "rho_b")
     config_keys = ("inverse", "max_factor_dim")
@@ -153,8 +154,11 @@ class KFAC(Preconditioner):
     def observe_inputs(self, rows: Rows, count: Count) -> None:
         self._a.add(rows, count)
 
-    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float = 1.0) -> None:
-        self._b.add(rows, n_examples, scale * scale)
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float | Tensor = 1.0) -> None:
+        if isinstance(scale, Tensor):  # the count tensor: B takes its square at the close (``Factor.add``)
+            self._b.add(rows, n_examples, squared=scale)
+        else:
+            self._b.add(rows, n_examples, scale * scale)
 
     def observe_transposed(self, inputs: Tensor, grads: Tensor, count: Count, n_examples: Count) -> None:
         self._at.add(inputs, count)

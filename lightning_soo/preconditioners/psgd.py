@@ -35,12 +35,12 @@ from lightning_soo.linalg import left_mul, right_mul
 from lightning_soo.options import PSGDOptions
 from lightning_soo.preconditioners.base import Preconditioner, fit_square
 from lightning_soo.preconditioners.psgd_math import (
-    _gram,
-    _solve_left_t,
-    _solve_right,
-    _terms,
+    criterion_terms,
+    factor_gram,
     fit_stacked,
     norm_lower_bound,
+    solve_left_t,
+    solve_right,
     triu_matmul,
 )
 
@@ -215,10 +215,13 @@ class PSGD(Preconditioner):
             g = (nl * nr).sqrt()
             ql, qr = ql * (g / nl), qr * (g / nr)
         a = right_mul(left_mul(ql, h), qr.mT if qr.dim() == 2 else qr)  # Q_l H Q_rᵀ
-        b = _solve_left_t(ql, v)  # Q_l⁻ᵀ V
-        b = _solve_right(b, qr)  # · Q_r⁻¹
+        b = solve_left_t(ql, v)  # Q_l⁻ᵀ V
+        b = solve_right(b, qr)  # · Q_r⁻¹
         new = []
-        for q, t1, t2 in ((ql, *_terms(a, b, True, ql.dim() == 1)), (qr, *_terms(a, b, False, qr.dim() == 1))):
+        for q, t1, t2 in (
+            (ql, *criterion_terms(a, b, True, ql.dim() == 1)),
+            (qr, *criterion_terms(a, b, False, qr.dim() == 1)),
+        ):
             if q.dim() == 1:
                 step = self.lr_preconditioner / ((t1 + t2).abs().amax() + self.tiny)
                 new.append(q - step * (t1 - t2) * q)
@@ -235,7 +238,7 @@ class PSGD(Preconditioner):
         if self.q_l is None:
             return None
         if self._dirty or self.p_l is None:
-            p_l, p_r = _gram(self.q_l), _gram(self.q_r)
+            p_l, p_r = factor_gram(self.q_l), factor_gram(self.q_r)
             if not linalg.all_finite(p_l, p_r):
                 return False
             self.p_l, self.p_r, self._dirty = p_l, p_r, False

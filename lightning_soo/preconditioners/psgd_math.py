@@ -55,10 +55,10 @@ def fit_stacked(
         g = (nl * nr).sqrt()
         ql, qr = ql * (g / nl), qr * (g / nr)
     a = (ql @ h) @ qr.mT  # Q_l H Q_rᵀ
-    b = _solve_right(_solve_left_t(ql, v), qr)  # Q_l⁻ᵀ V Q_r⁻¹
+    b = solve_right(solve_left_t(ql, v), qr)  # Q_l⁻ᵀ V Q_r⁻¹
     new = []
     for q, left in ((ql, True), (qr, False)):
-        t1, t2 = _terms(a, b, left, False)
+        t1, t2 = criterion_terms(a, b, left, False)
         step = lr / (norm_lower_bound_many(t1 + t2) + tiny)
         new.append(q - step.reshape(-1, 1, 1) * triu_matmul(t1 - t2, q))
     return new[0], new[1]
@@ -81,7 +81,7 @@ def triu_matmul(t: Tensor, q: Tensor) -> Tensor:
     return out
 
 
-def _gram(q: Tensor) -> Tensor:
+def factor_gram(q: Tensor) -> Tensor:
     """``QᵀQ`` of an upper-triangular factor (2x2 blocking skips the zero blocks, using symmetry), ``q²`` of a
     diagonal one."""
     if q.dim() == 1:
@@ -92,24 +92,24 @@ def _gram(q: Tensor) -> Tensor:
     h = n // 2
     q11, q12, q22 = q[:h, :h], q[:h, h:], q[h:, h:]
     out = torch.empty_like(q)
-    out[:h, :h] = _gram(q11)
+    out[:h, :h] = factor_gram(q11)
     out[:h, h:] = q11.mT @ q12
     out[h:, :h] = out[:h, h:].mT
-    out[h:, h:] = q12.mT @ q12 + _gram(q22)
+    out[h:, h:] = q12.mT @ q12 + factor_gram(q22)
     return out
 
 
-def _solve_left_t(q: Tensor, x: Tensor) -> Tensor:
+def solve_left_t(q: Tensor, x: Tensor) -> Tensor:
     """``Q⁻ᵀ X``."""
     return x / q.unsqueeze(1) if q.dim() == 1 else torch.linalg.solve_triangular(q.mT, x, upper=False)
 
 
-def _solve_right(x: Tensor, q: Tensor) -> Tensor:
+def solve_right(x: Tensor, q: Tensor) -> Tensor:
     """``X Q⁻¹``."""
     return x / q if q.dim() == 1 else torch.linalg.solve_triangular(q, x, upper=True, left=False)
 
 
-def _terms(a: Tensor, b: Tensor, left: bool, diagonal: bool) -> tuple[Tensor, Tensor]:
+def criterion_terms(a: Tensor, b: Tensor, left: bool, diagonal: bool) -> tuple[Tensor, Tensor]:
     """The criterion's gradient terms for one factor: ``AAᵀ, BBᵀ`` (left) or ``AᵀA, BᵀB`` (right); only their
     diagonals for a diagonal factor."""
     if diagonal:

@@ -82,7 +82,7 @@ class Shampoo(Preconditioner):
         self.left.add(inputs * _row_norms(grads), n_examples)
         self.right.add(grads * _row_norms(inputs), n_examples)
 
-    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float = 1.0) -> None:
+    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float | Tensor = 1.0) -> None:
         h: Rows = ctx
         s2 = scale * scale  # both sides are quadratic in the rows
         if isinstance(h, IndexRows):

@@ -30,6 +30,7 @@ class Factor:
         self._sum = torch.zeros(shape, dtype=dtype, device=device)
         self._count = torch.zeros((), dtype=dtype, device=device)  # a tensor so ranks can sum it with the sums
         self._tally: Tensor | None = None  # the step's count tensors (the padding rule's): the first one as it is
+        self._squared = False  # the step sum still owes a factor of the count squared (``add``'s ``squared``)
         self._value: Tensor | None = None
         self._halves = not diagonal and gram_cuts(dim, device) is not None  # step sums hold their upper blocks only
         self._mirror_due = False  # the running value's lower blocks are stale (mirrored when read)
@@ -86,6 +87,9 @@ class Factor:
 
     def statistics_tensors(self) -> list[Tensor]:
         """This step's sums and count, to be summed in place across ranks."""
+        if self._squared:  # each rank's own count: applied before the ranks' sums are added
+            self._sum.mul_(self._counted().square())
+            self._squared = False
         if not self._moved:
             if host_decides(self._sum):
                 self._count.fill_(self._n)
@@ -94,9 +98,28 @@ class Factor:
             self._moved = True
         return [self._as_sum(), self._count]
 
-    def add(self, rows: Rows, count: int | Tensor, scale: float = 1.0, weights: Tensor | None = None) -> None:
+    def add(
+        self,
+        rows: Rows,
+        count: int | Tensor,
+        scale: float = 1.0,
+        weights: Tensor | None = None,
+        squared: Tensor | None = None,
+    ) -> None:
         """Add ``Σ x xᵀ`` over ``rows`` (times ``scale``) and ``count`` to the divisor (a tensor when it depends on
-        the data); for one-hot rows, ``weights`` (default: the rows' own) gives each row's weight."""
+        the data); for one-hot rows, ``weights`` (default: the rows' own) gives each row's weight. ``squared``: the
+        rows stand for ``squared · rows`` (a mean loss's count, undone): where it is the count itself, and this the
+        step's first dense rows on the device, the sum is multiplied by it squared when the step closes (``fold``),
+        not the rows now: a pass over the rows fewer."""
+        if self._squared:  # a second call this step: the first call's rows take their weight now
+            self._sum.mul_(self._counted().square())
+            self._squared = False
+        if squared is not None:
+            first = not (self._pending or self.diagonal or isinstance(rows, IndexRows) or host_decides(self._sum))
+            if squared is count and first:
+                self._squared = True
+            else:
+                rows = rows * squared  # type: ignore[operator]
         if isinstance(rows, IndexRows):
             weights = weights if weights is not None else rows.weights
             if weights is not None:
@@ -154,7 +177,10 @@ class Factor:
         flag = counted if keep is None else torch.as_tensor(keep, device=counted.device) & counted
         divisor = torch.where(counted, count, 1.0)
         unit = isinstance(scale, float) and scale == 1.0  # in place, in as few operations as the device launches
-        mean = self._sum.div_(divisor) if unit else self._sum.mul_(scale / divisor)
+        if self._squared:  # Σ n²xxᵀ / n = n Σ xxᵀ (the count's square owed by ``add``)
+            mean = self._sum.mul_(divisor) if unit else self._sum.mul_(divisor * scale)
+        else:
+            mean = self._sum.div_(divisor) if unit else self._sum.mul_(scale / divisor)
         value = self._value
         if value is None:
             ok = bool(flag)
@@ -206,7 +232,7 @@ class Factor:
         return total if self.diagonal else torch.trace(total)
 
     def reset(self) -> None:
-        self._tally = None
+        self._tally, self._squared = None, False
         self._n, self._moved = 0.0, False
         self._pending = self._normalised = False
         self._stale = True

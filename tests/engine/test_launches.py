@@ -26,7 +26,7 @@ NOT_KERNELS = {"_local_scalar_dense", "scalar_tensor", "detach", "lift_fresh"}
 #: (method, frozen) -> kernels one more layer adds to a step that does not refresh, default options, each layer on
 #: its own (as under ``torch.distributed``, or for layers of a shape no other layer has)
 BUDGETS = {
-    ("kfac", False): 36,
+    ("kfac", False): 35,
     ("kfac", True): 11,
     ("shampoo", False): 46,
     ("shampoo", True): 17,
@@ -40,7 +40,7 @@ BUDGETS = {
 #: close (``preconditioners.banks``) and PSGD's fit (``psgd_math.fit_stacked``) take a handful of kernels per stack,
 #: whatever its depth; what is left per layer is the hooks' own work (PSGD: the gradient matrix and its probe)
 STACKED_BUDGETS = {
-    ("kfac", False): 8,
+    ("kfac", False): 7,
     ("kfac", True): 0,
     ("shampoo", False): 12,
     ("shampoo", True): 0,

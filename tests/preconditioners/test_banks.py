@@ -38,11 +38,14 @@ class _Net(nn.Module):
         self.hidden = nn.ModuleList(nn.Linear(8, 8) for _ in range(5))
         self.out = nn.Linear(8, 3)
         self.skip_last = False
+        self.twice = False  # the second hidden layer called twice (its statistics take two calls' rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.inp(x))
         for i, layer in enumerate(self.hidden):
             if not (self.skip_last and i == 4):
+                h = torch.tanh(layer(h))
+            if self.twice and i == 1:
                 h = torch.tanh(layer(h))
         return self.out(h)
 
@@ -78,6 +81,7 @@ def _run(banked: bool, method: str, monkeypatch: pytest.MonkeyPatch, resume: boo
         if step == 4:
             y = torch.full((16,), -100)  # every row ignored: a count of zero, nothing folded
         model.skip_last = step == 5  # one bank member sees no rows: it folds nothing, the others alone
+        model.twice = step in (2, 8)  # one member's count is applied to its first call's rows at the second
         scaler = _Scaler(8.0) if step == 6 else None
         opt.zero_grad()
         manager.begin_step()

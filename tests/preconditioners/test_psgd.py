@@ -143,13 +143,13 @@ def test_non_finite_gradient_keeps_q_and_norm_bound() -> None:
 
 @pytest.mark.parametrize("n", [7, 600, 1100])
 def test_triangular_products_equal_dense(n: int) -> None:
-    from lightning_soo.preconditioners.psgd import _gram, triu_matmul
+    from lightning_soo.preconditioners.psgd_math import factor_gram, triu_matmul
 
     g = torch.Generator().manual_seed(n)
     q = torch.triu(torch.randn(n, n, generator=g, dtype=F64))
     t = torch.randn(n, n, generator=g, dtype=F64)
     torch.testing.assert_close(triu_matmul(t, q), torch.triu(t) @ q, rtol=1e-12, atol=1e-10)
-    torch.testing.assert_close(_gram(q), q.T @ q, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(factor_gram(q), q.T @ q, rtol=1e-12, atol=1e-10)
 
 
 def test_non_finite_first_pair_is_reported_as_not_kept() -> None:
