@@ -111,6 +111,13 @@ class FactorBank:
                 f.reset()
 
 
+def stacks_on(pres: Sequence[Any]) -> bool:
+    """Some of ``pres`` may close together: not every one decided on the host or on a CPU without
+    ``linalg.BATCH_ON_CPU`` (one check per device, not per layer)."""
+    devices = {p.device for p in pres}
+    return any(d.type != "cpu" or (linalg.BATCH_ON_CPU and not linalg.HOST_DECIDES_ON_CPU) for d in devices)
+
+
 def _bankable(sides: Sides | None) -> bool:
     """Every factor dense, decided on the device, with rows this step and a running value (not a first fold)."""
     if not sides:
@@ -129,6 +136,8 @@ def close_banked(
 ) -> list[Tensor | bool | None]:
     """Close the statistics of ``pres``: those whose factors (``sides_of``; None: not bankable) match in shape and
     decay, as banks; the others with ``close_alone``. Returns each one's ``close_statistics`` flag."""
+    if not stacks_on(pres):  # the CPU: every layer closes alone, with no grouping work
+        return [close_alone(p) for p in pres]
     groups: dict[tuple, list[tuple[int, Sides]]] = {}
     results: list[Tensor | bool | None] = [None] * len(pres)
     alone = []

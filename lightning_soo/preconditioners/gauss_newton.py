@@ -197,6 +197,8 @@ class GaussNewton(Preconditioner):
     def close_many(cls, pres: list[Preconditioner], output_scale: float | Tensor) -> list[Tensor | bool | None]:
         """Where the device decides, every layer's finiteness check in one ``foreach`` norm and one reduction
         (on an accelerator a handful of launches per step instead of five per layer); else one by one."""
+        if linalg.HOST_DECIDES_ON_CPU and all(p.device.type == "cpu" for p in pres):  # one by one, flags read
+            return [p.close_statistics(output_scale) for p in pres]
         bases = [cast(GaussNewton, p)._closing_basis(output_scale) for p in pres]
         found = [(p, b) for p, b in zip(pres, bases, strict=True) if b is not None]
         tensors = [_floating(b) for _, b in found]

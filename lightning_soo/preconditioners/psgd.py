@@ -33,6 +33,7 @@ from torch import Tensor
 from lightning_soo import linalg
 from lightning_soo.linalg import left_mul, right_mul
 from lightning_soo.options import PSGDOptions
+from lightning_soo.preconditioners.banks import stacks_on
 from lightning_soo.preconditioners.base import Preconditioner, fit_square
 from lightning_soo.preconditioners.psgd_math import (
     criterion_terms,
@@ -160,6 +161,8 @@ class PSGD(Preconditioner):
     def close_many(cls, pres: list[Preconditioner], output_scale: float | Tensor) -> list[Tensor | bool | None]:
         """Layers of one shape that fit this step do so as one stack (``psgd_math.fit_stacked``), each operation
         once per stack; the others one by one. Probes come from each layer's own generator, as one by one."""
+        if not stacks_on(pres):  # the CPU: one by one
+            return [p.close_statistics(output_scale) for p in pres]
         results: list[Tensor | bool | None] = [None] * len(pres)
         groups: dict[tuple, list[tuple[int, tuple[Tensor, Tensor]]]] = {}
         for i, p in enumerate(pres):
