@@ -19,7 +19,7 @@ the device decides (``linalg.host_decides`` is False) and stacks are built (not 
 (K-FAC 1.002, Shampoo 0.994, interleaved in one process): there the time goes into the passes, not their launches.
 
 On the accelerator's path one more equal layer adds 7 operations to a K-FAC statistics step (28 before banks) and
-12 to Shampoo's (32): ``tests/engine/test_launches.py``. Under data parallelism the ranks sum the step sums in place
+11 to Shampoo's (32): ``tests/engine/test_launches.py``. Under data parallelism the ranks sum the step sums in place
 through the bank's views (``statistics_tensors``).
 """
 

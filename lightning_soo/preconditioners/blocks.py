@@ -44,16 +44,24 @@ class BlockSide:
         self.applied_damping = 0.0  # the largest ρ_b of the last refresh
 
     # -- statistics -------------------------------------------------------------------------------------
-    def add(self, rows: Rows, count: int | Tensor, scale: float = 1.0, weights: Tensor | None = None) -> None:
-        """Add ``scale · Σ x xᵀ`` of ``rows`` block by block (one-hot rows: ``weights`` per row)."""
+    def add(
+        self,
+        rows: Rows,
+        count: int | Tensor,
+        scale: float = 1.0,
+        weights: Tensor | None = None,
+        squared: Tensor | None = None,
+    ) -> None:
+        """Add ``scale · Σ x xᵀ`` of ``rows`` block by block (one-hot rows: ``weights`` per row; ``squared``: see
+        ``Factor.add``)."""
         if isinstance(rows, IndexRows):
-            self.factors[0].add(rows, count, scale, weights=weights)
+            self.factors[0].add(rows, count, scale, weights=weights, squared=squared)
             return
         if len(self.slices) == 1:
-            self.factors[0].add(rows, count, scale)
+            self.factors[0].add(rows, count, scale, squared=squared)
             return
         for factor, s in zip(self.factors, self.slices, strict=True):
-            factor.add(rows[:, s], count, scale)
+            factor.add(rows[:, s], count, scale, squared=squared)
 
     @property
     def pending(self) -> bool:

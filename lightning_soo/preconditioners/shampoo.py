@@ -41,6 +41,7 @@ class Shampoo(Preconditioner):
     options_type = ShampooOptions
     options: ShampooOptions
     symmetric_statistics = True
+    count_scaled_rows = True  # both sides are quadratic in the output gradients: a count tensor at the close
     config_keys = ("exponent", "damping_mode", "max_factor_dim", "statistics")
     supports_transposed = True
 
@@ -84,13 +85,15 @@ class Shampoo(Preconditioner):
 
     def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float | Tensor = 1.0) -> None:
         h: Rows = ctx
-        s2 = scale * scale  # both sides are quadratic in the rows
+        # both sides are quadratic in the rows: a count tensor's square is taken at the close (``Factor.add``)
+        sq, s2 = (scale, 1.0) if isinstance(scale, Tensor) else (None, scale * scale)
         if isinstance(h, IndexRows):
-            self.left.add(rows, n_examples, s2)  # ‖h̄_n‖ = 1 for one-hot rows
-            self.right.add(h, n_examples, s2, weights=rows.square().sum(1))  # diagonal: Σ ‖δ_n‖² at each index
+            self.left.add(rows, n_examples, s2, squared=sq)  # ‖h̄_n‖ = 1 for one-hot rows
+            weights = rows.square().sum(1)  # diagonal: Σ ‖δ_n‖² at each index
+            self.right.add(h, n_examples, s2, weights=weights, squared=sq)
             return
-        self.left.add(rows * _row_norms(h), n_examples, s2)  # Δᵀ diag(‖h̄‖²) Δ
-        self.right.add(h * _row_norms(rows), n_examples, s2)  # H̄ᵀ diag(‖δ‖²) H̄
+        self.left.add(rows * _row_norms(h), n_examples, s2, squared=sq)  # Δᵀ diag(‖h̄‖²) Δ
+        self.right.add(h * _row_norms(rows), n_examples, s2, squared=sq)  # H̄ᵀ diag(‖δ‖²) H̄
 
     def observe_grad(self, grad: Tensor) -> None:
         self.left.add(grad.mT, 1)  # G Gᵀ

@@ -118,8 +118,11 @@ class Factor:
             first = not (self._pending or self.diagonal or isinstance(rows, IndexRows) or host_decides(self._sum))
             if squared is count and first:
                 self._squared = True
+            elif isinstance(rows, IndexRows):  # one-hot rows: their weights take the square
+                weights = weights if weights is not None else rows.weights
+                weights = squared.square() if weights is None else weights * squared.square()
             else:
-                rows = rows * squared  # type: ignore[operator]
+                rows = rows * squared
         if isinstance(rows, IndexRows):
             weights = weights if weights is not None else rows.weights
             if weights is not None:

@@ -63,8 +63,10 @@ def _factors(manager: PreconditionerManager) -> dict[str, list[torch.Tensor]]:
     return out
 
 
-def _run(banked: bool, method: str, monkeypatch: pytest.MonkeyPatch, resume: bool = False) -> dict[str, Any]:
-    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", False)
+def _run(
+    banked: bool, method: str, monkeypatch: pytest.MonkeyPatch, resume: bool = False, host: bool = False
+) -> dict[str, Any]:
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
     monkeypatch.setattr(linalg, "BATCH_ON_CPU", banked)
     torch.manual_seed(0)
     model = _Net().double()
@@ -173,3 +175,15 @@ def test_gauss_newton_flags_each_layer_of_a_joint_close(host: bool, monkeypatch:
         pre.observe_output_grads(d, 6, pre.observe_inputs(h, 6))
     flags = GaussNewton.close_many(pres, 1.0)  # type: ignore[arg-type]
     assert [bool(f) for f in flags] == [True, False, True, False]
+
+
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "psgd"])
+def test_the_accelerators_close_equals_the_hosts(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same run decided on the host (the CPU's path, reading every flag and count): the same factors. This
+    covers what the device defers to the close, such as K-FAC's count squared under a loss scale."""
+    on_host = _run(False, method, monkeypatch, host=True)
+    banked = _run(True, method, monkeypatch)
+    assert banked["counters"] == on_host["counters"]
+    for name, values in on_host["factors"].items():
+        for a, b in zip(banked["factors"][name], values, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_soo import PreconditionerManager
+from lightning_soo import PreconditionerManager, linalg
 from tests.reference import (
     explicit_patches,
     factored_damping_dense,
@@ -60,7 +60,11 @@ def test_one_example_kron_is_exact_empirical_fisher(bias: bool) -> None:
 
 @pytest.mark.parametrize("inverse", ["eigen", "cholesky"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_linear_factors_and_rewritten_gradient(inverse: str, reduction: str) -> None:
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+def test_linear_factors_and_rewritten_gradient(
+    inverse: str, reduction: str, host: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)  # both paths against brute force
     torch.manual_seed(1)
     lin = nn.Linear(5, 3)
     x, y = torch.randn(7, 5), torch.randn(7, 3)
@@ -139,7 +143,9 @@ def test_grouped_conv_is_left_plain() -> None:
 
 
 @pytest.mark.parametrize("max_dim", [100, 5])
-def test_embedding_diagonal_input_factor(max_dim: int) -> None:
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+def test_embedding_diagonal_input_factor(max_dim: int, host: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)  # both paths against brute force
     torch.manual_seed(4)
     emb = nn.Embedding(10, 6)
     idx = torch.randint(0, 10, (3, 5))
@@ -158,7 +164,9 @@ def test_embedding_diagonal_input_factor(max_dim: int) -> None:
     torch.testing.assert_close(out, torch.linalg.solve(dense, g.reshape(-1)).reshape(6, 10), rtol=1e-10, atol=1e-12)
 
 
-def test_accumulated_micro_batches_equal_one_batch() -> None:
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+def test_accumulated_micro_batches_equal_one_batch(host: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)  # both paths against brute force
     """4 micro-batches of N/4 (loss / 4, as Lightning backpropagates) equal one batch of N."""
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))

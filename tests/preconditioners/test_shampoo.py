@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_soo import PreconditionerManager, ShampooCallback
+from lightning_soo import PreconditionerManager, ShampooCallback, linalg
 from tests.cases import MLP, LossRecorder, trainer
 from tests.reference import module_grad_matrix, per_example_grads
 from tests.reference import mse as mse
@@ -30,7 +30,9 @@ def _root(m: Tensor, rho: float, e: float = 0.25) -> Tensor:
     return (q * (lam.clamp(min=0) + rho).pow(-e)) @ q.T
 
 
-def test_per_example_statistics_equal_explicit_sums() -> None:
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+def test_per_example_statistics_equal_explicit_sums(host: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)  # both paths against brute force
     torch.manual_seed(0)
     lin = nn.Linear(4, 3)
     x, y = torch.randn(6, 4), torch.randn(6, 3)
@@ -40,7 +42,9 @@ def test_per_example_statistics_equal_explicit_sums() -> None:
     torch.testing.assert_close(pre.r, torch.einsum("nji,njk->ik", gs, gs) / 6, rtol=1e-12, atol=1e-12)
 
 
-def test_embedding_statistics() -> None:
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+def test_embedding_statistics(host: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)  # both paths against brute force
     torch.manual_seed(1)
     emb = nn.Embedding(7, 3)
     idx, y = torch.randint(0, 7, (5,)), torch.randn(5, 3)
