@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo import linalg
-from lightning_soo.preconditioners.statistics import Factor
+from lightning_soo.preconditioners.statistics import Factor, fold_where_, step_mean_
 
 #: smallest number of layers worth a bank
 MIN_MEMBERS = 2
@@ -90,17 +90,7 @@ class FactorBank:
             counted = counts > 0
             flag = (keep & counted).reshape(-1, 1, 1)
             divisor = torch.where(counted, counts, 1.0).reshape(-1, 1, 1)
-            unit = isinstance(scale, float) and scale == 1.0
-            if self.rows[0][j]._squared:  # the count's square owed by ``Factor.add``: Σ n²xxᵀ / n = n Σ xxᵀ
-                mean = sums.mul_(divisor) if unit else sums.mul_(divisor * scale)
-            else:
-                mean = sums.div_(divisor) if unit else sums.mul_(scale / divisor)
-            if decay is None:  # a rejected step adds zero
-                values.add_(torch.where(flag, mean, mean.new_zeros(()), out=mean))
-            elif decay == 0.0:
-                torch.where(flag, mean, values, out=values)
-            else:  # a rejected step folds the old value into itself: unchanged
-                values.lerp_(torch.where(flag, mean, values, out=mean), 1.0 - decay)
+            fold_where_(values, step_mean_(sums, divisor, scale, self.rows[0][j]._squared), flag, decay)
         self._reset()
         return keep
 

@@ -11,6 +11,27 @@ from lightning_soo.capture.adapters import IndexRows, Rows
 from lightning_soo.linalg import gram_, gram_cuts, host_decides, mirror_
 
 
+def step_mean_(sums: Tensor, divisor: Tensor, scale: float | Tensor, squared: bool) -> Tensor:
+    """A step's sums (one matrix, or a stack with ``divisor`` shaped to broadcast) turned into its mean times
+    ``scale``, in place; ``squared``: the sums still owe the count's square (``Factor.add``), and
+    ``Σ n²xxᵀ / n = n Σ xxᵀ``. In as few operations as a device launches."""
+    unit = isinstance(scale, float) and scale == 1.0
+    if squared:
+        return sums.mul_(divisor) if unit else sums.mul_(divisor * scale)
+    return sums.div_(divisor) if unit else sums.mul_(scale / divisor)
+
+
+def fold_where_(value: Tensor, mean: Tensor, flag: Tensor, decay: float | None) -> None:
+    """``value ← decay·value + (1 − decay)·mean`` (``decay`` None: ``value + mean``, AdaGrad-style) where the
+    device flag holds; elsewhere ``value`` stays. ``mean`` is overwritten."""
+    if decay is None:  # a rejected step adds zero
+        value.add_(torch.where(flag, mean, mean.new_zeros(()), out=mean))
+    elif decay == 0.0:
+        torch.where(flag, mean, value, out=value)
+    else:  # a rejected step folds the old value into itself: unchanged
+        value.lerp_(torch.where(flag, mean, value, out=mean), 1.0 - decay)
+
+
 class Factor:
     """Sums of ``x xᵀ`` (or of ``x²`` when diagonal) over one step, folded into a running average.
 
@@ -179,11 +200,7 @@ class Factor:
         counted = count > 0
         flag = counted if keep is None else torch.as_tensor(keep, device=counted.device) & counted
         divisor = torch.where(counted, count, 1.0)
-        unit = isinstance(scale, float) and scale == 1.0  # in place, in as few operations as the device launches
-        if self._squared:  # Σ n²xxᵀ / n = n Σ xxᵀ (the count's square owed by ``add``)
-            mean = self._sum.mul_(divisor) if unit else self._sum.mul_(divisor * scale)
-        else:
-            mean = self._sum.div_(divisor) if unit else self._sum.mul_(scale / divisor)
+        mean = step_mean_(self._sum, divisor, scale, self._squared)
         value = self._value
         if value is None:
             ok = bool(flag)
@@ -191,12 +208,7 @@ class Factor:
             self._mirror_due = ok and self._halves
             self.reset()
             return ok
-        if decay is None:  # a rejected step adds zero
-            value.add_(torch.where(flag, mean, mean.new_zeros(()), out=mean))
-        elif decay == 0.0:
-            torch.where(flag, mean, value, out=value)
-        else:  # a rejected step folds the old value into itself: unchanged
-            value.lerp_(torch.where(flag, mean, value, out=mean), 1.0 - decay)
+        fold_where_(value, mean, flag, decay)
         self._mirror_due |= self._halves
         self.reset()
         return True
