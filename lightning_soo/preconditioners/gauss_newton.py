@@ -202,8 +202,7 @@ class GaussNewton(Preconditioner):
         bases = [cast(GaussNewton, p)._closing_basis(output_scale) for p in pres]
         found = [(p, b) for p, b in zip(pres, bases, strict=True) if b is not None]
         tensors = [_floating(b) for _, b in found]
-        width = len(tensors[0]) if tensors else 0
-        dtype = tensors[0][0].dtype if tensors else None
+        width, dtype = (len(tensors[0]), tensors[0][0].dtype) if tensors else (0, None)
         alike = all(len(ts) == width and all(t.dtype == dtype for t in ts) for ts in tensors)
         if len(found) < 2 or not alike or linalg.host_decides(tensors[0][0]):
             keeps: list[Tensor | bool] = [linalg.finite(*ts) for ts in tensors]
