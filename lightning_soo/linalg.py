@@ -57,6 +57,12 @@ def host_decides(t: Tensor) -> bool:
     return HOST_DECIDES_ON_CPU and t.device.type == "cpu"
 
 
+def stacks_on(device: torch.device) -> bool:
+    """Equal layers on ``device`` close and fit as one stack (``preconditioners.banks``, ``psgd_math``): where the
+    device decides, and on the CPU only with ``BATCH_ON_CPU`` (and ``HOST_DECIDES_ON_CPU`` off)."""
+    return device.type != "cpu" or (BATCH_ON_CPU and not HOST_DECIDES_ON_CPU)
+
+
 #: width of the column blocks of ``gram_`` (no blocks below two of them); on accelerators from ``GRAM_MIN_GPU`` columns
 GRAM_BLOCK = 192
 GRAM_MIN_GPU = 1024

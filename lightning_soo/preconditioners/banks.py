@@ -80,16 +80,14 @@ class FactorBank:
         for sums in self.sums[1:]:
             probe = probe + sums.diagonal(dim1=1, dim2=2).sum(1)
         keep = linalg.is_finite(probe)
-        stacked: dict[tuple[int, ...], tuple[list[Tensor], Tensor]] = {}  # K-FAC's two factors count the same
+        last: tuple[list[Tensor], Tensor] | None = None  # K-FAC's two factors count the same tensors: stacked once
         for j, (sums, values, scale) in enumerate(zip(self.sums, self.values, scales, strict=True)):
-            tallies = [row[j]._counted() for row in self.rows]  # held in ``stacked``: their ids stay theirs
-            key = tuple(id(t) for t in tallies)
-            if key not in stacked:
-                stacked[key] = (tallies, torch.stack(tallies))
-            counts = stacked[key][1]
-            counted = counts > 0
+            tallies = [row[j]._counted() for row in self.rows]
+            if last is None or any(a is not b for a, b in zip(tallies, last[0], strict=True)):
+                last = (tallies, torch.stack(tallies))
+            counted = last[1] > 0
             flag = (keep & counted).reshape(-1, 1, 1)
-            divisor = torch.where(counted, counts, 1.0).reshape(-1, 1, 1)
+            divisor = torch.where(counted, last[1], 1.0).reshape(-1, 1, 1)
             fold_where_(values, step_mean_(sums, divisor, scale, self.rows[0][j]._squared), flag, decay)
         self._reset()
         return keep
@@ -101,21 +99,24 @@ class FactorBank:
                 f.reset()
 
 
-def stacks_on(pres: Sequence[Any]) -> bool:
-    """Some of ``pres`` may close together: not every one decided on the host or on a CPU without
-    ``linalg.BATCH_ON_CPU`` (one check per device, not per layer)."""
-    devices = {p.device for p in pres}
-    return any(d.type != "cpu" or (linalg.BATCH_ON_CPU and not linalg.HOST_DECIDES_ON_CPU) for d in devices)
-
-
 def _bankable(sides: Sides | None) -> bool:
     """Every factor dense, decided on the device, with rows this step and a running value (not a first fold)."""
-    if not sides:
-        return False
-    first = sides[0][0]._sum
-    if linalg.host_decides(first) or (first.device.type == "cpu" and not linalg.BATCH_ON_CPU):
+    if not sides or not linalg.stacks_on(sides[0][0]._sum.device):
         return False
     return all(not f.diagonal and f.pending and f._value is not None for f, _ in sides)
+
+
+def _bank_for(rows: list[list[Factor]]) -> FactorBank | None:
+    """The bank these members close in: theirs, or a new one when members joined or none is banked yet; None
+    when some of a bank's members saw no rows this step, or when a member called twice this step took its count's
+    square early (they fold alone, through the bank's views)."""
+    banks = {id(b): b for row in rows if (b := row[0].bank) is not None and b.valid()}
+    if len(banks) == 1 and (bank := next(iter(banks.values()))).has(rows):
+        return bank if bank.uniform() else None
+    if all(len(b.rows) < len(rows) for b in banks.values()):
+        bank = FactorBank(rows)
+        return bank if bank.uniform() else None
+    return None
 
 
 def close_banked(
@@ -126,7 +127,7 @@ def close_banked(
 ) -> list[Tensor | bool | None]:
     """Close the statistics of ``pres``: those whose factors (``sides_of``; None: not bankable) match in shape and
     decay, as banks; the others with ``close_alone``. Returns each one's ``close_statistics`` flag."""
-    if not stacks_on(pres):  # the CPU: every layer closes alone, with no grouping work
+    if not any(linalg.stacks_on(p.device) for p in pres):  # the CPU: every layer alone, with no grouping work
         return [close_alone(p) for p in pres]
     groups: dict[tuple, list[tuple[int, Sides]]] = {}
     results: list[Tensor | bool | None] = [None] * len(pres)
@@ -141,19 +142,8 @@ def close_banked(
         key = (tuple(f.dim for f, _ in sides), scales, f0.dtype, f0.device, decay_of(pre))
         groups.setdefault(key, []).append((i, sides))
     for key, members in groups.items():
-        if len(members) < MIN_MEMBERS:
-            alone += [i for i, _ in members]
-            continue
-        rows = [[f for f, _ in sides] for _, sides in members]
-        banks = {id(b): b for row in rows if (b := row[0].bank) is not None and b.valid()}
-        if len(banks) == 1 and (bank := next(iter(banks.values()))).has(rows):
-            pass
-        elif all(len(b.rows) < len(rows) for b in banks.values()):  # new members (or none banked yet): rebuild
-            bank = FactorBank(rows)
-        else:  # some members saw no rows this step: the others fold alone, through the bank's views
-            alone += [i for i, _ in members]
-            continue
-        if not bank.uniform():  # a member called twice this step took its weights early: all fold alone
+        bank = _bank_for([[f for f, _ in sides] for _, sides in members]) if len(members) >= MIN_MEMBERS else None
+        if bank is None:
             alone += [i for i, _ in members]
             continue
         keep = bank.close([scale for _, scale in members[0][1]], key[-1])

@@ -33,7 +33,6 @@ from torch import Tensor
 from lightning_soo import linalg
 from lightning_soo.linalg import left_mul, right_mul
 from lightning_soo.options import PSGDOptions
-from lightning_soo.preconditioners.banks import stacks_on
 from lightning_soo.preconditioners.base import Preconditioner, fit_square
 from lightning_soo.preconditioners.psgd_math import (
     criterion_terms,
@@ -142,26 +141,26 @@ class PSGD(Preconditioner):
         q_l, q_r = self._update(v, h)
         keep = linalg.finite(h, q_l, q_r)  # a rejected update leaves Q as it was
         if isinstance(keep, bool):  # read on the host: take the new factors or keep the old ones, no copy
-            if keep:
-                self.q_l, self.q_r = q_l, q_r
+            self._fitted(q_l if keep else self.q_l, q_r if keep else self.q_r)  # type: ignore[arg-type]
         else:
-            self.q_l, self.q_r = torch.where(keep, q_l, self.q_l), torch.where(keep, q_r, self.q_r)
+            self._fitted(torch.where(keep, q_l, self.q_l), torch.where(keep, q_r, self.q_r))  # type: ignore[arg-type]
+        return keep
+
+    def _fitted(self, q_l: Tensor, q_r: Tensor) -> None:
+        """Take the factors of a fitting step (the new ones, or the old where it was rejected)."""
+        self.q_l, self.q_r = q_l, q_r
         self.updates += 1
         self._dirty = True
-        return keep
 
     def _stackable(self) -> bool:
         """Fits with others of its shape: dense factors past the first pair, decided on an accelerator."""
-        q = self.q_l
-        if q is None or self.diag_l or self.diag_r or linalg.host_decides(q):
-            return False
-        return q.device.type != "cpu" or linalg.BATCH_ON_CPU
+        return self.q_l is not None and not (self.diag_l or self.diag_r) and linalg.stacks_on(self.q_l.device)
 
     @classmethod
     def close_many(cls, pres: list[Preconditioner], output_scale: float | Tensor) -> list[Tensor | bool | None]:
         """Layers of one shape that fit this step do so as one stack (``psgd_math.fit_stacked``), each operation
         once per stack; the others one by one. Probes come from each layer's own generator, as one by one."""
-        if not stacks_on(pres):  # the CPU: one by one
+        if not any(linalg.stacks_on(p.device) for p in pres):  # the CPU: one by one
             return [p.close_statistics(output_scale) for p in pres]
         results: list[Tensor | bool | None] = [None] * len(pres)
         groups: dict[tuple, list[tuple[int, tuple[Tensor, Tensor]]]] = {}
@@ -173,23 +172,20 @@ class PSGD(Preconditioner):
                 groups.setdefault(key, []).append((i, pair))
             elif pair is not None:
                 results[i] = p._fit_pair(*pair)
-        for members in groups.values():
+        for key, members in groups.items():
             group = [cast(PSGD, pres[i]) for i, _ in members]
             if len(group) < 2:
                 results[members[0][0]] = group[0]._fit_pair(*members[0][1])
                 continue
             v, h = (torch.stack([pair[k] for _, pair in members]) for k in (0, 1))
             ql, qr = torch.stack([p.q_l for p in group]), torch.stack([p.q_r for p in group])  # type: ignore[misc]
-            new_l, new_r = fit_stacked(
-                ql, qr, h, v, group[0].lr_preconditioner, group[0].tiny, group[0].updates % 100 == 99
-            )
+            lr, balance = key[4], key[5]
+            new_l, new_r = fit_stacked(ql, qr, h, v, lr, group[0].tiny, balance)
             keep = linalg.is_finite(h.sum((1, 2)) + new_l.sum((1, 2)) + new_r.sum((1, 2)))
             kept = keep.reshape(-1, 1, 1)
             ql, qr = torch.where(kept, new_l, ql), torch.where(kept, new_r, qr)
             for k, ((i, _), p) in enumerate(zip(members, group, strict=True)):
-                p.q_l, p.q_r = ql[k], qr[k]
-                p.updates += 1
-                p._dirty = True
+                p._fitted(ql[k], qr[k])
                 results[i] = keep[k]
         return results
 

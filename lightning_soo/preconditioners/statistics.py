@@ -58,9 +58,7 @@ class Factor:
         self._pending = False  # rows were added this step (kept on the host: no device sync to know it)
         self._stale = False  # ``_sum`` still holds a closed step's values (zero before reading)
         self._normalised = False  # ``_sum`` holds the step's mean so far (on the host, which reads the counts)
-        self._n = (
-            0.0  # the step's count as a number: all of it where the host decides, else the counts given as numbers
-        )
+        self._n = 0.0  # the step's count as a number (where the host decides: all of it)
         self._moved = False  # the step's count was moved into ``_count`` (to be summed across ranks)
         self.bank: Any = None  # the ``banks.FactorBank`` whose stacked tensors hold this factor's, if any
 
