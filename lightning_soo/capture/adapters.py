@@ -70,6 +70,7 @@ class Observation:
     d: Tensor
     rows: Count
     n: Count
+    norms: Tensor | None = None  # each output-gradient row's Euclidean norm (a column), where asked for
 
 
 @dataclass
@@ -96,8 +97,21 @@ def _matrix(t: Tensor) -> Tensor:
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
+_ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _ones(h: Tensor) -> Tensor:
+    """A column of ones as long as ``h``: a view of one cached column per dtype and device (grown by doubling), so
+    the bias column costs no fill."""
+    key, n = (h.dtype, h.device), h.shape[0]
+    ones = _ONES.get(key)
+    if ones is None or ones.shape[0] < n:
+        ones = _ONES[key] = h.new_ones(max(n, 2 * (0 if ones is None else ones.shape[0])), 1)
+    return ones[:n]
+
+
 def _with_ones(h: Tensor) -> Tensor:
-    return torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
+    return torch.cat([h, _ones(h)], dim=1)
 
 
 #: from this many output-gradient entries, a layer's row peaks come from two reductions instead of ``abs`` and one
@@ -185,8 +199,12 @@ class LayerAdapter:
             d = g.reshape(-1, g.shape[-1])
         return d, d.shape[0]
 
-    def observe(self, x: Tensor, g: Tensor) -> Observation:
-        """The statistics of one call with input ``x`` and output gradient ``g``, padding rule applied."""
+    def observe(self, x: Tensor, g: Tensor, norms: bool = False) -> Observation:
+        """The statistics of one call with input ``x`` and output gradient ``g``, padding rule applied; ``norms``:
+        for a method that weights each row by its output gradient's norm (``Preconditioner.row_norms``), see
+        ``_weighted``."""
+        if norms and not (self.weight_sharing == "reduce" and x.dim() > 2):
+            return self._weighted(_matrix(x) if self.has_bias else x.reshape(-1, x.shape[-1]), _matrix(g))
         if self.weight_sharing == "reduce" and x.dim() > 2:
             gs = g.reshape(g.shape[0], -1, g.shape[-1])
             xs = x.reshape(x.shape[0], -1, x.shape[-1])
@@ -210,6 +228,18 @@ class LayerAdapter:
         h = torch.cat([h * column, column], dim=1) if self.has_bias else h * column  # the mask is the ones column
         n = mask.sum()
         return Observation(h, d, n, n)
+
+    def _weighted(self, h: Tensor, d: Tensor) -> Observation:
+        """Rows for statistics that weight every row by its output gradient's norm (per-example Shampoo): a row
+        that is not an example (zero gradient) has weight zero and drops out with no mask, so the rows come
+        unmasked, with the norms. The count is the number of non-zero row peaks, not of non-zero norms: a norm
+        squares the entries, and a real row below 1e-19 would underflow to zero and leave the count (NaN counts:
+        the NaN in its rows rejects the step's statistics). 7 operations per layer for per-example Shampoo where
+        the mask and a second pass over the rows for the norms took 9."""
+        peaks = _row_peaks(d)
+        count: Count = int(torch.count_nonzero(peaks)) if host_decides(d) else torch.linalg.vector_norm(peaks, 0)
+        norms = torch.linalg.vector_norm(d, dim=1, keepdim=True)
+        return Observation(_with_ones(h) if self.has_bias else h, d, count, count, norms)
 
     # -- gradient matrix --------------------------------------------------------------------------------
     def to_matrix(self, tensors: list[Tensor]) -> Tensor:
@@ -319,7 +349,7 @@ class ConvAdapter(LayerAdapter):
         d = g.sum(2) if self.weight_sharing == "reduce" else g.transpose(1, 2).reshape(-1, g.shape[1])
         return d, n
 
-    def observe(self, x: Tensor, g: Tensor) -> Observation:
+    def observe(self, x: Tensor, g: Tensor, norms: bool = False) -> Observation:
         h, _ = self.input_rows(x)
         d, n = self.output_rows(g)
         return Observation(h, d, h.shape[0], n)
@@ -339,7 +369,7 @@ class EmbeddingAdapter(LayerAdapter):
         idx = x.reshape(-1)
         return IndexRows(idx, self.module.num_embeddings), idx.numel()
 
-    def observe(self, x: Tensor, g: Tensor) -> Observation:
+    def observe(self, x: Tensor, g: Tensor, norms: bool = False) -> Observation:
         d = g.reshape(-1, g.shape[-1])
         mask = _token_mask(_row_peaks(d))
         n = mask.sum()

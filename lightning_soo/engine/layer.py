@@ -21,6 +21,7 @@ that layer's statistics are closed (the ``step`` of the optimizer that owns it),
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,7 +118,7 @@ def _fit(obs: Observation, shape: tuple[int, int], rows: slice | None, transpose
         d = full
     if short and not isinstance(h, IndexRows):
         h = torch.cat([h, h.new_zeros(h.shape[0], d_in - h.shape[1])], dim=1)
-    return Observation(h, d, obs.rows, obs.n)
+    return dataclasses.replace(obs, h=h, d=d)
 
 
 def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean: bool, timings: dict) -> None:
@@ -129,7 +130,8 @@ def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean
     with _no_autocast(g):
         xs = x if not x.is_floating_point() else x.to(pre.dtype)
         transposed = use.role == "transposed"
-        obs = _fit(use.rows.observe(xs, g.to(pre.dtype)), layer.adapter.shape, rows, transposed)
+        weighted = pre.row_norms and not transposed
+        obs = _fit(use.rows.observe(xs, g.to(pre.dtype), weighted), layer.adapter.shape, rows, transposed)
         if not transposed and rows is None and isinstance(obs.h, Tensor) and host_decides(obs.d):
             layer.kept.keep(layer.adapter.shape, obs.h, obs.d)  # G = ΔᵀH̄ from these rows: a cheaper product at the step
         # undo the 1/N of a mean loss (per-example output gradients): a count the host knows goes into the products,
@@ -140,8 +142,7 @@ def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean
         if transposed:
             pre.observe_transposed(obs.h, d, obs.rows, obs.n)  # type: ignore[arg-type]
         else:
-            ctx = pre.observe_inputs(obs.h, obs.rows)
-            pre.observe_output_grads(d, obs.n, ctx, obs.n if inside else float(obs.n) if by_scale else 1.0)
+            pre.observe(obs, d, obs.n if inside else float(obs.n) if by_scale else 1.0)
     timings["statistics"] += time.perf_counter() - t0
 
 

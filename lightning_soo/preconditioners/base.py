@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_soo.capture.adapters import Count, EmbeddingAdapter, LayerAdapter, Rows
+from lightning_soo.capture.adapters import Count, EmbeddingAdapter, LayerAdapter, Observation, Rows
 from lightning_soo.options import StepOptions
 
 
@@ -37,6 +37,9 @@ class Preconditioner:
     #: ``observe_output_grads`` takes rows not yet multiplied by a mean loss's count when the count is a tensor (the
     #: padding rule's), and that tensor as ``scale``: the method applies it inside its statistics (a pass fewer)
     count_scaled_rows: bool = False
+    #: the statistics weight every row by its output gradient's norm, which is zero for a row that is not an example:
+    #: the adapter hands such a method unmasked rows and the norms (``observe_output_grads``'s ``norms``)
+    row_norms: bool = False
     #: tensor attributes persisted by ``state_dict`` (None values are skipped)
     state_tensors: tuple[str, ...] = ()
     #: plain-number attributes persisted by ``state_dict``
@@ -126,6 +129,12 @@ class Preconditioner:
         """Fold per-example output-gradient rows ``scale · rows`` (up to the step's constant ``output_scale``);
         ``scale`` is the ``N`` of a mean loss, which a method whose statistics are quadratic in the rows applies as
         ``scale²`` inside its products instead of a pass over the rows."""
+
+    def observe(self, obs: Observation, rows: Tensor, scale: float | Tensor = 1.0) -> None:
+        """Fold one call's ``Observation`` (``rows``: its output-gradient rows, a mean loss's count applied or to
+        be applied as ``scale``): its input rows, then its output-gradient rows. A method that asked for the rows'
+        norms (``row_norms``) takes them from ``obs.norms``."""
+        self.observe_output_grads(rows, obs.n, self.observe_inputs(obs.h, obs.rows), scale)
 
     def observe_transposed(self, inputs: Tensor, grads: Tensor, count: Count, n_examples: Count) -> None:
         """Fold a use in the swapped orientation: its input rows lie on this layer's output side (``d_out``) and

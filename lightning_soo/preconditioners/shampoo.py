@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo import linalg
-from lightning_soo.capture.adapters import Count, IndexRows, Rows
+from lightning_soo.capture.adapters import Count, IndexRows, Observation, Rows
 from lightning_soo.options import ShampooOptions, StepOptions
 from lightning_soo.preconditioners.banks import Sides, close_banked
 from lightning_soo.preconditioners.base import Preconditioner
@@ -51,7 +51,7 @@ class Shampoo(Preconditioner):
 
     def build(self) -> None:
         o = self.options
-        self.uses_hooks = o.statistics == "per_example"
+        self.uses_hooks = self.row_norms = o.statistics == "per_example"
         self.uses_grad = not self.uses_hooks
         self.exponent, self.relative = o.exponent, o.damping_mode == "relative"
         self.accumulate, self.beta = o.accumulate, o.beta
@@ -83,8 +83,15 @@ class Shampoo(Preconditioner):
         self.left.add(inputs * _row_norms(grads), n_examples)
         self.right.add(grads * _row_norms(inputs), n_examples)
 
+    def observe(self, obs: Observation, rows: Tensor, scale: float | Tensor = 1.0) -> None:
+        """Per-example statistics weight each row by the other side's norm: the adapter's rows come unmasked, with
+        the output-gradient norms (``row_norms``), where it made them."""
+        self._observe(rows, obs.n, obs.h, scale, obs.norms)
+
     def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float | Tensor = 1.0) -> None:
-        h: Rows = ctx
+        self._observe(rows, n_examples, ctx, scale, None)
+
+    def _observe(self, rows: Tensor, n_examples: Count, h: Rows, scale: float | Tensor, norms: Tensor | None) -> None:
         # both sides are quadratic in the rows: a count tensor's square is taken at the close (``Factor.add``)
         sq, s2 = (scale, 1.0) if isinstance(scale, Tensor) else (None, scale * scale)
         if isinstance(h, IndexRows):
@@ -92,8 +99,9 @@ class Shampoo(Preconditioner):
             weights = rows.square().sum(1)  # diagonal: Σ ‖δ_n‖² at each index
             self.right.add(h, n_examples, s2, weights=weights, squared=sq)
             return
+        norms = _row_norms(rows) if norms is None else norms
         self.left.add(rows * _row_norms(h), n_examples, s2, squared=sq)  # Δᵀ diag(‖h̄‖²) Δ
-        self.right.add(h * _row_norms(rows), n_examples, s2, squared=sq)  # H̄ᵀ diag(‖δ‖²) H̄
+        self.right.add(h * norms, n_examples, s2, squared=sq)  # H̄ᵀ diag(‖δ‖²) H̄
 
     def observe_grad(self, grad: Tensor) -> None:
         self.left.add(grad.mT, 1)  # G Gᵀ

@@ -47,8 +47,7 @@ def _batch(length: int) -> tuple[Tensor, Tensor]:
     return tokens, labels
 
 
-def _preconditioned(model: nn.Module, length: int, method: str, **options) -> tuple[Tensor, dict[str, Tensor]]:
-    manager = PreconditionerManager(model, method, kl_clip=None, warn=lambda m: None, **options)
+def _step(manager: PreconditionerManager, model: nn.Module, length: int) -> tuple[Tensor, dict[str, Tensor]]:
     tokens, labels = _batch(length)
     manager.begin_step()
     loss = F.cross_entropy(model(tokens).reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
@@ -56,6 +55,10 @@ def _preconditioned(model: nn.Module, length: int, method: str, **options) -> tu
     manager.step()
     assert manager.layers and all(layer.preconditioner.ready for layer in manager.layers.values())
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _preconditioned(model: nn.Module, length: int, method: str, **options) -> tuple[Tensor, dict[str, Tensor]]:
+    return _step(PreconditionerManager(model, method, kl_clip=None, warn=lambda m: None, **options), model, length)
 
 
 METHODS = [
@@ -121,3 +124,45 @@ def test_row_peaks_of_every_form(rows: int, host: bool, monkeypatch) -> None:
     expected = d.abs().amax(1)
     torch.testing.assert_close(peaks, expected, equal_nan=True)
     assert peaks[1] == 0 and peaks[2] == 2 and peaks[3] == 5 and peaks[5] == math.inf and math.isnan(peaks[4])
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device-path"])
+def test_unmasked_weighted_rows_equal_the_masked_ones(host: bool, monkeypatch) -> None:
+    """Per-example Shampoo takes unmasked rows with the output-gradient norms (``row_norms``): a padding row has
+    weight zero, and the count is the number of non-zero norms. Its factors equal those of the padding rule's
+    masked rows, on both paths, with padding and attention."""
+    from lightning_soo import linalg
+
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
+    torch.manual_seed(0)
+    model = TokenModel(attention=True)
+    factors = []
+    for weighted in (True, False):
+        copied = copy.deepcopy(model)
+        manager = PreconditionerManager(copied, "shampoo", kl_clip=None, warn=lambda m: None)
+        for layer in manager.layers.values():
+            assert layer.preconditioner.row_norms
+            layer.preconditioner.row_norms = weighted
+        _step(manager, copied, 24)
+        factors.append({k: (layer.preconditioner.l, layer.preconditioner.r) for k, layer in manager.layers.items()})
+    assert factors[0].keys() == factors[1].keys() and len(factors[0]) >= 4
+    for name, (left, right) in factors[0].items():
+        torch.testing.assert_close(left, factors[1][name][0], msg=name)
+        torch.testing.assert_close(right, factors[1][name][1], msg=name)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device-path"])
+def test_weighted_rows_count_rows_whose_squares_underflow(host: bool, monkeypatch) -> None:
+    """A real row of tiny gradients (their squares underflow in float32: a zero norm) is still an example: the
+    weighted rows' count is the padding rule's, from the row peaks."""
+    from lightning_soo import linalg
+    from lightning_soo.capture.adapters import LinearAdapter
+
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
+    adapter = LinearAdapter(nn.Linear(4, 3).float())
+    x, g = torch.randn(5, 4, dtype=torch.float32), torch.randn(5, 3, dtype=torch.float32)
+    g[1], g[3] = 0.0, 1e-25
+    weighted, masked = adapter.observe(x, g, norms=True), adapter.observe(x, g)
+    assert float(weighted.norms[3]) == 0.0  # the norm underflowed
+    assert float(weighted.n) == float(masked.n) == 4.0
+    torch.testing.assert_close(weighted.norms.squeeze(1), g.norm(dim=1))

@@ -76,13 +76,13 @@ def test_both_networks_preconditioned_and_d_sees_real_data(d_first: bool, callba
         def on_fit_start(self, trainer, pl_module) -> None:
             managers.append(cb.manager)
             pre = cb.manager.layers["discriminator.0"].preconditioner
-            observe = pre.observe_inputs
+            observe = pre.observe  # every call's rows pass through it, whatever the method
 
-            def spy(rows, count):
-                seen.append(rows.detach().clone())
-                return observe(rows, count)
+            def spy(obs, rows, scale=1.0):
+                seen.append(obs.h.detach().clone())
+                return observe(obs, rows, scale)
 
-            pre.observe_inputs = spy
+            pre.observe = spy
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

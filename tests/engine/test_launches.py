@@ -28,7 +28,7 @@ NOT_KERNELS = {"_local_scalar_dense", "scalar_tensor", "detach", "lift_fresh"}
 BUDGETS = {
     ("kfac", False): 35,
     ("kfac", True): 11,
-    ("shampoo", False): 45,
+    ("shampoo", False): 43,
     ("shampoo", True): 17,
     ("gauss_newton", False): 28,
     ("gauss_newton", True): 22,
@@ -42,7 +42,7 @@ BUDGETS = {
 STACKED_BUDGETS = {
     ("kfac", False): 7,
     ("kfac", True): 0,
-    ("shampoo", False): 11,
+    ("shampoo", False): 9,
     ("shampoo", True): 0,
     ("psgd", False): 2,
     ("psgd", True): 0,
