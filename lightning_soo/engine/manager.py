@@ -122,7 +122,7 @@ class PreconditionerManager:
         self._collecting = self.schedule.collects(self._cycle)
         if not self._reported and self.counters["refreshes"]:
             self._report_plain()
-        self.wiring.open_step(self._collecting, self._processed)
+        self.wiring.open_step(self._collecting, self._processed, self.schedule.read_before_next(self._cycle))
         self._processed.clear()
         if self._collecting and self._census_due:  # once: find uses of managed weights that capture cannot see
             self._census_due = False

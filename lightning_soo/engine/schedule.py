@@ -52,6 +52,11 @@ class Schedule:
         interval = self.preconditioner_interval
         return interval is not None and step % interval == 0
 
+    def read_before_next(self, step: int) -> bool:
+        """A refresh comes at or after ``step`` and before the next statistics step: statistics collected at
+        ``step`` are read by a refresh even where it keeps only the latest (``Preconditioner.running_statistics``)."""
+        return any(self.refreshes(r) for r in range(step, step + self.statistics_interval))
+
     def freezes(self, step: int) -> bool:
         """The schedule has no refresh left from ``step`` on (``preconditioner_interval=None`` past the frequent
         phase); step 0 is never frozen."""

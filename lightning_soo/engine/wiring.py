@@ -43,15 +43,17 @@ class Wiring:
     def param_name(self, p: nn.Parameter, default: str) -> str:
         return self.names.get(id(p), default)
 
-    def open_step(self, collecting: bool, processed: set[str]) -> None:
-        """A step begins: every layer collects (or none). Statistics a layer gathered in the last step without an
-        optimizer step closing them (its parameters in no stepping optimizer) are dropped."""
+    def open_step(self, collecting: bool, processed: set[str], read: bool = True) -> None:
+        """A step begins: every layer collects (or none), except a layer whose refresh reads only the latest
+        statistics (``running_statistics`` False) when no refresh reads this step's (``read``), unless it waits to
+        catch up. Statistics a layer gathered in the last step without an optimizer step closing them (its
+        parameters in no stepping optimizer) are dropped."""
         for layer in self.layers.values():
             if layer.collecting and layer.name not in processed:
                 layer.preconditioner.discard_statistics()
-            layer.collecting = collecting
+            layer.collecting = collecting and (read or layer.catch_up or layer.preconditioner.running_statistics)
             layer.kept.forget()
-        self.capture.active = collecting and self.capture.attached
+        self.capture.active = self.capture.attached and any(layer.collecting for layer in self.layers.values())
 
     @contextmanager
     def paused(self) -> Iterator[None]:

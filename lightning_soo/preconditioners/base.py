@@ -40,6 +40,9 @@ class Preconditioner:
     #: the statistics weight every row by its output gradient's norm, which is zero for a row that is not an example:
     #: the adapter hands such a method unmasked rows and the norms (``observe_output_grads``'s ``norms``)
     row_norms: bool = False
+    #: statistics accumulate across steps; False: a refresh reads the last statistics step's alone (Gauss-Newton's
+    #: examples), so a statistics step after which another comes before any refresh is not collected
+    running_statistics: bool = True
     #: tensor attributes persisted by ``state_dict`` (None values are skipped)
     state_tensors: tuple[str, ...] = ()
     #: plain-number attributes persisted by ``state_dict``

@@ -58,8 +58,8 @@ class RowBasis:
         if isinstance(self.h, IndexRows):
             return (self.d * v[:, self.h.index].mT).sum(1)
         if self.h.shape[1] <= self.d.shape[1]:
-            return ((self.d @ v) * self.h).sum(1)
-        return ((self.h @ v.mT) * self.d).sum(1)
+            return (self.d @ v).mul_(self.h).sum(1)  # in place: the product is new
+        return (self.h @ v.mT).mul_(self.d).sum(1)
 
     def combine(self, w: Tensor, shape: tuple[int, int]) -> Tensor:
         """``U w = Σ_n w_n δ_n h_nᵀ``."""
@@ -145,6 +145,7 @@ class GaussNewton(Preconditioner):
     state_numbers = ("damping",)
     derived = ("damping",)  # and the Cholesky factor (``_load_tensors``)
     config_keys = ("damping_mode", "max_examples")
+    running_statistics = False  # the latest statistics step is the curvature
 
     def build(self) -> None:
         self.max_examples = self.options.max_examples
@@ -310,7 +311,7 @@ class GaussNewton(Preconditioner):
     def precondition_stacked(cls, operands: tuple[Tensor, ...], g: Tensor) -> Tensor:
         """``(G − U S⁻¹ Uᵀ G) / ρ`` of every member: ``precondition`` with each operation once per stack."""
         h, d, chol, rho = operands
-        c = ((d @ g) * h).sum(2) if h.shape[2] <= d.shape[2] else ((h @ g.mT) * d).sum(2)  # Uᵀ vec(G) per member
+        c = (d @ g).mul_(h).sum(2) if h.shape[2] <= d.shape[2] else (h @ g.mT).mul_(d).sum(2)  # Uᵀ vec(G) per member
         y = torch.linalg.solve_triangular(chol, c.unsqueeze(2), upper=False)
         w = torch.linalg.solve_triangular(chol.mT, y, upper=True)  # (K + NρI)⁻¹ Uᵀ G
         return torch.baddbmm(g, (d * w).mT, h, alpha=-1.0).div_(rho.reshape(-1, 1, 1))

@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_soo import PreconditionerManager, linalg
+from lightning_soo.preconditioners.gauss_newton import GaussNewton
 from tests.engine.test_sync import _mlp
 
 #: operations that launch nothing on a device
@@ -73,6 +74,7 @@ def _kernels(method: str | None, depth: int, frozen: bool, stacked: bool) -> Cou
     x, y = torch.randn(32, 8), torch.randint(0, 10, (32,))
     host, linalg.HOST_DECIDES_ON_CPU = linalg.HOST_DECIDES_ON_CPU, False
     batch, linalg.BATCH_ON_CPU = linalg.BATCH_ON_CPU, stacked
+    running, GaussNewton.running_statistics = GaussNewton.running_statistics, True  # collecting steps' cost
     try:
         for _ in range(4):
             opt.zero_grad(set_to_none=True)
@@ -85,6 +87,7 @@ def _kernels(method: str | None, depth: int, frozen: bool, stacked: bool) -> Cou
             opt.step()
     finally:
         linalg.HOST_DECIDES_ON_CPU, linalg.BATCH_ON_CPU = host, batch
+        GaussNewton.running_statistics = running
     return counted.names
 
 

@@ -182,3 +182,36 @@ def test_largest_eigenvalue_by_subspace_iteration() -> None:
     state = torch.random.get_rng_state()
     assert math.isnan(largest_eigenvalue(bad))
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize(("statistics", "refresh"), [(1, 4), (3, 10), (2, 1)])
+def test_statistics_no_refresh_reads_are_not_collected(statistics: int, refresh: int, monkeypatch) -> None:
+    """A refresh reads only the latest statistics step's examples: a statistics step followed by another before any
+    refresh is not collected, and the run equals one that collects every statistics step (gradients, every step)."""
+    from lightning_soo.preconditioners.gauss_newton import GaussNewton
+
+    def run(running: bool) -> tuple[list[Tensor], list[int]]:
+        monkeypatch.setattr(GaussNewton, "running_statistics", running)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        manager = PreconditionerManager(
+            model, "gauss_newton", statistics_interval=statistics, preconditioner_interval=refresh, kl_clip=None
+        )
+        grads, collected = [], []
+        for step in range(13):
+            x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+            model.zero_grad()
+            manager.begin_step()
+            if manager.layers["0"].collecting:
+                collected.append(step)
+            mse(model(x), y).backward()
+            manager.step()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        return grads, collected
+
+    (skipping, few), (every, all_) = run(False), run(True)
+    assert all_ == list(range(0, 13, statistics))
+    read = [s for s in all_ if any(r % refresh == 0 for r in range(s, s + statistics))]
+    assert few == read and (len(few) < len(all_)) == (refresh > statistics)
+    for a, b in zip(skipping, every, strict=True):
+        torch.testing.assert_close(a, b)
