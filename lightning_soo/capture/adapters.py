@@ -201,10 +201,7 @@ class LayerAdapter:
 
     def observe(self, x: Tensor, g: Tensor, norms: bool = False) -> Observation:
         """The statistics of one call with input ``x`` and output gradient ``g``, padding rule applied; ``norms``:
-        for a method that weights each row by its output gradient's norm (``Preconditioner.row_norms``), see
-        ``_weighted``."""
-        if norms and not (self.weight_sharing == "reduce" and x.dim() > 2):
-            return self._weighted(_matrix(x) if self.has_bias else x.reshape(-1, x.shape[-1]), _matrix(g))
+        unmasked rows and their norms, for a method that weights each row by them (``_weighted``)."""
         if self.weight_sharing == "reduce" and x.dim() > 2:
             gs = g.reshape(g.shape[0], -1, g.shape[-1])
             xs = x.reshape(x.shape[0], -1, x.shape[-1])
@@ -219,6 +216,8 @@ class LayerAdapter:
             h = _matrix(x) if self.has_bias else x.reshape(-1, x.shape[-1])
             d = _matrix(g)
             peaks = _row_peaks(d)
+            if norms:
+                return self._weighted(h, d, peaks)
             if host_decides(d):  # the count read, and no mask to apply when every row is an example
                 real = int(torch.count_nonzero(peaks))
                 if real == d.shape[0]:
@@ -229,14 +228,10 @@ class LayerAdapter:
         n = mask.sum()
         return Observation(h, d, n, n)
 
-    def _weighted(self, h: Tensor, d: Tensor) -> Observation:
-        """Rows for statistics that weight every row by its output gradient's norm (per-example Shampoo): a row
-        that is not an example (zero gradient) has weight zero and drops out with no mask, so the rows come
-        unmasked, with the norms. The count is the number of non-zero row peaks, not of non-zero norms: a norm
-        squares the entries, and a real row below 1e-19 would underflow to zero and leave the count (NaN counts:
-        the NaN in its rows rejects the step's statistics). 7 operations per layer for per-example Shampoo where
-        the mask and a second pass over the rows for the norms took 9."""
-        peaks = _row_peaks(d)
+    def _weighted(self, h: Tensor, d: Tensor, peaks: Tensor) -> Observation:
+        """Rows for statistics that weight every row by its output gradient's norm (per-example Shampoo,
+        ``Preconditioner.row_norms``): a row that is not an example has weight zero, so no mask. The count is of the
+        non-zero peaks, not norms: a real row below 1e-19 has a norm that underflows to zero."""
         count: Count = int(torch.count_nonzero(peaks)) if host_decides(d) else torch.linalg.vector_norm(peaks, 0)
         norms = torch.linalg.vector_norm(d, dim=1, keepdim=True)
         return Observation(_with_ones(h) if self.has_bias else h, d, count, count, norms)

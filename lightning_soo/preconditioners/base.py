@@ -38,7 +38,7 @@ class Preconditioner:
     #: padding rule's), and that tensor as ``scale``: the method applies it inside its statistics (a pass fewer)
     count_scaled_rows: bool = False
     #: the statistics weight every row by its output gradient's norm, which is zero for a row that is not an example:
-    #: the adapter hands such a method unmasked rows and the norms (``observe_output_grads``'s ``norms``)
+    #: the adapter hands such a method unmasked rows and the norms (``Observation.norms``, read in ``observe``)
     row_norms: bool = False
     #: statistics accumulate across steps; False: a refresh reads the last statistics step's alone (Gauss-Newton's
     #: examples), so a statistics step after which another comes before any refresh is not collected

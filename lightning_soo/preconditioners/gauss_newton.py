@@ -151,8 +151,7 @@ class GaussNewton(Preconditioner):
         self.max_examples = self.options.max_examples
         self.relative = self.options.damping_mode == "relative"
         self._chunks: list[tuple[Rows, Tensor, int, float]] = []  # (H, Δ, examples, Δ's scale) of this step
-        # this step's basis tensors, possibly gathered across ranks: [U] (materialised) or [H or one-hot index, Δ]
-        self._pending: list[Tensor] | None = None
+        self._pending: list[Tensor] | None = None  # the step's basis (all ranks'): [U] or [H or one-hot index, Δ]
         self.latest: Basis | None = None  # basis of the last statistics step
         self._unsettled: tuple[Basis | None, Tensor | bool] | None = None  # (basis before it, is it finite?)
         self.basis: Basis | None = None  # basis of the current preconditioner
