@@ -35,42 +35,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_soo.capture.rows import (
+    Count,
+    IndexRows,
+    Observation,
+    RowCount,
+    Rows,
+    matrix_rows,
+    row_peaks,
+    token_mask,
+    with_ones,
+)
 from lightning_soo.linalg import host_decides
 from lightning_soo.options import WeightSharing
 
 
 class UnsupportedLayerError(ValueError):
     """A module of a supported type whose configuration cannot be preconditioned."""
-
-
-@dataclass
-class IndexRows:
-    """Rows that are one-hot vectors, stored as their indices (embedding inputs); ``weights`` (0 or 1 per row,
-    None: all 1) drops rows from the statistics."""
-
-    index: Tensor  # (rows,) int64
-    size: int  # length of each one-hot vector
-    weights: Tensor | None = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.index.numel(), self.size)
-
-
-Rows = Tensor | IndexRows
-Count = int | Tensor  # a tensor when it depends on the data (the padding rule): no device sync
-
-
-@dataclass
-class Observation:
-    """One call's statistics: input rows (zero where dropped), output-gradient rows, the number of rows the
-    input statistic averages over, and the number of examples ``N`` (the output-gradient statistic's divisor)."""
-
-    h: Rows
-    d: Tensor
-    rows: Count
-    n: Count
-    norms: Tensor | None = None  # each output-gradient row's Euclidean norm (a column), where asked for
 
 
 @dataclass
@@ -90,51 +71,6 @@ class Part:
         out = block.new_zeros(self.param.shape)
         out[self.rows] = block
         return out
-
-
-def _matrix(t: Tensor) -> Tensor:
-    """``t`` as rows of its last dimension; a matrix as it is (no view op: the hot path counts them)."""
-    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
-
-
-_ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-
-def _ones(h: Tensor) -> Tensor:
-    """A column of ones as long as ``h``: a view of one cached column per dtype and device (grown by doubling), so
-    the bias column costs no fill."""
-    key, n = (h.dtype, h.device), h.shape[0]
-    ones = _ONES.get(key)
-    if ones is None or ones.shape[0] < n:
-        ones = _ONES[key] = h.new_ones(max(n, 2 * (0 if ones is None else ones.shape[0])), 1)
-    return ones[:n]
-
-
-def _with_ones(h: Tensor) -> Tensor:
-    return torch.cat([h, _ones(h)], dim=1)
-
-
-#: from this many output-gradient entries, a layer's row peaks come from two reductions instead of ``abs`` and one
-PEAKS_SPLIT = 1 << 16
-
-
-def _row_peaks(d: Tensor) -> Tensor:
-    """Each row's largest magnitude: zero exactly for the rows that are not examples (the padding rule), NaN for a
-    row holding NaN; 4x cheaper than ``(d != 0).any(1)`` on the CPU. Large ``d`` as ``max(max d, −min d)``, without
-    a ``d``-sized temporary (2048 x 512 rows: 0.37 against 0.51 ms warm, 0.51 against 1.16 out of cache, one
-    thread); small ones as ``|d|``'s maximum, one operation fewer."""
-    if not host_decides(d):  # an accelerator: one reduction, one launch
-        return torch.linalg.vector_norm(d, float("inf"), dim=1)
-    if d.numel() < PEAKS_SPLIT:
-        return d.abs().amax(1)
-    return torch.maximum(d.amax(1), d.amin(1).neg_())
-
-
-def _token_mask(peaks: Tensor) -> Tensor:
-    """1 for rows with a non-zero output gradient, 0 for the others, in the peaks' dtype: the sign of the peaks (never
-    negative), one operation. A row holding NaN gets NaN, which reaches the step's sums and count, and the step's
-    statistics are rejected as non-finite, as the NaN in its output gradient would have them anyway."""
-    return torch.sign(peaks)
 
 
 class LayerAdapter:
@@ -190,7 +126,7 @@ class LayerAdapter:
             h = x.reshape(x.shape[0], -1, x.shape[-1]).mean(1)
         else:
             h = x.reshape(-1, x.shape[-1])
-        return (_with_ones(h) if self.has_bias else h), h.shape[0]
+        return (with_ones(h) if self.has_bias else h), h.shape[0]
 
     def output_rows(self, g: Tensor) -> tuple[Tensor, int]:
         if self.weight_sharing == "reduce" and g.dim() > 2:
@@ -210,31 +146,34 @@ class LayerAdapter:
             h = (xs * real.unsqueeze(2)).sum(1) / count.clamp(min=1)  # mean over the real positions
             d = gs.sum(1)
             mask = (count.squeeze(1) > 0).to(d.dtype)
+            n: Count = mask.sum()
         else:
             # with a bias the rows are a fresh ``[h | 1]``; without, the input itself, as a view: the mark of borrowed
             # rows, which a method keeping them past the step copies (Gauss-Newton's ``_owned``)
-            h = _matrix(x) if self.has_bias else x.reshape(-1, x.shape[-1])
-            d = _matrix(g)
-            peaks = _row_peaks(d)
+            h = matrix_rows(x) if self.has_bias else x.reshape(-1, x.shape[-1])
+            d = matrix_rows(g)
+            peaks = row_peaks(d)
             if norms:
                 return self._weighted(h, d, peaks)
             if host_decides(d):  # the count read, and no mask to apply when every row is an example
                 real = int(torch.count_nonzero(peaks))
                 if real == d.shape[0]:
-                    return Observation(_with_ones(h) if self.has_bias else h, d, real, real)
-            mask = _token_mask(peaks)
+                    return Observation(with_ones(h) if self.has_bias else h, d, real, real)
+            mask = token_mask(peaks)
+            # on an accelerator the count is reduced where it is needed (``RowCount``: per bank, as it closes)
+            n = mask.sum() if host_decides(d) else RowCount(peaks)
         column = mask.unsqueeze(1)
         h = torch.cat([h * column, column], dim=1) if self.has_bias else h * column  # the mask is the ones column
-        n = mask.sum()
         return Observation(h, d, n, n)
 
     def _weighted(self, h: Tensor, d: Tensor, peaks: Tensor) -> Observation:
         """Rows for statistics that weight every row by its output gradient's norm (per-example Shampoo,
         ``Preconditioner.row_norms``): a row that is not an example has weight zero, so no mask. The count is of the
-        non-zero peaks, not norms: a real row below 1e-19 has a norm that underflows to zero."""
-        count: Count = int(torch.count_nonzero(peaks)) if host_decides(d) else torch.linalg.vector_norm(peaks, 0)
+        non-zero peaks, not norms: a real row below 1e-19 has a norm that underflows to zero. On an accelerator the
+        count is reduced when the statistics close (``RowCount``: one reduction per bank of equal layers)."""
+        count: Count = int(torch.count_nonzero(peaks)) if host_decides(d) else RowCount(peaks)
         norms = torch.linalg.vector_norm(d, dim=1, keepdim=True)
-        return Observation(_with_ones(h) if self.has_bias else h, d, count, count, norms)
+        return Observation(with_ones(h) if self.has_bias else h, d, count, count, norms)
 
     # -- gradient matrix --------------------------------------------------------------------------------
     def to_matrix(self, tensors: list[Tensor]) -> Tensor:
@@ -333,7 +272,7 @@ class ConvAdapter(LayerAdapter):
         p = self.patches(x)
         n = p.shape[0]
         h = p.mean(1) if self.weight_sharing == "reduce" else p.reshape(-1, p.shape[-1])
-        return (_with_ones(h) if self.has_bias else h), n
+        return (with_ones(h) if self.has_bias else h), n
 
     def output_rows(self, g: Tensor) -> tuple[Tensor, int]:
         nd = len(self.module.kernel_size)
@@ -366,7 +305,7 @@ class EmbeddingAdapter(LayerAdapter):
 
     def observe(self, x: Tensor, g: Tensor, norms: bool = False) -> Observation:
         d = g.reshape(-1, g.shape[-1])
-        mask = _token_mask(_row_peaks(d))
+        mask = token_mask(row_peaks(d))
         n = mask.sum()
         return Observation(IndexRows(x.reshape(-1), self.weight.param.shape[0], mask), d, n, n)
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from lightning_soo.capture.adapters import IndexRows, LayerAdapter, Observation
 from lightning_soo.capture.discovery import Use
 from lightning_soo.capture.hooks import GradCallback, OnCall
+from lightning_soo.capture.rows import RowCount, count_tensor
 from lightning_soo.engine import factored
 from lightning_soo.linalg import host_decides
 from lightning_soo.preconditioners.base import Preconditioner
@@ -136,13 +137,18 @@ def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean
             layer.kept.keep(layer.adapter.shape, obs.h, obs.d)  # G = ΔᵀH̄ from these rows: a cheaper product at the step
         # undo the 1/N of a mean loss (per-example output gradients): a count the host knows goes into the products,
         # a count tensor to a method that applies it inside its statistics (``count_scaled_rows``), else to the rows
-        by_scale = mean and not transposed and not isinstance(obs.n, Tensor)
-        inside = mean and not transposed and isinstance(obs.n, Tensor) and pre.count_scaled_rows
-        d = obs.d * obs.n if mean and not (by_scale or inside) else obs.d
+        # (a ``RowCount`` is reduced only where it is needed now: the rows, not the statistics)
+        n = obs.n
+        data = isinstance(n, Tensor | RowCount)
+        by_scale = mean and not transposed and not data
+        inside = mean and not transposed and data and pre.count_scaled_rows
+        d = obs.d
+        if mean and not (by_scale or inside):
+            d = d * (count_tensor(n) if isinstance(n, Tensor | RowCount) else n)
         if transposed:
-            pre.observe_transposed(obs.h, d, obs.rows, obs.n)  # type: ignore[arg-type]
+            pre.observe_transposed(obs.h, d, obs.rows, n)  # type: ignore[arg-type]
         else:
-            pre.observe(obs, d, obs.n if inside else float(obs.n) if by_scale else 1.0)
+            pre.observe(obs, d, n if inside else 1.0 if isinstance(n, Tensor | RowCount) or not by_scale else float(n))
     timings["statistics"] += time.perf_counter() - t0
 
 

@@ -18,8 +18,9 @@ the device decides (``linalg.host_decides`` is False) and stacks are built (not 
 ``lerp_`` per stack) measured the same as the layer-by-layer folds on the deep MLP of ``benchmarks/overhead.py``
 (K-FAC 1.002, Shampoo 0.994, interleaved in one process): there the time goes into the passes, not their launches.
 
-On the accelerator's path one more equal layer adds 7 operations to a K-FAC statistics step (28 before banks) and
-11 to Shampoo's (32): ``tests/engine/test_launches.py``. Under data parallelism the ranks sum the step sums in place
+On the accelerator's path one more equal layer adds 6 operations to a K-FAC statistics step (28 before banks) and
+8 to Shampoo's (32): ``tests/engine/test_launches.py``; the members' counts are reduced here, in one reduction
+(``capture.rows.count_many``). Under data parallelism the ranks sum the step sums in place
 through the bank's views (``statistics_tensors``).
 """
 
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo import linalg
+from lightning_soo.capture.rows import count_many
 from lightning_soo.preconditioners.statistics import Factor, fold_where_, step_mean_
 
 #: smallest number of layers worth a bank
@@ -82,9 +84,9 @@ class FactorBank:
         keep = linalg.is_finite(probe)
         last: tuple[list[Tensor], Tensor] | None = None  # K-FAC's two factors count the same tensors: stacked once
         for j, (sums, values, scale) in enumerate(zip(self.sums, self.values, scales, strict=True)):
-            tallies = [row[j]._counted() for row in self.rows]
+            tallies = [row[j].tally() for row in self.rows]
             if last is None or any(a is not b for a, b in zip(tallies, last[0], strict=True)):
-                last = (tallies, torch.stack(tallies))
+                last = (tallies, count_many(tallies))
             counted = last[1] > 0
             flag = (keep & counted).reshape(-1, 1, 1)
             divisor = torch.where(counted, last[1], 1.0).reshape(-1, 1, 1)

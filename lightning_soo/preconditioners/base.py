@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo.capture.adapters import Count, EmbeddingAdapter, LayerAdapter, Observation, Rows
+from lightning_soo.capture.rows import RowCount
 from lightning_soo.options import StepOptions
 
 
@@ -40,6 +41,9 @@ class Preconditioner:
     #: the statistics weight every row by its output gradient's norm, which is zero for a row that is not an example:
     #: the adapter hands such a method unmasked rows and the norms (``Observation.norms``, read in ``observe``)
     row_norms: bool = False
+    #: takes an ``Observation``'s ``RowCount`` as it is (``Factor`` reduces it when the statistics close); for the
+    #: others ``observe`` reduces it first
+    lazy_counts: bool = False
     #: statistics accumulate across steps; False: a refresh reads the last statistics step's alone (Gauss-Newton's
     #: examples), so a statistics step after which another comes before any refresh is not collected
     running_statistics: bool = True
@@ -133,11 +137,14 @@ class Preconditioner:
         ``scale`` is the ``N`` of a mean loss, which a method whose statistics are quadratic in the rows applies as
         ``scale²`` inside its products instead of a pass over the rows."""
 
-    def observe(self, obs: Observation, rows: Tensor, scale: float | Tensor = 1.0) -> None:
+    def observe(self, obs: Observation, rows: Tensor, scale: float | Tensor | RowCount = 1.0) -> None:
         """Fold one call's ``Observation`` (``rows``: its output-gradient rows, a mean loss's count applied or to
         be applied as ``scale``): its input rows, then its output-gradient rows. A method that asked for the rows'
         norms (``row_norms``) takes them from ``obs.norms``."""
-        self.observe_output_grads(rows, obs.n, self.observe_inputs(obs.h, obs.rows), scale)
+        n, count, lazy = obs.n, obs.rows, self.lazy_counts
+        n, count = (c.tensor() if isinstance(c, RowCount) and not lazy else c for c in (n, count))
+        scale = scale.tensor() if isinstance(scale, RowCount) and not lazy else scale
+        self.observe_output_grads(rows, n, self.observe_inputs(obs.h, count), scale)  # type: ignore[arg-type]
 
     def observe_transposed(self, inputs: Tensor, grads: Tensor, count: Count, n_examples: Count) -> None:
         """Fold a use in the swapped orientation: its input rows lie on this layer's output side (``d_out``) and

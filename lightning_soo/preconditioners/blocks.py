@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_soo.capture.adapters import IndexRows, Rows
+from lightning_soo.capture.rows import Count, IndexRows, RowCount, Rows
 from lightning_soo.preconditioners.base import fit_square
 from lightning_soo.preconditioners.statistics import Factor
 
@@ -47,10 +47,10 @@ class BlockSide:
     def add(
         self,
         rows: Rows,
-        count: int | Tensor,
+        count: Count,
         scale: float = 1.0,
         weights: Tensor | None = None,
-        squared: Tensor | None = None,
+        squared: Tensor | RowCount | None = None,
     ) -> None:
         """Add ``scale · Σ x xᵀ`` of ``rows`` block by block (one-hot rows: ``weights`` per row; ``squared``: see
         ``Factor.add``)."""

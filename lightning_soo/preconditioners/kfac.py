@@ -35,6 +35,7 @@ from torch import Tensor
 
 from lightning_soo import linalg
 from lightning_soo.capture.adapters import Count, Rows
+from lightning_soo.capture.rows import RowCount
 from lightning_soo.options import KFACOptions, StepOptions
 from lightning_soo.preconditioners.banks import Sides, close_banked
 from lightning_soo.preconditioners.base import Preconditioner, fit_square
@@ -102,6 +103,7 @@ class KFAC(Preconditioner):
     supports_transposed = True
     state_tensors = ("a", "b", "a_t", "b_t", "a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b")
     symmetric_statistics = True  # Σ h̄h̄ᵀ and Σ ggᵀ
+    lazy_counts = True  # its factors reduce the padding rule's counts when the statistics close (per bank)
     count_scaled_rows = True  # B is quadratic in the output gradients: a count tensor is applied at the close
     state_numbers = ("damping", "rho_a", "rho_b")
     derived = ("a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b", "damping", "rho_a", "rho_b")
@@ -154,8 +156,10 @@ class KFAC(Preconditioner):
     def observe_inputs(self, rows: Rows, count: Count) -> None:
         self._a.add(rows, count)
 
-    def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float | Tensor = 1.0) -> None:
-        if isinstance(scale, Tensor):  # the count tensor: B takes its square at the close (``Factor.add``)
+    def observe_output_grads(
+        self, rows: Tensor, n_examples: Count, ctx: Any, scale: float | Tensor | RowCount = 1.0
+    ) -> None:
+        if isinstance(scale, Tensor | RowCount):  # the count tensor: B takes its square at the close (``Factor.add``)
             self._b.add(rows, n_examples, squared=scale)
         else:
             self._b.add(rows, n_examples, scale * scale)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lightning_soo import linalg
 from lightning_soo.capture.adapters import Count, IndexRows, Observation, Rows
+from lightning_soo.capture.rows import RowCount
 from lightning_soo.options import ShampooOptions, StepOptions
 from lightning_soo.preconditioners.banks import Sides, close_banked
 from lightning_soo.preconditioners.base import Preconditioner
@@ -41,6 +42,7 @@ class Shampoo(Preconditioner):
     options_type = ShampooOptions
     options: ShampooOptions
     symmetric_statistics = True
+    lazy_counts = True
     count_scaled_rows = True  # both sides are quadratic in the output gradients: a count tensor at the close
     config_keys = ("exponent", "damping_mode", "max_factor_dim", "statistics")
     supports_transposed = True
@@ -83,7 +85,7 @@ class Shampoo(Preconditioner):
         self.left.add(inputs * _row_norms(grads), n_examples)
         self.right.add(grads * _row_norms(inputs), n_examples)
 
-    def observe(self, obs: Observation, rows: Tensor, scale: float | Tensor = 1.0) -> None:
+    def observe(self, obs: Observation, rows: Tensor, scale: float | Tensor | RowCount = 1.0) -> None:
         """Per-example statistics weight each row by the other side's norm: the adapter's rows come unmasked, with
         the output-gradient norms (``row_norms``), where it made them."""
         self._observe(rows, obs.n, obs.h, scale, obs.norms)
@@ -91,9 +93,11 @@ class Shampoo(Preconditioner):
     def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float | Tensor = 1.0) -> None:
         self._observe(rows, n_examples, ctx, scale, None)
 
-    def _observe(self, rows: Tensor, n_examples: Count, h: Rows, scale: float | Tensor, norms: Tensor | None) -> None:
+    def _observe(
+        self, rows: Tensor, n_examples: Count, h: Rows, scale: float | Tensor | RowCount, norms: Tensor | None
+    ) -> None:
         # both sides are quadratic in the rows: a count tensor's square is taken at the close (``Factor.add``)
-        sq, s2 = (scale, 1.0) if isinstance(scale, Tensor) else (None, scale * scale)
+        sq, s2 = (scale, 1.0) if isinstance(scale, Tensor | RowCount) else (None, scale * scale)
         if isinstance(h, IndexRows):
             self.left.add(rows, n_examples, s2, squared=sq)  # ‖h̄_n‖ = 1 for one-hot rows
             weights = rows.square().sum(1)  # diagonal: Σ ‖δ_n‖² at each index

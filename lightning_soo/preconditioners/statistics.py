@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_soo.capture.adapters import IndexRows, Rows
+from lightning_soo.capture.rows import Count, IndexRows, RowCount, Rows, count_tensor
 from lightning_soo.linalg import gram_, gram_cuts, host_decides, mirror_
 
 
@@ -50,7 +50,7 @@ class Factor:
         shape = (dim,) if diagonal else (dim, dim)
         self._sum = torch.zeros(shape, dtype=dtype, device=device)
         self._count = torch.zeros((), dtype=dtype, device=device)  # a tensor so ranks can sum it with the sums
-        self._tally: Tensor | None = None  # the step's count tensors (the padding rule's): the first one as it is
+        self._tally: Tensor | RowCount | None = None  # the step's count (the padding rule's): the first as it is
         self._squared = False  # the step sum still owes a factor of the count squared (``add``'s ``squared``)
         self._value: Tensor | None = None
         self._halves = not diagonal and gram_cuts(dim, device) is not None  # step sums hold their upper blocks only
@@ -89,7 +89,14 @@ class Factor:
         tally = self._tally
         if self._moved or tally is None:
             return self._count if self._moved else self._count.fill_(self._n)
+        tally = count_tensor(tally)
         return tally if self._n == 0.0 else tally + self._n
+
+    def tally(self) -> Tensor | RowCount:
+        """The step's count as its rows came with it (a ``RowCount`` not reduced yet), for a bank to count its
+        members at once; else ``_counted``."""
+        tally = self._tally
+        return tally if isinstance(tally, RowCount) and self._n == 0.0 and not self._moved else self._counted()
 
     def _zeroed(self) -> Tensor:
         if self._stale:
@@ -120,10 +127,10 @@ class Factor:
     def add(
         self,
         rows: Rows,
-        count: int | Tensor,
+        count: Count,
         scale: float = 1.0,
         weights: Tensor | None = None,
-        squared: Tensor | None = None,
+        squared: Tensor | RowCount | None = None,
     ) -> None:
         """Add ``Σ x xᵀ`` over ``rows`` (times ``scale``) and ``count`` to the divisor (a tensor when it depends on
         the data); for one-hot rows, ``weights`` (default: the rows' own) gives each row's weight. ``squared``: the
@@ -139,9 +146,10 @@ class Factor:
                 self._squared = True
             elif isinstance(rows, IndexRows):  # one-hot rows: their weights take the square
                 weights = weights if weights is not None else rows.weights
-                weights = squared.square() if weights is None else weights * squared.square()
+                sq = count_tensor(squared).square()
+                weights = sq if weights is None else weights * sq
             else:
-                rows = rows * squared
+                rows = rows * count_tensor(squared)
         if isinstance(rows, IndexRows):
             weights = weights if weights is not None else rows.weights
             if weights is not None:
@@ -163,13 +171,13 @@ class Factor:
             self._add_count(count)
         self._pending = True
 
-    def _add_count(self, count: int | Tensor) -> None:
+    def _add_count(self, count: Count) -> None:
         """Count rows on the device: a count tensor is kept as it is (no operation; the adapter made it and does not
         change it), a second one added to it, numbers on the host."""
         if self._moved:  # after the counts were summed across ranks (not in a normal step)
-            self._count.add_(count)
-        elif isinstance(count, Tensor):
-            self._tally = count if self._tally is None else self._tally + count
+            self._count.add_(count_tensor(count) if isinstance(count, RowCount) else count)
+        elif isinstance(count, Tensor | RowCount):
+            self._tally = count if self._tally is None else count_tensor(self._tally) + count_tensor(count)
         else:
             self._n += count
 

@@ -111,7 +111,7 @@ def test_legitimately_zero_rows_leave_the_factors_and_the_count() -> None:
 def test_row_peaks_of_every_form(rows: int, host: bool, monkeypatch) -> None:
     """Zero exactly for padding rows (not for a constant or negative row), NaN for a row holding NaN."""
     from lightning_soo import linalg
-    from lightning_soo.capture.adapters import PEAKS_SPLIT, _row_peaks
+    from lightning_soo.capture.rows import PEAKS_SPLIT, row_peaks
 
     monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
 
@@ -120,7 +120,7 @@ def test_row_peaks_of_every_form(rows: int, host: bool, monkeypatch) -> None:
     d[4, 7] = math.nan
     d[5, 0] = -math.inf
     assert (d.numel() >= PEAKS_SPLIT) == (rows == 512)
-    peaks = _row_peaks(d)
+    peaks = row_peaks(d)
     expected = d.abs().amax(1)
     torch.testing.assert_close(peaks, expected, equal_nan=True)
     assert peaks[1] == 0 and peaks[2] == 2 and peaks[3] == 5 and peaks[5] == math.inf and math.isnan(peaks[4])
@@ -166,3 +166,19 @@ def test_weighted_rows_count_rows_whose_squares_underflow(host: bool, monkeypatc
     assert float(weighted.norms[3]) == 0.0  # the norm underflowed
     assert float(weighted.n) == float(masked.n) == 4.0
     torch.testing.assert_close(weighted.norms.squeeze(1), g.norm(dim=1))
+
+
+def test_row_counts_are_reduced_per_stack() -> None:
+    """The padding rule's counts on an accelerator's path (``RowCount``) are reduced when first needed, equal layers'
+    in one reduction (``count_many``); the count is of non-zero peaks (a NaN row counts, its statistics are
+    rejected anyway); a count already reduced, or peaks of another length, are stacked as they are."""
+    from lightning_soo.capture.rows import RowCount, count_many
+
+    peaks = [torch.tensor([0.0, 1e-30, 2.0, 0.0]), torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([0.0] * 4)]
+    counts = [RowCount(p) for p in peaks]
+    assert count_many(counts).tolist() == [2.0, 4.0, 0.0]
+    assert all(c._count is None for c in counts)  # one stacked reduction, none per layer
+    assert [float(c) for c in counts] == [2.0, 4.0, 0.0]
+    assert count_many(counts).tolist() == [2.0, 4.0, 0.0]  # already reduced: stacked as they are
+    mixed = [RowCount(torch.tensor([1.0, 0.0])), RowCount(torch.tensor([3.0, 1.0, float("nan")])), torch.tensor(5.0)]
+    assert count_many(mixed).tolist() == [1.0, 3.0, 5.0]

@@ -39,11 +39,12 @@ BUDGETS = {
 
 #: the same where equal layers are stacked (one accelerator): the products (``engine.batched``), the statistics'
 #: close (``preconditioners.banks``) and PSGD's fit (``psgd_math.fit_stacked``) take a handful of kernels per stack,
-#: whatever its depth; what is left per layer is the hooks' own work (PSGD: the gradient matrix and its probe)
+#: whatever its depth; what is left per layer is the hooks' own work (PSGD: the gradient matrix and its probe). The
+#: padding rule's count is reduced per bank as it closes (``capture.rows.RowCount``), not per layer
 STACKED_BUDGETS = {
-    ("kfac", False): 7,
+    ("kfac", False): 6,
     ("kfac", True): 0,
-    ("shampoo", False): 9,
+    ("shampoo", False): 8,
     ("shampoo", True): 0,
     ("psgd", False): 2,
     ("psgd", True): 0,

@@ -1,8 +1,9 @@
 """Equally shaped layers closing their statistics as one stack (accelerators only by default, forced on the CPU here
 with the device deciding): K-FAC's and Shampoo's factors as one bank (``preconditioners.banks``), PSGD's fitting
 step as one stack (``psgd_math.fit_stacked``). The running factors, flags and written gradients are those of the
-layer-by-layer close, through non-finite steps, steps of padding only, loss scaling, a layer that skips a step, PSGD's
-balancing step and a checkpoint round trip, and a checkpoint holds each layer's tensors alone, not the stack."""
+layer-by-layer close, through non-finite steps, padded steps and steps of padding only, loss scaling, a layer that
+skips a step, PSGD's balancing step and a checkpoint round trip, and a checkpoint holds each layer's tensors alone,
+not the stack."""
 
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def _run(
         y = torch.arange(16) % 3
         if step == 3:
             x[0, 0] = float("nan")  # every layer's statistics are non-finite this step
+        if step == 1:
+            y[::4] = -100  # a quarter of the rows ignored: padding, each member's count 12 (``RowCount``, per bank)
         if step == 4:
             y = torch.full((16,), -100)  # every row ignored: a count of zero, nothing folded
         model.skip_last = step == 5  # one bank member sees no rows: it folds nothing, the others alone
