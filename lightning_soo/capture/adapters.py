@@ -152,19 +152,29 @@ class LayerAdapter:
             # rows, which a method keeping them past the step copies (Gauss-Newton's ``_owned``)
             h = matrix_rows(x) if self.has_bias else x.reshape(-1, x.shape[-1])
             d = matrix_rows(g)
+            if host_decides(d):  # no padding (the usual batch), read on the host: no peaks, no mask
+                every = self._every_row_real(h, d, norms)
+                if every is not None:
+                    return every
             peaks = row_peaks(d)
             if norms:
                 return self._weighted(h, d, peaks)
-            if host_decides(d):  # the count read, and no mask to apply when every row is an example
-                real = int(torch.count_nonzero(peaks))
-                if real == d.shape[0]:
-                    return Observation(with_ones(h) if self.has_bias else h, d, real, real)
             mask = token_mask(peaks)
             # on an accelerator the count is reduced where it is needed (``RowCount``: per bank, as it closes)
             n = mask.sum() if host_decides(d) else RowCount(peaks)
         column = mask.unsqueeze(1)
         h = torch.cat([h * column, column], dim=1) if self.has_bias else h * column  # the mask is the ones column
         return Observation(h, d, n, n)
+
+    def _every_row_real(self, h: Tensor, d: Tensor, norms: bool) -> Observation | None:
+        """The observation of rows that are all examples, known on the host from their Euclidean norms (on the CPU
+        one fast reduction, where the row peaks take two passes, or an ``inf`` norm 8x slower); None when some norm
+        is zero: padding, or a real row whose squares underflow, which the row peaks then tell apart."""
+        row_norms = torch.linalg.vector_norm(d, dim=1, keepdim=True)
+        real = int(torch.count_nonzero(row_norms))
+        if real != d.shape[0]:
+            return None
+        return Observation(with_ones(h) if self.has_bias else h, d, real, real, row_norms if norms else None)
 
     def _weighted(self, h: Tensor, d: Tensor, peaks: Tensor) -> Observation:
         """Rows for statistics that weight every row by its output gradient's norm (per-example Shampoo,

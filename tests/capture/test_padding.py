@@ -182,3 +182,27 @@ def test_row_counts_are_reduced_per_stack() -> None:
     assert count_many(counts).tolist() == [2.0, 4.0, 0.0]  # already reduced: stacked as they are
     mixed = [RowCount(torch.tensor([1.0, 0.0])), RowCount(torch.tensor([3.0, 1.0, float("nan")])), torch.tensor(5.0)]
     assert count_many(mixed).tolist() == [1.0, 3.0, 5.0]
+
+
+@pytest.mark.parametrize("norms", [False, True], ids=["masked", "weighted"])
+def test_host_reads_a_batch_without_padding_from_the_row_norms(norms: bool, monkeypatch) -> None:
+    """On the host a batch whose rows all have a non-zero norm is taken whole (no mask, the count a number) and a
+    weighting method gets those norms; one zero row sends it to the row peaks (padding, counted exactly)."""
+    from lightning_soo import linalg
+    from lightning_soo.capture.adapters import LinearAdapter
+
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", True)
+    adapter = LinearAdapter(nn.Linear(4, 3).double())
+    x, g = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    obs = adapter.observe(x, g, norms=norms)
+    assert obs.n == obs.rows == 6 and isinstance(obs.n, int)
+    torch.testing.assert_close(obs.h, torch.cat([x, torch.ones(6, 1, dtype=x.dtype)], 1))
+    if norms:
+        torch.testing.assert_close(obs.norms.squeeze(1), g.norm(dim=1))
+    else:
+        assert obs.norms is None
+    g[2] = 0.0
+    padded = adapter.observe(x, g, norms=norms)
+    assert float(padded.n) == 5.0
+    if not norms:
+        assert float(padded.h[2].abs().sum()) == 0.0  # the padding row dropped from the input statistic
