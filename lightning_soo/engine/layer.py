@@ -148,7 +148,7 @@ def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean
         if transposed:
             pre.observe_transposed(obs.h, d, obs.rows, n)  # type: ignore[arg-type]
         else:
-            pre.observe(obs, d, n if inside else 1.0 if isinstance(n, Tensor | RowCount) or not by_scale else float(n))
+            pre.observe(obs, d, n if inside else float(n) if by_scale else 1.0)
     timings["statistics"] += time.perf_counter() - t0
 
 

@@ -42,7 +42,7 @@ class Preconditioner:
     #: the adapter hands such a method unmasked rows and the norms (``Observation.norms``, read in ``observe``)
     row_norms: bool = False
     #: takes an ``Observation``'s ``RowCount`` as it is (``Factor`` reduces it when the statistics close); for the
-    #: others ``observe`` reduces it first
+    #: others ``observe`` reduces it first (per-example Shampoo's own ``observe`` hands it to its factors as it is)
     lazy_counts: bool = False
     #: statistics accumulate across steps; False: a refresh reads the last statistics step's alone (Gauss-Newton's
     #: examples), so a statistics step after which another comes before any refresh is not collected

@@ -42,7 +42,6 @@ class Shampoo(Preconditioner):
     options_type = ShampooOptions
     options: ShampooOptions
     symmetric_statistics = True
-    lazy_counts = True
     count_scaled_rows = True  # both sides are quadratic in the output gradients: a count tensor at the close
     config_keys = ("exponent", "damping_mode", "max_factor_dim", "statistics")
     supports_transposed = True
