@@ -157,7 +157,10 @@ def discover(
             )
             continue
         same = adapter.transposed == known.adapter.transposed
-        rows = adapter if same else LinearAdapter(module, weight_sharing, weight=adapter.weight)
+        # an embedding's rows are one-hot in either orientation (``IndexRows`` on the layer's output side when the
+        # tied head came first); a head's are dense rows of the embedding's layer
+        keep_own = same or isinstance(adapter, EmbeddingAdapter)
+        rows = adapter if keep_own else LinearAdapter(module, weight_sharing, weight=adapter.weight)
         known.uses.append(Use(module, rows, "normal" if same else "transposed"))
         if adapter.has_bias and (not same or known.adapter.bias is None):  # not part of the tied layer
             plain[f"{mname}.bias" if mname else "bias"] = (

@@ -55,6 +55,12 @@ class Kept:
         first = self.calls == 1 and h.shape[1] == d_in and d.shape[1] == d_out
         self.rows = (h, d) if first and worth(h.shape[0], d_out, d_in) else None
 
+    def another_use(self) -> None:
+        """A call whose rows are not kept (a transposed use of a tied weight, one-hot rows, a row block, the
+        accelerator's path) also wrote into the gradient: ``G = ΔᵀH̄`` of the kept rows no longer holds."""
+        self.calls += 1
+        self.rows = None
+
     def forget(self) -> None:
         self.calls, self.rows = 0, None
 

@@ -135,6 +135,8 @@ def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean
         obs = _fit(use.rows.observe(xs, g.to(pre.dtype), weighted), layer.adapter.shape, rows, transposed)
         if not transposed and rows is None and isinstance(obs.h, Tensor) and host_decides(obs.d):
             layer.kept.keep(layer.adapter.shape, obs.h, obs.d)  # G = ΔᵀH̄ from these rows: a cheaper product at the step
+        else:  # e.g. a tied head's embedding use: its gradient is part of G too, so G = ΔᵀH̄ fails
+            layer.kept.another_use()
         # undo the 1/N of a mean loss (per-example output gradients): a count the host knows goes into the products,
         # a count tensor to a method that applies it inside its statistics (``count_scaled_rows``), else to the rows
         # (a ``RowCount`` is reduced only where it is needed now: the rows, not the statistics)
@@ -146,7 +148,7 @@ def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean
         if mean and not (by_scale or inside):
             d = d * (count_tensor(n) if isinstance(n, Tensor | RowCount) else n)
         if transposed:
-            pre.observe_transposed(obs.h, d, obs.rows, n)  # type: ignore[arg-type]
+            pre.observe_transposed(obs.h, d, obs.rows, n)
         else:
             pre.observe(obs, d, n if inside else float(n) if by_scale else 1.0)
     timings["statistics"] += time.perf_counter() - t0

@@ -146,7 +146,7 @@ class Preconditioner:
         scale = scale.tensor() if isinstance(scale, RowCount) and not lazy else scale
         self.observe_output_grads(rows, n, self.observe_inputs(obs.h, count), scale)  # type: ignore[arg-type]
 
-    def observe_transposed(self, inputs: Tensor, grads: Tensor, count: Count, n_examples: Count) -> None:
+    def observe_transposed(self, inputs: Rows, grads: Tensor, count: Count, n_examples: Count) -> None:
         """Fold a use in the swapped orientation: its input rows lie on this layer's output side (``d_out``) and
         its per-example output-gradient rows on the input side (``d_in``); methods with ``supports_transposed``."""
         raise NotImplementedError(f"{type(self).__name__} does not take uses in the swapped orientation")

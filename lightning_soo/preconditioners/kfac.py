@@ -164,7 +164,7 @@ class KFAC(Preconditioner):
         else:
             self._b.add(rows, n_examples, scale * scale)
 
-    def observe_transposed(self, inputs: Tensor, grads: Tensor, count: Count, n_examples: Count) -> None:
+    def observe_transposed(self, inputs: Rows, grads: Tensor, count: Count, n_examples: Count) -> None:
         self._at.add(inputs, count)
         self._bt.add(grads, n_examples)
 

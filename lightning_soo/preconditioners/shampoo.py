@@ -78,9 +78,15 @@ class Shampoo(Preconditioner):
     def observe_inputs(self, rows: Rows, count: Count) -> Rows:
         return rows  # kept until the output gradients of the same rows arrive
 
-    def observe_transposed(self, inputs: Tensor, grads: Tensor, count: Count, n_examples: Count) -> None:
-        """A use in the swapped orientation (a tied head): each row's gradient is ``h δᵀ`` in this layer's
-        coordinates, so ``L += ‖δ‖² h hᵀ`` and ``R += ‖h‖² δ δᵀ`` (a diagonal side keeps the diagonal)."""
+    def observe_transposed(self, inputs: Rows, grads: Tensor, count: Count, n_examples: Count) -> None:
+        """A use in the swapped orientation (a tied head, or a tied embedding after its head): each row's gradient
+        is ``h δᵀ`` in this layer's coordinates, so ``L += ‖δ‖² h hᵀ`` and ``R += ‖h‖² δ δᵀ`` (a diagonal side
+        keeps the diagonal); one-hot ``h`` (an embedding's tokens) have ``‖h‖ = 1``."""
+        if isinstance(inputs, IndexRows):
+            weights = grads.square().sum(1)
+            self.left.add(inputs, n_examples, weights=weights if inputs.weights is None else weights * inputs.weights)
+            self.right.add(grads, n_examples)
+            return
         self.left.add(inputs * _row_norms(grads), n_examples)
         self.right.add(grads * _row_norms(inputs), n_examples)
 

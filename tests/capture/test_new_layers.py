@@ -361,3 +361,65 @@ def test_tied_layer_resumes_from_a_checkpoint(functional: bool) -> None:
     for _ in range(2):
         torch.testing.assert_close(_tied_step(twin, resumed)[1], _tied_step(model, manager)[1], rtol=0, atol=0)
     assert [use.role for use in resumed.layers["wte"].uses] == ["normal", "transposed"]
+
+
+class HeadFirstLM(TiedLM):
+    """``TiedLM`` with the head registered before the embedding: the tied layer takes the head's orientation and
+    the embedding's use (one-hot rows of the vocabulary, on the layer's output side) is the transposed one."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.functional = False
+        self.head = nn.Linear(4, 7, bias=False)
+        self.wte = nn.Embedding(7, 4)
+        self.fc = nn.Linear(4, 4)
+        self.wte.weight = self.head.weight
+
+
+def test_a_tied_kfac_layer_is_the_same_whichever_module_comes_first() -> None:
+    """The same tied model, head first: the embedding's tokens enter as one-hot rows on the output side (they used
+    to be read as dense numbers, a crash), and every K-FAC update equals the embedding-first model's, whose dense
+    definition is tested above (each orientation keeps its own pair of factors, the same in either order)."""
+    torch.manual_seed(0)
+    first, head_first = TiedLM().double(), HeadFirstLM().double()
+    head_first.load_state_dict(first.state_dict())
+    managers = [PreconditionerManager(m, "kfac", warn=lambda msg: None) for m in (first, head_first)]
+    for _ in range(3):
+        (a_plain, a), (b_plain, b) = (_tied_step(m, man) for m, man in zip((first, head_first), managers, strict=True))
+        torch.testing.assert_close(b_plain, a_plain, rtol=1e-12, atol=1e-14)
+        assert not torch.equal(b, b_plain)
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert [use.role for use in managers[1].layers["head"].uses] == ["normal", "transposed"]
+
+
+def test_a_tied_shampoo_layer_head_first_is_its_dense_definition() -> None:
+    """Head first, Shampoo's vocabulary side is the layer's output side, dense: ``L`` and ``R`` are the sums of
+    ``G_n G_nᵀ`` and ``G_nᵀ G_n`` over both uses' per-row gradients (the embedding's ``e_token δᵀ`` included),
+    where the embedding-first layer keeps its one-hot side diagonal (above)."""
+    torch.manual_seed(0)
+    model = HeadFirstLM()
+    tokens, labels = _tied_data()
+    rho = 0.05
+    options = {"damping_mode": "absolute", "grafting": None, "kl_clip": None, "beta": 0.0}
+    manager = PreconditionerManager(model, "shampoo", damping=rho, **options)
+    manager.begin_step()
+    emb_out, head_in, logits = [], [], []
+    model.wte.register_forward_hook(lambda m, a, o: _keep(o, emb_out))
+    model.head.register_forward_hook(lambda m, a, o: _keep(o, logits, a[0], head_in))
+    F.cross_entropy(model(tokens).reshape(-1, 7), labels.reshape(-1)).backward()
+    g = model.head.weight.grad.clone()  # V x D, the head's orientation
+    manager.step()
+    n = tokens.numel()
+    de, dh = emb_out[0].grad.reshape(-1, 4) * n, logits[0].grad.reshape(-1, 7) * n
+    x = head_in[0].detach().reshape(-1, 4)
+    one_hot = F.one_hot(tokens.reshape(-1), 7).double()
+    rows = [torch.outer(d, xi) for d, xi in zip(dh, x, strict=True)]  # per-row gradients, V x D
+    rows += [torch.outer(e, d) for e, d in zip(one_hot, de, strict=True)]
+    left = sum(r @ r.T for r in rows) / (2 * n)
+    right = sum(r.T @ r for r in rows) / (2 * n)
+
+    def root(m: Tensor) -> Tensor:
+        lam, q = torch.linalg.eigh(m + rho * torch.eye(m.shape[0]))
+        return q @ torch.diag(lam**-0.25) @ q.T
+
+    torch.testing.assert_close(model.head.weight.grad, root(left) @ g @ root(right), rtol=1e-9, atol=1e-12)

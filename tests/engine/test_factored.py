@@ -91,3 +91,48 @@ def test_the_probes_leave_the_users_random_stream_alone() -> None:
 def test_worth_it_only_below_about_two_thirds_of_the_width() -> None:
     assert factored.worth(256, 512, 785) and not factored.worth(256, 128, 129)
     assert not factored.worth(2048, 512, 785) and factored.worth(8, 30, 40)
+
+
+class _Tied(nn.Module):
+    """A head tied to the embedding, the head registered first (so the layer is the head's orientation and the
+    embedding's use is the transposed one): the head's gradient is its own rows' ``ΔᵀH̄`` plus the embedding's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(30, 40, bias=False)
+        self.wte = nn.Embedding(40, 30)
+        self.wte.weight = self.head.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.wte(idx)))
+
+
+@pytest.mark.parametrize("method", ["kfac", "shampoo"])
+def test_a_tied_weights_other_use_keeps_the_plain_products(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedding's use writes into the tied head's gradient too, so ``G = ΔᵀH̄`` of the head's rows fails: the
+    factored form is not even tried (no probe), and the update is the plain products'."""
+    written = {}
+    for plain in (True, False):
+        monkeypatch.setattr(factored, "MARGIN", 0.0 if plain else MARGIN)
+        probed: list[bool] = []
+
+        def recording(a: torch.Tensor, b: torch.Tensor, probed: list[bool] = probed) -> bool:
+            probed.append(AGREE(a, b))
+            return probed[-1]
+
+        monkeypatch.setattr(factored, "agree", recording)
+        torch.manual_seed(0)
+        model = _Tied().double()
+        gen = torch.Generator().manual_seed(1)
+        manager = PreconditionerManager(model, method, preconditioner_interval=2, warn=lambda m: None)
+        for _ in range(4):
+            model.zero_grad()
+            manager.begin_step()
+            idx = torch.randint(0, 40, (6,), generator=gen)
+            nn.functional.cross_entropy(model(idx), torch.randint(0, 40, (6,), generator=gen)).backward()
+            manager.step()
+        assert [u.role for u in manager.layers["head"].uses] == ["normal", "transposed"]
+        written[plain] = [p.grad.clone() for p in model.parameters()]
+        assert probed == []
+    for a, b in zip(written[False], written[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
