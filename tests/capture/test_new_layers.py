@@ -231,36 +231,6 @@ def test_tied_embedding_and_head_kfac_is_its_dense_definition() -> None:
     torch.testing.assert_close(left.diagonal().sum() * right.sum(), total)  # the trace of the sum is kept
 
 
-def test_tied_embedding_and_head_shampoo_is_its_dense_definition() -> None:
-    torch.manual_seed(0)
-    model = TiedLM()
-    tokens, labels = _tied_data()
-    rho = 0.05
-    options = {"damping_mode": "absolute", "grafting": None, "kl_clip": None, "beta": 0.0}
-    manager = PreconditionerManager(model, "shampoo", damping=rho, **options)
-    manager.begin_step()
-    emb_out, head_in, logits = [], [], []
-    model.wte.register_forward_hook(lambda m, a, o: _keep(o, emb_out))
-    model.head.register_forward_hook(lambda m, a, o: _keep(o, logits, a[0], head_in))
-    F.cross_entropy(model(tokens).reshape(-1, 7), labels.reshape(-1)).backward()
-    g = model.wte.weight.grad.T.clone()
-    manager.step()
-    n = tokens.numel()
-    de, dh = emb_out[0].grad.reshape(-1, 4) * n, logits[0].grad.reshape(-1, 7) * n
-    x = head_in[0].detach().reshape(-1, 4)
-    one_hot = F.one_hot(tokens.reshape(-1), 7).double()
-    rows = [torch.outer(d, e) for d, e in zip(de, one_hot, strict=True)]  # per-row gradients, D x V
-    rows += [torch.outer(xi, di) for xi, di in zip(x, dh, strict=True)]
-    left = sum(r @ r.T for r in rows) / (2 * n)
-    right = torch.diag(torch.stack([(r.T @ r).diagonal() for r in rows]).sum(0) / (2 * n))  # one-hot side: diagonal
-
-    def root(m: Tensor) -> Tensor:
-        lam, q = torch.linalg.eigh(m + rho * torch.eye(m.shape[0]))
-        return q @ torch.diag(lam**-0.25) @ q.T
-
-    torch.testing.assert_close(model.wte.weight.grad.T, root(left) @ g @ root(right), rtol=1e-9, atol=1e-12)
-
-
 def test_tied_weight_under_gauss_newton_stays_plain_and_psgd_takes_it() -> None:
     model = TiedLM()
     gn = PreconditionerManager(model, "gauss_newton", warn=lambda m: None)
@@ -392,12 +362,13 @@ def test_a_tied_kfac_layer_is_the_same_whichever_module_comes_first() -> None:
     assert [use.role for use in managers[1].layers["head"].uses] == ["normal", "transposed"]
 
 
-def test_a_tied_shampoo_layer_head_first_is_its_dense_definition() -> None:
-    """Head first, Shampoo's vocabulary side is the layer's output side, dense: ``L`` and ``R`` are the sums of
-    ``G_n G_nᵀ`` and ``G_nᵀ G_n`` over both uses' per-row gradients (the embedding's ``e_token δᵀ`` included),
-    where the embedding-first layer keeps its one-hot side diagonal (above)."""
+@pytest.mark.parametrize("head_first", [False, True], ids=["embedding-first", "head-first"])
+def test_tied_embedding_and_head_shampoo_is_its_dense_definition(head_first: bool) -> None:
+    """Shampoo's ``L`` and ``R`` of a tied layer are the sums of ``G_n G_nᵀ`` and ``G_nᵀ G_n`` over both uses'
+    per-row gradients (the embedding's ``e_token δᵀ`` included), in the orientation of the module that comes
+    first: embedding first, the one-hot vocabulary side is kept diagonal; head first, it is the output side, dense."""
     torch.manual_seed(0)
-    model = HeadFirstLM()
+    model = HeadFirstLM() if head_first else TiedLM()
     tokens, labels = _tied_data()
     rho = 0.05
     options = {"damping_mode": "absolute", "grafting": None, "kl_clip": None, "beta": 0.0}
@@ -407,7 +378,8 @@ def test_a_tied_shampoo_layer_head_first_is_its_dense_definition() -> None:
     model.wte.register_forward_hook(lambda m, a, o: _keep(o, emb_out))
     model.head.register_forward_hook(lambda m, a, o: _keep(o, logits, a[0], head_in))
     F.cross_entropy(model(tokens).reshape(-1, 7), labels.reshape(-1)).backward()
-    g = model.head.weight.grad.clone()  # V x D, the head's orientation
+    layer_grad = (lambda: model.head.weight.grad) if head_first else (lambda: model.wte.weight.grad.T)
+    g = layer_grad().clone()
     manager.step()
     n = tokens.numel()
     de, dh = emb_out[0].grad.reshape(-1, 4) * n, logits[0].grad.reshape(-1, 7) * n
@@ -415,11 +387,13 @@ def test_a_tied_shampoo_layer_head_first_is_its_dense_definition() -> None:
     one_hot = F.one_hot(tokens.reshape(-1), 7).double()
     rows = [torch.outer(d, xi) for d, xi in zip(dh, x, strict=True)]  # per-row gradients, V x D
     rows += [torch.outer(e, d) for e, d in zip(one_hot, de, strict=True)]
+    rows = rows if head_first else [r.T for r in rows]
     left = sum(r @ r.T for r in rows) / (2 * n)
     right = sum(r.T @ r for r in rows) / (2 * n)
+    right = right if head_first else torch.diag(right.diagonal())  # embedding first: the one-hot side, diagonal
 
     def root(m: Tensor) -> Tensor:
         lam, q = torch.linalg.eigh(m + rho * torch.eye(m.shape[0]))
         return q @ torch.diag(lam**-0.25) @ q.T
 
-    torch.testing.assert_close(model.head.weight.grad, root(left) @ g @ root(right), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(layer_grad(), root(left) @ g @ root(right), rtol=1e-9, atol=1e-12)
