@@ -82,9 +82,8 @@ class Shampoo(Preconditioner):
         """A use in the swapped orientation (a tied head, or a tied embedding after its head): each row's gradient
         is ``h δᵀ`` in this layer's coordinates, so ``L += ‖δ‖² h hᵀ`` and ``R += ‖h‖² δ δᵀ`` (a diagonal side
         keeps the diagonal); one-hot ``h`` (an embedding's tokens) have ``‖h‖ = 1``."""
-        if isinstance(inputs, IndexRows):
-            weights = grads.square().sum(1)
-            self.left.add(inputs, n_examples, weights=weights if inputs.weights is None else weights * inputs.weights)
+        if isinstance(inputs, IndexRows):  # a padding row's zero gradient is its zero weight: no mask needed
+            self.left.add(inputs, n_examples, weights=grads.square().sum(1))
             self.right.add(grads, n_examples)
             return
         self.left.add(inputs * _row_norms(grads), n_examples)
