@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.bare import BareKFAC
+from benchmarks.bare import Bare
 from lightning_soo import PreconditionerManager
 
 
@@ -74,7 +74,7 @@ StepFn = Callable[[], None]
 
 def make_step(
     model: nn.Module,
-    manager: PreconditionerManager | BareKFAC | None,
+    manager: PreconditionerManager | Bare | None,
     x: torch.Tensor,
     y: torch.Tensor,
     lr: float = 0.01,

@@ -4,7 +4,10 @@ MLP 784-512-512-10 on random data, SGD with momentum 0.9, two settings: batch 25
 inverses every 10 steps; batch 2048 with statistics every 10 and inverses every 100. A third, ``deep``, is a
 48-layer width-128 MLP at batch 256 (statistics every step, refresh every 10): short kernels, where the per-layer
 Python work of a method shows. Ratios are measured in one process, interleaved, as medians over blocks of a whole
-refresh period after warm-up; on CUDA the blocks are timed with events.
+refresh period after warm-up; on CUDA the blocks are timed with events. Every method is timed beside a bare
+reference of the same kernels (``benchmarks/bare.py``) in the same interleave: a measured floor, at the rates the
+machine gives each kernel (LAPACK's decompositions and triangular solves run several times slower per FLOP than
+products at these sizes on a CPU, which the FLOP floor does not see).
 
     python benchmarks/overhead.py [--quick] [--device cpu|cuda|auto] [--profile] [--out ...json]
 """
@@ -15,6 +18,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -26,10 +30,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.bare import BareKFAC
+from benchmarks.bare import Bare, BareGaussNewton, BareKFAC, BarePSGD, BareShampoo
 from benchmarks.common import (
+    Timing,
     forward_backward_flops,
-    interleaved,
+    interleaved_blocks,
     linear_shapes,
     machine,
     make_step,
@@ -90,7 +95,7 @@ def frozen_flops(shapes: list[tuple[int, int]], s: Setting) -> float:
     return sum(2 * (o * o * i + o * i * i) for o, i in shapes)
 
 
-Factory = Callable[[nn.Module, Setting], PreconditionerManager | BareKFAC]
+Factory = Callable[[nn.Module, Setting], PreconditionerManager | Bare]
 ManagerFactory = Callable[[nn.Module, Setting], PreconditionerManager]
 
 
@@ -184,14 +189,19 @@ METHODS: dict[str, tuple[Factory, Callable[[list[tuple[int, int]], Setting], flo
     "kfac": (_kfac("cholesky"), kfac_flops),
     "kfac-eigen": (_kfac("eigen"), lambda sh, s: kfac_flops(sh, s, products=4, inverse_cost=9.0)),
     "kfac-frozen": (_kfac_frozen, frozen_flops),
-    # reference, not the library: the same products with no checks (``benchmarks/bare.py``), full Grams
-    "kfac-bare": (
-        lambda model, s: BareKFAC(model, s.statistics_interval, s.preconditioner_interval),
-        lambda sh, s: kfac_flops(sh, dataclasses.replace(s, device="cuda"), factored=False),
-    ),
     "shampoo": (_shampoo, shampoo_flops),
     "gauss_newton": (_gauss_newton, gauss_newton_flops),
     "psgd": (_psgd, psgd_flops),
+}
+
+# name -> its bare reference (``benchmarks/bare.py``), timed in the same interleaved run: the measured floor
+BARE: dict[str, Callable[[nn.Module, Setting], Bare]] = {
+    "kfac": lambda model, s: BareKFAC(model, s.statistics_interval, s.preconditioner_interval),
+    "kfac-eigen": lambda model, s: BareKFAC(model, s.statistics_interval, s.preconditioner_interval, inverse="eigen"),
+    "shampoo": lambda model, s: BareShampoo(model, s.statistics_interval, s.preconditioner_interval),
+    "psgd": lambda model, s: BarePSGD(model, s.statistics_interval, s.preconditioner_interval),
+    "gauss_newton": lambda model, s: BareGaussNewton(model, s.statistics_interval, s.preconditioner_interval),
+    "kfac-frozen": lambda model, s: BareKFAC(model, 10**9, 10**9),  # statistics and inverses at step 0 only
 }
 
 
@@ -206,13 +216,18 @@ def measure(name: str, key: str, blocks: int, quick: bool, device: torch.device)
     x, y = torch.randn(s.batch, s.sizes[0], device=device), torch.randint(0, 10, (s.batch,), device=device)
     sgd_model, model = mlp(s.sizes, device=device), mlp(s.sizes, device=device)
     manager = factory(model, s)
-    timing = interleaved(
-        make_step(sgd_model, None, x, y),
-        make_step(model, manager, x, y),
-        s.preconditioner_interval,
-        blocks,
-        device=device,
+    steps = {"sgd": make_step(sgd_model, None, x, y), "method": make_step(model, manager, x, y)}
+    if name in BARE:  # the bare reference in the same interleave: sgd, method, bare, in rotating order
+        bare_model = mlp(s.sizes, device=device)
+        steps["bare"] = make_step(bare_model, BARE[name](bare_model, s), x, y)
+    times = interleaved_blocks(steps, s.preconditioner_interval, blocks, device=device, rotate="bare" in steps)
+    timing = Timing(
+        1e3 * statistics.median(times["sgd"]), 1e3 * statistics.median(times["method"]), _median_ratio(times, "method")
     )
+    bare = {}
+    if "bare" in times:
+        over = statistics.median([m / b for m, b in zip(times["method"], times["bare"], strict=True)])
+        bare = {"bare_ratio": round(_median_ratio(times, "bare"), 3), "ratio_over_bare": round(over, 3)}
     shapes = linear_shapes(model)
     floor = 1 + flops(shapes, s) / forward_backward_flops(model, s.batch)
     return {
@@ -228,10 +243,16 @@ def measure(name: str, key: str, blocks: int, quick: bool, device: torch.device)
         "ratio": round(timing.ratio, 3),
         "flop_floor": round(floor, 3),
         "ratio_over_floor": round(timing.ratio / floor, 3),
+        **bare,
         "target": TARGETS.get((name, key)),
         "manager_seconds": {k: round(v, 4) for k, v in manager.timings.items()},  # events on CUDA
         "steps": manager.steps,
     }
+
+
+def _median_ratio(times: dict[str, list[float]], name: str) -> float:
+    """Median over blocks of ``name``'s per-step time over SGD's in the same round."""
+    return statistics.median([m / g for g, m in zip(times["sgd"], times[name], strict=True)])
 
 
 def profile(key: str) -> None:
@@ -253,6 +274,13 @@ def profile(key: str) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     total = sum(manager.timings.values())
     print("manager sections (s):", {k: round(v, 3) for k, v in manager.timings.items()}, f"total {total:.3f}")
+
+
+def _bare_text(row: dict[str, object]) -> str:
+    """``bare 2.20x (ours / bare 1.05)``, or a dash for a method without a bare reference."""
+    if "bare_ratio" not in row:
+        return f"{'-':>21}"
+    return f"{row['bare_ratio']:5.2f}x (over it {row['ratio_over_bare']:4.2f})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['method']:<12} {r['layers']:>2} layers batch {r['batch']:>5}  stats/{r['statistics_interval']:<3}"
                 f" inv/{r['preconditioner_interval']:<4}  SGD {r['sgd_ms']:8.2f} ms"
                 f"  method {r['method_ms']:8.2f} ms  ratio {r['ratio']:5.2f}x"
-                f"  floor {r['flop_floor']:5.2f}x  target {r['target'] or '-'}",
+                f"  floor {r['flop_floor']:5.2f}x  bare {_bare_text(r)}  target {r['target'] or '-'}",
                 flush=True,
             )
     result = {

@@ -24,6 +24,9 @@ def test_overhead_quick(tmp_path: Path) -> None:
     assert {r["method"] for r in rows} >= {"kfac", "kfac-eigen", "kfac-frozen", "shampoo", "gauss_newton", "psgd"}
     assert all(r["ratio"] > 0 and r["flop_floor"] >= 1 for r in rows)
     assert "ratio" in proc.stdout
+    # every method is timed beside its bare reference, the measured floor
+    bare = {r["method"] for r in rows if r.get("bare_ratio", 0) > 0 and r.get("ratio_over_bare", 0) > 0}
+    assert bare == {r["method"] for r in rows}
 
 
 def test_peers_quick(tmp_path: Path) -> None:
