@@ -128,20 +128,6 @@ class Clock:
         return [b - a for a, b in itertools.pairwise(self.marks)]  # type: ignore[operator]
 
 
-def interleaved(
-    sgd: StepFn, method: StepFn, block: int, blocks: int, warmup_blocks: int = 2, device: torch.device | None = None
-) -> Timing:
-    """Median per-step time of alternating blocks of ``block`` steps (a whole refresh period, so amortised inverses
-    are included): noise on a shared machine hits both sides alike. The ratio is the median of each method block
-    over the SGD block just before it, so a slow stretch of the machine falls on both halves of a pair. CUDA: timed
-    by events."""
-    times = interleaved_blocks({"sgd": sgd, "method": method}, block, blocks, warmup_blocks, device, rotate=False)
-    pairs = [m / s for s, m in zip(times["sgd"], times["method"], strict=True)]
-    return Timing(
-        1e3 * statistics.median(times["sgd"]), 1e3 * statistics.median(times["method"]), statistics.median(pairs)
-    )
-
-
 def interleaved_many(steps: dict[str, StepFn], block: int, blocks: int, **options: Any) -> dict[str, float]:
     """Median per-step milliseconds of each step function over its blocks (``interleaved_blocks``, which takes the
     ``options``)."""
