@@ -6,8 +6,8 @@ folds them into running averages (``lerp_``); a refresh factorises them (K-FAC: 
 eigendecompositions with ``inverse="eigen"``; Shampoo: eigendecompositions and inverse fourth roots; Gauss-Newton:
 the examples' Gram and its Cholesky factor, Woodbury's form; PSGD: the factors' Grams ``QᵀQ``); the step writes
 the preconditioned ``[W | b]`` into the gradients (PSGD first fits its factors to the gradient and a Gaussian probe,
-Li's whitening step with its two triangular solves). No padding rule, no finiteness checks, no KL clip or grafting,
-no π-damping, no accumulation, mixed precision or DDP, no checkpoints.
+Li's whitening step with its two triangular solves). No padding rule, no finiteness checks, no KL clip, no grafting
+but Gauss-Newton's, no π-damping, no accumulation, mixed precision or DDP, no checkpoints.
 
 ``benchmarks/overhead.py`` times each beside the library's method in the same interleaved run: the bare reference
 is a *measured* floor (the same kernels at the rates this machine gives them, LAPACK's included, with a plain
@@ -21,6 +21,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_soo.preconditioners.psgd_math import norm_lower_bound
+
+#: power iterations for Gauss-Newton's largest eigenvalue (the library's subspace iteration reads its Gram 9 times)
+POWER_STEPS = 9
 
 
 class Bare:
@@ -172,7 +177,7 @@ class BarePSGD(Bare):
         b = torch.linalg.solve_triangular(ql.mT, v, upper=False)  # Q_l⁻ᵀ V
         b = torch.linalg.solve_triangular(qr, b, upper=True, left=False)  # · Q_r⁻¹
         for side, q, t1, t2 in (("b", ql, a @ a.mT, b @ b.mT), ("a", qr, a.mT @ a, b.mT @ b)):
-            step = self.lr / (float(_norm_lower_bound(t1 + t2)) + 1.2e-38)
+            step = self.lr / (float(norm_lower_bound(t1 + t2)) + 1.2e-38)  # Li's bound, as the library's
             state[side] = torch.sub(q, torch.triu(t1 - t2) @ q, alpha=step)
 
     def refresh(self, state: dict[str, Tensor]) -> None:
@@ -229,14 +234,3 @@ class BareGaussNewton(Bare):
         w = torch.linalg.solve_triangular(chol.mT, torch.linalg.solve_triangular(chol, c, upper=False), upper=True)
         out = torch.addmm(g, (d * w).mT, h, alpha=-1.0).div_(float(state["rho"]))
         return out.mul_(torch.linalg.vector_norm(g) / torch.linalg.vector_norm(out)) if self.grafting else out
-
-
-#: power iterations for Gauss-Newton's largest eigenvalue (the library's subspace iteration reads its Gram 9 times)
-POWER_STEPS = 9
-
-
-def _norm_lower_bound(a: Tensor) -> Tensor:
-    """Li's lower bound of a symmetric matrix's spectral norm: ``a`` applied to its largest row, normalised."""
-    s = a.abs().amax()
-    x = (a[int(torch.linalg.vector_norm(a, dim=1).argmax())] / s) @ a
-    return torch.linalg.vector_norm((x / torch.linalg.vector_norm(x)) @ a.mT)
