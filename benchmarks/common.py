@@ -8,7 +8,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,13 +42,6 @@ def forward_backward_flops(model: nn.Module, batch: int) -> float:
     shapes = [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)]
     fwd = sum(2 * batch * i * o for o, i in shapes)
     return fwd + fwd + sum(2 * batch * i * o for o, i in shapes[1:])
-
-
-@dataclass
-class Timing:
-    sgd_ms: float
-    method_ms: float
-    ratio: float  # median over block pairs of method / SGD (not the ratio of the two medians)
 
 
 def machine(device: torch.device | None = None) -> dict[str, object]:

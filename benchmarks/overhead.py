@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks.bare import Bare, BareGaussNewton, BareKFAC, BarePSGD, BareShampoo
 from benchmarks.common import (
-    Timing,
     forward_backward_flops,
     interleaved_blocks,
     linear_shapes,
@@ -72,18 +71,16 @@ def gram_flops(rows: int, d: int, device: str) -> float:
     return sum(2 * rows * (b - a) * (d - a) for a, b in itertools.pairwise(cuts))
 
 
-def kfac_flops(
-    shapes: list[tuple[int, int]], s: Setting, products: int = 2, inverse_cost: float = 1.0, factored: bool = True
-) -> float:
+def kfac_flops(shapes: list[tuple[int, int]], s: Setting, products: int = 2, inverse_cost: float = 1.0) -> float:
     """Statistics 2·N·d² per factor per statistics step (less where ``gram_flops`` multiplies by blocks);
     ``products`` (2 Cholesky, 4 eigen) preconditioning products per step, on statistics steps the factored form
-    ``(L·Δᵀ)(H̄·R)`` where the library takes it (``engine.factored``, ``factored``: two products with dense
-    operands); ``inverse_cost``·n³ per factor per refresh."""
+    ``(L·Δᵀ)(H̄·R)`` where the library takes it (``engine.factored``: two products with dense operands);
+    ``inverse_cost``·n³ per factor per refresh."""
     stats = sum(gram_flops(s.batch, i, s.device) + gram_flops(s.batch, o, s.device) for o, i in shapes)
     stats /= s.statistics_interval
     plain = [(o * o * i + o * i * i) * products for o, i in shapes]
     cheaper = [
-        2 * s.batch * (o * o + i * i + o * i) if factored and products == 2 and factored_worth(s.batch, o, i) else p
+        2 * s.batch * (o * o + i * i + o * i) if products == 2 and factored_worth(s.batch, o, i) else p
         for (o, i), p in zip(shapes, plain, strict=True)
     ]
     pre = (sum(cheaper) + (s.statistics_interval - 1) * sum(plain)) / s.statistics_interval
@@ -95,8 +92,9 @@ def frozen_flops(shapes: list[tuple[int, int]], s: Setting) -> float:
     return sum(2 * (o * o * i + o * i * i) for o, i in shapes)
 
 
-Factory = Callable[[nn.Module, Setting], PreconditionerManager | Bare]
 ManagerFactory = Callable[[nn.Module, Setting], PreconditionerManager]
+BareFactory = Callable[[nn.Module, Setting], Bare]
+FlopModel = Callable[[list[tuple[int, int]], Setting], float]
 
 
 def _kfac(inverse: str) -> ManagerFactory:
@@ -184,24 +182,24 @@ def _kfac_frozen(model: nn.Module, s: Setting) -> PreconditionerManager:
     return manager
 
 
-# name -> (manager factory, FLOP model of the extra work); add a row per method here
-METHODS: dict[str, tuple[Factory, Callable[[list[tuple[int, int]], Setting], float]]] = {
-    "kfac": (_kfac("cholesky"), kfac_flops),
-    "kfac-eigen": (_kfac("eigen"), lambda sh, s: kfac_flops(sh, s, products=4, inverse_cost=9.0)),
-    "kfac-frozen": (_kfac_frozen, frozen_flops),
-    "shampoo": (_shampoo, shampoo_flops),
-    "gauss_newton": (_gauss_newton, gauss_newton_flops),
-    "psgd": (_psgd, psgd_flops),
-}
+def _bare(kind: type[Bare], **kw: object) -> BareFactory:
+    return lambda model, s: kind(model, s.statistics_interval, s.preconditioner_interval, **kw)  # type: ignore[arg-type]
 
-# name -> its bare reference (``benchmarks/bare.py``), timed in the same interleaved run: the measured floor
-BARE: dict[str, Callable[[nn.Module, Setting], Bare]] = {
-    "kfac": lambda model, s: BareKFAC(model, s.statistics_interval, s.preconditioner_interval),
-    "kfac-eigen": lambda model, s: BareKFAC(model, s.statistics_interval, s.preconditioner_interval, inverse="eigen"),
-    "shampoo": lambda model, s: BareShampoo(model, s.statistics_interval, s.preconditioner_interval),
-    "psgd": lambda model, s: BarePSGD(model, s.statistics_interval, s.preconditioner_interval),
-    "gauss_newton": lambda model, s: BareGaussNewton(model, s.statistics_interval, s.preconditioner_interval),
-    "kfac-frozen": lambda model, s: BareKFAC(model, 10**9, 10**9),  # statistics and inverses at step 0 only
+
+# name -> (manager factory, FLOP model of the extra work, bare reference timed in the same interleave: the measured
+# floor, ``benchmarks/bare.py``); add a row per method here
+METHODS: dict[str, tuple[ManagerFactory, FlopModel, BareFactory]] = {
+    "kfac": (_kfac("cholesky"), kfac_flops, _bare(BareKFAC)),
+    "kfac-eigen": (
+        _kfac("eigen"),
+        lambda sh, s: kfac_flops(sh, s, products=4, inverse_cost=9.0),
+        _bare(BareKFAC, inverse="eigen"),
+    ),
+    # the bare reference's statistics and inverses at step 0 only
+    "kfac-frozen": (_kfac_frozen, frozen_flops, lambda model, s: BareKFAC(model, 10**9, 10**9)),
+    "shampoo": (_shampoo, shampoo_flops, _bare(BareShampoo)),
+    "gauss_newton": (_gauss_newton, gauss_newton_flops, _bare(BareGaussNewton)),
+    "psgd": (_psgd, psgd_flops, _bare(BarePSGD)),
 }
 
 
@@ -211,23 +209,18 @@ def measure(name: str, key: str, blocks: int, quick: bool, device: torch.device)
         sizes = tuple(min(d, 64) for d in s.sizes[:-1][:6]) + s.sizes[-1:]
         s = Setting(min(s.batch, 64), s.statistics_interval, min(s.preconditioner_interval, 10), sizes)
     s = dataclasses.replace(s, device=device.type)
-    factory, flops = METHODS[name]
+    factory, flops, bare_factory = METHODS[name]
     torch.manual_seed(0)
     x, y = torch.randn(s.batch, s.sizes[0], device=device), torch.randint(0, 10, (s.batch,), device=device)
-    sgd_model, model = mlp(s.sizes, device=device), mlp(s.sizes, device=device)
+    sgd_model, model, bare_model = (mlp(s.sizes, device=device) for _ in range(3))
     manager = factory(model, s)
-    steps = {"sgd": make_step(sgd_model, None, x, y), "method": make_step(model, manager, x, y)}
-    if name in BARE:  # the bare reference in the same interleave: sgd, method, bare, in rotating order
-        bare_model = mlp(s.sizes, device=device)
-        steps["bare"] = make_step(bare_model, BARE[name](bare_model, s), x, y)
-    times = interleaved_blocks(steps, s.preconditioner_interval, blocks, device=device, rotate="bare" in steps)
-    timing = Timing(
-        1e3 * statistics.median(times["sgd"]), 1e3 * statistics.median(times["method"]), _median_ratio(times, "method")
-    )
-    bare = {}
-    if "bare" in times:
-        over = statistics.median([m / b for m, b in zip(times["method"], times["bare"], strict=True)])
-        bare = {"bare_ratio": round(_median_ratio(times, "bare"), 3), "ratio_over_bare": round(over, 3)}
+    steps = {  # in rotating order, so machine noise falls on all three alike
+        "sgd": make_step(sgd_model, None, x, y),
+        "method": make_step(model, manager, x, y),
+        "bare": make_step(bare_model, bare_factory(bare_model, s), x, y),
+    }
+    times = interleaved_blocks(steps, s.preconditioner_interval, blocks, device=device)
+    ratio = _median_ratio(times, "method", "sgd")
     shapes = linear_shapes(model)
     floor = 1 + flops(shapes, s) / forward_backward_flops(model, s.batch)
     return {
@@ -238,21 +231,22 @@ def measure(name: str, key: str, blocks: int, quick: bool, device: torch.device)
         "batch": s.batch,
         "statistics_interval": s.statistics_interval,
         "preconditioner_interval": s.preconditioner_interval,
-        "sgd_ms": round(timing.sgd_ms, 3),
-        "method_ms": round(timing.method_ms, 3),
-        "ratio": round(timing.ratio, 3),
+        "sgd_ms": round(1e3 * statistics.median(times["sgd"]), 3),
+        "method_ms": round(1e3 * statistics.median(times["method"]), 3),
+        "ratio": round(ratio, 3),
         "flop_floor": round(floor, 3),
-        "ratio_over_floor": round(timing.ratio / floor, 3),
-        **bare,
+        "ratio_over_floor": round(ratio / floor, 3),
+        "bare_ratio": round(_median_ratio(times, "bare", "sgd"), 3),
+        "ratio_over_bare": round(_median_ratio(times, "method", "bare"), 3),
         "target": TARGETS.get((name, key)),
         "manager_seconds": {k: round(v, 4) for k, v in manager.timings.items()},  # events on CUDA
         "steps": manager.steps,
     }
 
 
-def _median_ratio(times: dict[str, list[float]], name: str) -> float:
-    """Median over blocks of ``name``'s per-step time over SGD's in the same round."""
-    return statistics.median([m / g for g, m in zip(times["sgd"], times[name], strict=True)])
+def _median_ratio(times: dict[str, list[float]], name: str, over: str) -> float:
+    """Median over rounds of ``name``'s per-step time over ``over``'s in the same round (not the ratio of medians)."""
+    return statistics.median([m / g for g, m in zip(times[over], times[name], strict=True)])
 
 
 def profile(key: str) -> None:
@@ -274,13 +268,6 @@ def profile(key: str) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     total = sum(manager.timings.values())
     print("manager sections (s):", {k: round(v, 3) for k, v in manager.timings.items()}, f"total {total:.3f}")
-
-
-def _bare_text(row: dict[str, object]) -> str:
-    """``bare 2.20x (ours / bare 1.05)``, or a dash for a method without a bare reference."""
-    if "bare_ratio" not in row:
-        return f"{'-':>21}"
-    return f"{row['bare_ratio']:5.2f}x (over it {row['ratio_over_bare']:4.2f})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -308,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['method']:<12} {r['layers']:>2} layers batch {r['batch']:>5}  stats/{r['statistics_interval']:<3}"
                 f" inv/{r['preconditioner_interval']:<4}  SGD {r['sgd_ms']:8.2f} ms"
                 f"  method {r['method_ms']:8.2f} ms  ratio {r['ratio']:5.2f}x"
-                f"  floor {r['flop_floor']:5.2f}x  bare {_bare_text(r)}  target {r['target'] or '-'}",
+                f"  floor {r['flop_floor']:5.2f}x  bare {r['bare_ratio']:5.2f}x (over it {r['ratio_over_bare']:4.2f})"
+                f"  target {r['target'] or '-'}",
                 flush=True,
             )
     result = {
