@@ -90,22 +90,30 @@ class LayerAdapter:
     ) -> None:
         self.module = module
         self.weight_sharing = weight_sharing
-        self.weight = weight if weight is not None else Part(module.weight)
+        self._weight = weight if weight is not None else Part(module.weight)
         if bias is None and weight is None and getattr(module, "bias", None) is not None:
             bias = Part(module.bias)
-        self.bias = bias
+        self.bias = bias  # sets ``parts`` and ``params`` too
+
+    @property
+    def weight(self) -> Part:
+        return self._weight
+
+    @property
+    def bias(self) -> Part | None:
+        return self._bias
+
+    @bias.setter
+    def bias(self, part: Part | None) -> None:
+        """Set (or drop: a tied module's bias stays plain) the bias; ``parts`` and ``params`` follow. They are kept
+        as lists, not rebuilt per access: the step reads them about six times per layer."""
+        self._bias = part
+        self.parts: list[Part] = [self._weight] if part is None else [self._weight, part]
+        self.params: list[nn.Parameter] = [p.param for p in self.parts]
 
     @property
     def has_bias(self) -> bool:
-        return self.bias is not None
-
-    @property
-    def parts(self) -> list[Part]:
-        return [self.weight] if self.bias is None else [self.weight, self.bias]
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [part.param for part in self.parts]
+        return self._bias is not None
 
     def weight_matrix(self, w: Tensor) -> Tensor:
         """A weight-shaped tensor (the block of this layer) as ``d_out x d_in_weight``."""

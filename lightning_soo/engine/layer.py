@@ -52,7 +52,18 @@ class Layer:
     warned: set[str] = field(default_factory=set)
     collecting: bool = False  # statistics of the open step are being captured for this layer
     catch_up: bool = False  # refresh at the next statistics step, even off schedule (uses added by the census)
+    seen: bool = False  # a call's output gradient reached the hooks (tells a layer never run from one with no rows)
     kept: factored.Kept = field(default_factory=factored.Kept)  # rows for a cheaper product (``engine.factored``)
+
+    def unready_reason(self) -> str:
+        """Why this layer has no preconditioner yet, for the report of parameters that keep their plain gradient."""
+        why = (
+            "no preconditioner yet: every output-gradient row was exactly zero, so no example was counted (dead "
+            "units below, or a branch the loss does not reach), or its refreshes failed"
+            if self.seen
+            else "no statistics captured (its forward never ran)"
+        )
+        return f"{type(self.module).__name__}: {why}"
 
 
 class OptimizerLayers:
@@ -126,6 +137,7 @@ def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean
     """Fold one call's statistics into ``layer`` (in the backward pass)."""
     if not layer.collecting:
         return
+    layer.seen = True
     pre = layer.preconditioner
     t0 = time.perf_counter()
     with _no_autocast(g):

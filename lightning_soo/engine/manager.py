@@ -356,7 +356,7 @@ class PreconditionerManager:
         for layer in self.layers.values():
             elsewhere = self.plan is not None and self.plan.broadcast_gradients and not self.plan.owns(layer)
             if not layer.preconditioner.ready and not elsewhere and not layer.catch_up:
-                why = f"{type(layer.module).__name__}: no statistics captured (its forward never ran)"
+                why = layer.unready_reason()
                 for p in layer.adapter.params:
                     plain.setdefault(self.wiring.param_name(p, layer.name), why)
         return plain

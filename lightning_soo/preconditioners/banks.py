@@ -112,7 +112,8 @@ def _bank_for(rows: list[list[Factor]]) -> FactorBank | None:
     """The bank these members close in: theirs, or a new one when members joined or none is banked yet; None
     when some of a bank's members saw no rows this step, or when a member called twice this step took its count's
     square early (they fold alone, through the bank's views)."""
-    banks = {id(b): b for row in rows if (b := row[0].bank) is not None and b.valid()}
+    known = {id(b): b for row in rows if (b := row[0].bank) is not None}  # each bank checked once, not per member
+    banks = {key: b for key, b in known.items() if b.valid()}
     if len(banks) == 1 and (bank := next(iter(banks.values()))).has(rows):
         return bank if bank.uniform() else None
     if all(len(b.rows) < len(rows) for b in banks.values()):

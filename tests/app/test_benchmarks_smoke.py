@@ -69,3 +69,13 @@ def test_gram_flops_count_the_blocks_gram_multiplies() -> None:
     assert gram_flops(10, 100, "cpu") == 2 * 10 * 100 * 100
     assert 0.6 < gram_flops(10, 785, "cpu") / (2 * 10 * 785**2) < 0.65
     assert gram_flops(10, 785, "cuda") == 2 * 10 * 785 * 785  # accelerators split only from 1024 columns
+
+
+def test_host_quick(tmp_path: Path) -> None:
+    """Host time per layer on the accelerator's path, and the library's lines per layer (a deterministic count)."""
+    out = tmp_path / "host.json"
+    _quick("host.py", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"kfac", "shampoo", "gauss_newton", "psgd"}
+    assert all(100 < r["lines_per_layer"] < 1000 for r in rows)
+    assert all("host_us_one_more_layer" in r for r in rows)

@@ -49,3 +49,29 @@ def test_non_finite_statistics_without_a_scaler_do_not_blame_fp16() -> None:
     _one_step(manager, model, x)
     (stats,) = [m for m in messages if "non-finite statistics" in m]
     assert "fp16" not in stats and "NaN or Inf" in stats
+
+
+class _DeadAndUnused(nn.Module):
+    """``dead``'s output is multiplied by zero (every output-gradient row exactly zero: no example to count);
+    ``unused`` is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live, self.dead, self.unused = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.live(x) + 0.0 * self.dead(x)
+
+
+def test_plain_layers_say_whether_their_forward_ran() -> None:
+    """A layer whose output gradients were all zero is not reported as never run (it ran: its rows were dropped)."""
+    messages: list[str] = []
+    model = _DeadAndUnused()
+    manager = PreconditionerManager(model, preconditioner_interval=1, warn=messages.append)
+    for _ in range(2):
+        _one_step(manager, model, torch.randn(4, 3))
+    (report,) = [m for m in messages if "keep their plain gradient" in m]
+    lines = {line.split(":")[0].strip(): line for line in report.splitlines()[1:]}
+    assert "exactly zero" in lines["dead.weight"] and "never ran" not in lines["dead.weight"]
+    assert "never ran" in lines["unused.weight"]
+    assert "live.weight" not in lines
