@@ -5,9 +5,10 @@
 #     OUT=/some/dir bash benchmarks/cuda_check.sh
 #
 # The peers (ASDL, pytorch-optimizer, heavyball, psgd-torch) are timed where installed; wheels placed in .whl/ are
-# installed first (where nothing can be downloaded). Writes eight files into $OUT: machine.txt, tests.log (the CUDA
+# installed first (where nothing can be downloaded). Writes ten files into $OUT: machine.txt, tests.log (the CUDA
 # tests: host synchronisations per step by set_sync_debug_mode, GPU = CPU gradients in float64, event timings, bf16),
-# overhead.log / overhead-cuda.json, refresh.log / refresh-cuda.json, peers.log / peers-cuda.json.
+# overhead.log / overhead-cuda.json, refresh.log / refresh-cuda.json, host.log / host-cuda.json (per-layer cost at
+# width 16), peers.log / peers-cuda.json.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/cuda}
 PY=${PYTHON:-python3}
@@ -25,4 +26,5 @@ PY
 timeout 180 $PY -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py 2>&1 | tee "$OUT/tests.log"
 timeout 240 $PY benchmarks/overhead.py --device cuda --out "$OUT/overhead-cuda.json" 2>&1 | tee "$OUT/overhead.log"
 timeout 90 $PY benchmarks/refresh.py --device cuda --out "$OUT/refresh-cuda.json" 2>&1 | tee "$OUT/refresh.log"
+timeout 90 $PY benchmarks/host.py --device cuda --out "$OUT/host-cuda.json" 2>&1 | tee "$OUT/host.log"
 timeout 150 $PY benchmarks/peers.py --device cuda --setting 256 --out "$OUT/peers-cuda.json" 2>&1 | tee "$OUT/peers.log"

@@ -7,10 +7,12 @@ layers stacked (``linalg.BATCH_ON_CPU``, as on one GPU), statistics every step, 
 method interleaved with plain SGD in one process. Reported: ``(method − SGD) / layers`` in microseconds at both depths
 (the tiny kernels' CPU time included, so an upper bound of the host's share), what one more layer adds (the
 difference between the depths, per layer: the fixed cost of a step left out), and the lines of the library's own
-Python one more layer runs a step (``sys.settrace``, deterministic). Launch counts are ``launches.py``'s;
-nothing here ran on a GPU.
+Python one more layer runs a step (``sys.settrace``, deterministic). Launch counts are ``launches.py``'s.
 
-    python benchmarks/host.py [--quick] [--out ...json]   # prints a table, writes results/host.json
+With ``--device cuda`` the same models run on a GPU, timed by CUDA events: there the figures are the GPU's own
+per-layer cost of a step whose kernels are microseconds long (host, launches and kernels together).
+
+    python benchmarks/host.py [--quick] [--device cpu|cuda|auto] [--out ...json]   # writes results/host.json
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import lightning_soo
-from benchmarks.common import interleaved_blocks, machine, make_step, mlp
+from benchmarks.common import interleaved_blocks, machine, make_step, mlp, pick_device
 from benchmarks.overhead import METHODS, Setting
 from lightning_soo import PreconditionerManager, linalg
 from lightning_soo.preconditioners.gauss_newton import GaussNewton
@@ -39,15 +41,15 @@ NAMES = ("kfac", "shampoo", "gauss_newton", "psgd")  # overhead.py's rows of the
 ROOT = lightning_soo.__path__[0]
 
 
-def library_lines(method: str, depth: int, frozen: bool, stacked: bool, **options: Any) -> int:
+def library_lines(method: str, depth: int, frozen: bool, stacked: bool, refresh: bool = False, **options: Any) -> int:
     """Lines of the library's own code (files under ``lightning_soo/``) that the fourth step of an MLP of ``depth``
     layers of width 16 runs (past the refresh and, frozen, the freeze), on the accelerator's path, equal layers
-    ``stacked`` or each alone, with the manager's ``options``; loops count per iteration. Deterministic, unlike a
-    timing."""
+    ``stacked`` or each alone, with the manager's ``options``; ``refresh``: a step that refreshes (every step does).
+    Loops count per iteration. Deterministic, unlike a timing."""
     torch.manual_seed(0)
     model = mlp((8,) + (16,) * (depth - 1) + (10,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    interval = None if frozen else 1000
+    interval = None if frozen else 1 if refresh else 1000
     manager = PreconditionerManager(model, method, preconditioner_interval=interval, **options)
     x, y = torch.randn(32, 8), torch.randint(0, 10, (32,))
     count = [0]
@@ -100,16 +102,19 @@ def residual_mlp(depth: int, width: int = WIDTH) -> nn.Sequential:
     return nn.Sequential(*(Residual(width) for _ in range(depth - 1)), nn.Linear(width, 10))
 
 
-def host_us(methods: list[str], depth: int, blocks: int) -> dict[str, float]:
-    """Each method's host microseconds per step beyond SGD's, at ``depth`` layers."""
-    s = Setting(BATCH, 1, 1_000_000, (WIDTH,) * depth + (10,))  # statistics every step, the one refresh at step 0
+def host_us(methods: list[str], depth: int, blocks: int, device: torch.device) -> dict[str, float]:
+    """Each method's microseconds per step beyond SGD's, at ``depth`` layers (on CUDA: by events, the GPU's own
+    path)."""
+    # statistics every step, the one refresh at step 0
+    s = Setting(BATCH, 1, 1_000_000, (WIDTH,) * depth + (10,), device=device.type)
     torch.manual_seed(0)
-    x, y = torch.randn(s.batch, WIDTH), torch.randint(0, 10, (s.batch,))
-    steps = {"sgd": make_step(residual_mlp(depth), None, x, y)}
+    x = torch.randn(s.batch, WIDTH, device=device)
+    y = torch.randint(0, 10, (s.batch,), device=device)
+    steps = {"sgd": make_step(residual_mlp(depth).to(device), None, x, y)}
     for name in methods:
-        model = residual_mlp(depth)
+        model = residual_mlp(depth).to(device)
         steps[name] = make_step(model, METHODS[name][0](model, s), x, y)
-    times = interleaved_blocks(steps, 10, blocks)
+    times = interleaved_blocks(steps, 10, blocks, device=device)
     sgd = statistics.median(times["sgd"])
     return {name: 1e6 * (statistics.median(times[name]) - sgd) for name in methods}
 
@@ -120,14 +125,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depths", nargs=2, type=int, default=[48, 192])
     parser.add_argument("--blocks", type=int, default=10, help="timed blocks of 10 steps per contender")
     parser.add_argument("--quick", action="store_true", help="depths 4 and 8, two blocks (a smoke run)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="cuda: the GPU's own path")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "host.json")
     args = parser.parse_args(argv)
     depths, blocks = ([4, 8], 2) if args.quick else (args.depths, args.blocks)
+    device = pick_device(args.device)
     torch.set_flush_denormal(True)
     saved = linalg.HOST_DECIDES_ON_CPU, linalg.BATCH_ON_CPU
-    linalg.HOST_DECIDES_ON_CPU, linalg.BATCH_ON_CPU = False, True
+    linalg.HOST_DECIDES_ON_CPU, linalg.BATCH_ON_CPU = False, True  # the accelerator's path (a GPU takes it anyway)
     try:
-        timed = {d: host_us(args.methods, d, blocks) for d in depths}
+        timed = {d: host_us(args.methods, d, blocks, device) for d in depths}
     finally:
         linalg.HOST_DECIDES_ON_CPU, linalg.BATCH_ON_CPU = saved
     rows = []
@@ -141,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(
             {
                 "method": name,
+                "device": device.type,
                 "width": WIDTH,
                 "batch": BATCH,
                 f"host_us_per_layer_{low}": round(timed[low][name] / low, 1),
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:<13} {timed[low][name] / low:>16.0f} {timed[high][name] / high:>17.0f} {marginal:>15.0f}"
             f" {per_layer:>12.0f}"
         )
-    result = {"benchmark": "host", "machine": machine(torch.device("cpu")), "rows": rows}
+    result = {"benchmark": "host", "machine": machine(device), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -30,3 +30,11 @@ def test_library_lines_grow_linearly_with_depth(
     first, second = c9 - c5, c17 - c9
     assert first > 0
     assert second <= 2 * first + 4, f"lines at depth 5/9/17: {c5}/{c9}/{c17}: more than linear in depth"
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["alone", "stacked"])
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "gauss_newton", "psgd"])
+def test_refresh_steps_grow_linearly_with_depth(method: str, stacked: bool) -> None:
+    """A refresh step too (the decompositions grouped by shape, the stacks rebuilt)."""
+    c5, c9, c17 = (library_lines(method, depth, False, stacked, refresh=True) for depth in (5, 9, 17))
+    assert c17 - c9 <= 2 * (c9 - c5) + 4, f"lines at depth 5/9/17: {c5}/{c9}/{c17}: more than linear in depth"
