@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_soo.capture.adapters import IndexRows, LayerAdapter, Observation
+from lightning_soo.capture.adapters import IndexRows, LayerAdapter, LinearAdapter, Observation
 from lightning_soo.capture.discovery import Use
 from lightning_soo.capture.hooks import GradCallback, OnCall
-from lightning_soo.capture.rows import RowCount, count_tensor
+from lightning_soo.capture.rows import RowCount, count_tensor, matrix_rows, nonzero_rows, with_ones
 from lightning_soo.engine import factored
 from lightning_soo.linalg import host_decides
 from lightning_soo.preconditioners.base import Preconditioner
@@ -133,6 +133,38 @@ def _fit(obs: Observation, shape: tuple[int, int], rows: slice | None, transpose
     return dataclasses.replace(obs, h=h, d=d)
 
 
+def _fast(layer: Layer, use: Use, x: Tensor, g: Tensor) -> bool:
+    """The usual call, which ``_fold_dense`` takes: a linear layer's own use, float rows of the statistics' dtype
+    decided on the host, outside autocast, with its positions as further rows."""
+    adapter = use.rows
+    return (
+        adapter is layer.adapter
+        and type(adapter) is LinearAdapter
+        and use.role == "normal"
+        and host_decides(g)
+        and x.dtype == g.dtype == layer.preconditioner.dtype
+        and (x.dim() == 2 or adapter.weight_sharing != "reduce")
+        and not torch.is_autocast_enabled(g.device.type)
+    )
+
+
+def _fold_dense(layer: Layer, x: Tensor, g: Tensor) -> bool:
+    """What ``_fold`` does for the usual call when every row is an example, in few lines (the hook runs once per
+    layer and step, inside the backward pass, where every line of Python shows: a K-FAC call on the deep MLP of
+    width 128 takes 337 µs in place against the general path's 373); False, having changed nothing, where the
+    general path must take it (padding, a second call this step, a method without ``observe_dense``)."""
+    d = matrix_rows(g)
+    n = nonzero_rows(d)
+    if n != d.shape[0]:
+        return False
+    h = matrix_rows(x)
+    h = with_ones(h) if layer.adapter.has_bias else h
+    if not layer.preconditioner.observe_dense(h, d, n):
+        return False
+    layer.kept.keep(layer.adapter.shape, h, d)
+    return True
+
+
 def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean: bool, timings: dict) -> None:
     """Fold one call's statistics into ``layer`` (in the backward pass)."""
     if not layer.collecting:
@@ -140,6 +172,9 @@ def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean
     layer.seen = True
     pre = layer.preconditioner
     t0 = time.perf_counter()
+    if rows is None and mean and _fast(layer, use, x, g) and _fold_dense(layer, x, g):
+        timings["statistics"] += time.perf_counter() - t0
+        return
     with _no_autocast(g):
         xs = x if not x.is_floating_point() else x.to(pre.dtype)
         transposed = use.role == "transposed"

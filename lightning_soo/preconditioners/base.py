@@ -146,6 +146,13 @@ class Preconditioner:
         scale = scale.tensor() if isinstance(scale, RowCount) and not lazy else scale
         self.observe_output_grads(rows, n, self.observe_inputs(obs.h, count), scale)  # type: ignore[arg-type]
 
+    def observe_dense(self, h: Tensor, d: Tensor, n: int) -> bool:
+        """``observe`` of the usual call in as few lines as the method can make of it: dense input rows ``h`` (bias
+        column included) and output-gradient rows ``d`` of a mean loss, ``n`` rows, all of them examples, where
+        the host decides (``linalg.host_decides``). Returns False, having done nothing, where ``observe`` must
+        take them (the default)."""
+        return False
+
     def observe_transposed(self, inputs: Rows, grads: Tensor, count: Count, n_examples: Count) -> None:
         """Fold a use in the swapped orientation: its input rows lie on this layer's output side (``d_out``) and
         its per-example output-gradient rows on the input side (``d_in``); methods with ``supports_transposed``."""

@@ -164,6 +164,14 @@ class KFAC(Preconditioner):
         else:
             self._b.add(rows, n_examples, scale * scale)
 
+    def observe_dense(self, h: Tensor, d: Tensor, n: int) -> bool:
+        a, b = self._a, self._b
+        if not (a.takes_first_mean() and b.takes_first_mean()):
+            return False
+        a.add_first_mean(h, n)
+        b.add_first_mean(d, n, float(n * n))  # ``observe_output_grads`` with the count as the scale: B's n²
+        return True
+
     def observe_transposed(self, inputs: Rows, grads: Tensor, count: Count, n_examples: Count) -> None:
         self._at.add(inputs, count)
         self._bt.add(grads, n_examples)
