@@ -78,12 +78,6 @@ class Observation:
     norms: Tensor | None = None  # each output-gradient row's Euclidean norm (a column), where asked for
 
 
-def nonzero_rows(d: Tensor) -> int:
-    """How many rows of ``d`` have a non-zero Euclidean norm, read on the host: one fast reduction on the CPU. A row
-    whose squares underflow counts as zero (the row peaks then tell it apart from padding)."""
-    return int(torch.count_nonzero(torch.linalg.vector_norm(d, dim=1)))
-
-
 def matrix_rows(t: Tensor) -> Tensor:
     """``t`` as rows of its last dimension; a matrix as it is (no view op: the hot path counts them)."""
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lightning_soo.capture.adapters import IndexRows, LayerAdapter, LinearAdapter, Observation
 from lightning_soo.capture.discovery import Use
 from lightning_soo.capture.hooks import GradCallback, OnCall
-from lightning_soo.capture.rows import RowCount, count_tensor, matrix_rows, nonzero_rows, with_ones
+from lightning_soo.capture.rows import RowCount, count_tensor
 from lightning_soo.engine import factored
 from lightning_soo.linalg import host_decides
 from lightning_soo.preconditioners.base import Preconditioner
@@ -134,71 +134,76 @@ def _fit(obs: Observation, shape: tuple[int, int], rows: slice | None, transpose
 
 
 def _fast(layer: Layer, use: Use, x: Tensor, g: Tensor) -> bool:
-    """The usual call, which ``_fold_dense`` takes: a linear layer's own use, float rows of the statistics' dtype
-    decided on the host, outside autocast, with its positions as further rows."""
+    """The usual call, which the method takes in a few lines (``Preconditioner.observe_dense``): a linear layer's own
+    use, float rows of the statistics' dtype, outside autocast, its positions as further rows, and the method ready
+    (the step's first call)."""
     adapter = use.rows
     return (
-        adapter is layer.adapter
+        layer.preconditioner.dense_ready()  # first: a method without the path pays one call
+        and adapter is layer.adapter
         and type(adapter) is LinearAdapter
         and use.role == "normal"
-        and host_decides(g)
         and x.dtype == g.dtype == layer.preconditioner.dtype
         and (x.dim() == 2 or adapter.weight_sharing != "reduce")
         and not torch.is_autocast_enabled(g.device.type)
     )
 
 
-def _fold_dense(layer: Layer, x: Tensor, g: Tensor) -> bool:
-    """What ``_fold`` does for the usual call when every row is an example, in few lines (the hook runs once per
-    layer and step, inside the backward pass, where every line of Python shows: a K-FAC call on the deep MLP of
-    width 128 takes 337 µs in place against the general path's 373); False, having changed nothing, where the
-    general path must take it (padding, a second call this step, a method without ``observe_dense``)."""
-    d = matrix_rows(g)
-    n = nonzero_rows(d)
-    if n != d.shape[0]:
-        return False
-    h = matrix_rows(x)
-    h = with_ones(h) if layer.adapter.has_bias else h
-    if not layer.preconditioner.observe_dense(h, d, n):
-        return False
-    layer.kept.keep(layer.adapter.shape, h, d)
-    return True
-
-
 def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean: bool, timings: dict) -> None:
-    """Fold one call's statistics into ``layer`` (in the backward pass)."""
+    """Fold one call's statistics into ``layer`` (in the backward pass). The usual call goes to the method's
+    ``observe_dense`` in a few lines, where every line of Python shows (the hook runs once per layer and step,
+    inside the backward pass: a K-FAC call on the deep MLP of width 128 took 337 µs in place against the general
+    path's 373); the others, and a batch with padding decided on the host, the general way."""
     if not layer.collecting:
         return
     layer.seen = True
     pre = layer.preconditioner
     t0 = time.perf_counter()
-    if rows is None and mean and _fast(layer, use, x, g) and _fold_dense(layer, x, g):
-        timings["statistics"] += time.perf_counter() - t0
-        return
-    with _no_autocast(g):
-        xs = x if not x.is_floating_point() else x.to(pre.dtype)
-        transposed = use.role == "transposed"
-        weighted = pre.row_norms and not transposed
-        obs = _fit(use.rows.observe(xs, g.to(pre.dtype), weighted), layer.adapter.shape, rows, transposed)
-        if not transposed and rows is None and isinstance(obs.h, Tensor) and host_decides(obs.d):
-            layer.kept.keep(layer.adapter.shape, obs.h, obs.d)  # G = ΔᵀH̄ from these rows: a cheaper product at the step
+    if rows is None and mean and _fast(layer, use, x, g):
+        obs = layer.adapter.observe(x, g, pre.row_norms)
+        n = obs.n
+        if isinstance(n, RowCount) or (isinstance(n, int) and n > 0):  # a count for the close, or every row real
+            if host_decides(obs.d):
+                layer.kept.keep(layer.adapter.shape, obs.h, obs.d)  # type: ignore[arg-type]  # a linear layer's
+            else:
+                layer.kept.another_use()
+            pre.observe_dense(obs)
+        else:  # padding, decided on the host (the mask's count is a tensor)
+            _fold_observation(layer, obs, False, mean)
+    else:
+        with _no_autocast(g):
+            xs = x if not x.is_floating_point() else x.to(pre.dtype)
+            transposed = use.role == "transposed"
+            weighted = pre.row_norms and not transposed
+            obs = _fit(use.rows.observe(xs, g.to(pre.dtype), weighted), layer.adapter.shape, rows, transposed)
+            if transposed or rows is not None:  # ``_fold_observation`` keeps the rows of the layer's own full calls
+                layer.kept.another_use()
+            _fold_observation(layer, obs, transposed, mean, kept=not (transposed or rows is not None))
+    timings["statistics"] += time.perf_counter() - t0
+
+
+def _fold_observation(layer: Layer, obs: Observation, transposed: bool, mean: bool, kept: bool = True) -> None:
+    """The general path's fold of one call's observation (the rows kept for the factored product where ``kept``)."""
+    pre = layer.preconditioner
+    if kept:
+        if isinstance(obs.h, Tensor) and host_decides(obs.d):
+            layer.kept.keep(layer.adapter.shape, obs.h, obs.d)  # G = ΔᵀH̄ from these rows: a cheaper product
         else:  # e.g. a tied head's embedding use: its gradient is part of G too, so G = ΔᵀH̄ fails
             layer.kept.another_use()
-        # undo the 1/N of a mean loss (per-example output gradients): a count the host knows goes into the products,
-        # a count tensor to a method that applies it inside its statistics (``count_scaled_rows``), else to the rows
-        # (a ``RowCount`` is reduced only where it is needed now: the rows, not the statistics)
-        n = obs.n
-        data = isinstance(n, Tensor | RowCount)
-        by_scale = mean and not transposed and not data
-        inside = mean and not transposed and data and pre.count_scaled_rows
-        d = obs.d
-        if mean and not (by_scale or inside):
-            d = d * (count_tensor(n) if isinstance(n, Tensor | RowCount) else n)
-        if transposed:
-            pre.observe_transposed(obs.h, d, obs.rows, n)
-        else:
-            pre.observe(obs, d, n if inside else float(n) if by_scale else 1.0)
-    timings["statistics"] += time.perf_counter() - t0
+    # undo the 1/N of a mean loss (per-example output gradients): a count the host knows goes into the products,
+    # a count tensor to a method that applies it inside its statistics (``count_scaled_rows``), else to the rows
+    # (a ``RowCount`` is reduced only where it is needed now: the rows, not the statistics)
+    n = obs.n
+    data = isinstance(n, Tensor | RowCount)
+    by_scale = mean and not transposed and not data
+    inside = mean and not transposed and data and pre.count_scaled_rows
+    d = obs.d
+    if mean and not (by_scale or inside):
+        d = d * (count_tensor(n) if isinstance(n, Tensor | RowCount) else n)
+    if transposed:
+        pre.observe_transposed(obs.h, d, obs.rows, n)
+    else:
+        pre.observe(obs, d, n if inside else float(n) if by_scale else 1.0)
 
 
 _fold_eager = torch.compiler.disable(_fold)  # under torch.compile: run as plain Python, never traced

@@ -146,12 +146,15 @@ class Preconditioner:
         scale = scale.tensor() if isinstance(scale, RowCount) and not lazy else scale
         self.observe_output_grads(rows, n, self.observe_inputs(obs.h, count), scale)  # type: ignore[arg-type]
 
-    def observe_dense(self, h: Tensor, d: Tensor, n: int) -> bool:
-        """``observe`` of the usual call in as few lines as the method can make of it: dense input rows ``h`` (bias
-        column included) and output-gradient rows ``d`` of a mean loss, ``n`` rows, all of them examples, where
-        the host decides (``linalg.host_decides``). Returns False, having done nothing, where ``observe`` must
-        take them (the default)."""
+    def dense_ready(self) -> bool:
+        """``observe_dense`` can take this step's next call (its statistics hold no rows yet); False: the default."""
         return False
+
+    def observe_dense(self, obs: Observation) -> None:
+        """``observe`` of the usual call, where ``dense_ready``, in as few lines as the method can make of it: a
+        linear layer's dense rows of a mean loss, ``obs.n`` a number of examples above zero (the host's path) or a
+        ``RowCount`` (the accelerator's)."""
+        raise NotImplementedError(f"{type(self).__name__} has no dense path")
 
     def observe_transposed(self, inputs: Rows, grads: Tensor, count: Count, n_examples: Count) -> None:
         """Fold a use in the swapped orientation: its input rows lie on this layer's output side (``d_out``) and

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from lightning_soo import linalg
-from lightning_soo.capture.adapters import Count, Rows
+from lightning_soo.capture.adapters import Count, Observation, Rows
 from lightning_soo.capture.rows import RowCount
 from lightning_soo.options import KFACOptions, StepOptions
 from lightning_soo.preconditioners.banks import Sides, close_banked
@@ -164,13 +164,12 @@ class KFAC(Preconditioner):
         else:
             self._b.add(rows, n_examples, scale * scale)
 
-    def observe_dense(self, h: Tensor, d: Tensor, n: int) -> bool:
-        a, b = self._a, self._b
-        if not (a.takes_first_mean() and b.takes_first_mean()):
-            return False
-        a.add_first_mean(h, n)
-        b.add_first_mean(d, n, float(n * n))  # ``observe_output_grads`` with the count as the scale: B's n²
-        return True
+    def dense_ready(self) -> bool:
+        return self._a.takes_first() and self._b.takes_first()
+
+    def observe_dense(self, obs: Observation) -> None:
+        self._a.add_first(obs.h, obs.rows)  # type: ignore[arg-type]  # dense rows, a number or a RowCount
+        self._b.add_first(obs.d, obs.n, squared=True)  # type: ignore[arg-type]  # B is quadratic in the rows
 
     def observe_transposed(self, inputs: Rows, grads: Tensor, count: Count, n_examples: Count) -> None:
         self._at.add(inputs, count)

@@ -94,14 +94,16 @@ class Shampoo(Preconditioner):
         the output-gradient norms (``row_norms``), where it made them."""
         self._observe(rows, obs.n, obs.h, scale, obs.norms)
 
-    def observe_dense(self, h: Tensor, d: Tensor, n: int) -> bool:
+    def dense_ready(self) -> bool:
         (left, *more_left), (right, *more_right) = self.left.factors, self.right.factors
-        if not self.uses_hooks or more_left or more_right or not (left.takes_first_mean() and right.takes_first_mean()):
-            return False
-        s2 = float(n * n)  # the count as the scale, squared: both sides are quadratic in the rows
-        left.add_first_mean(d * _row_norms(h), n, s2)  # Δᵀ diag(‖h̄‖²) Δ
-        right.add_first_mean(h * _row_norms(d), n, s2)  # H̄ᵀ diag(‖δ‖²) H̄
-        return True
+        return self.uses_hooks and not (more_left or more_right) and left.takes_first() and right.takes_first()
+
+    def observe_dense(self, obs: Observation) -> None:
+        h, d, n = obs.h, obs.d, obs.n
+        norms = _row_norms(d) if obs.norms is None else obs.norms
+        # both sides are quadratic in the rows: the count's square, in the product or at the close
+        self.left.factors[0].add_first(d * _row_norms(h), n, squared=True)  # type: ignore[operator, arg-type]
+        self.right.factors[0].add_first(h * norms, n, squared=True)  # type: ignore[operator, arg-type]
 
     def observe_output_grads(self, rows: Tensor, n_examples: Count, ctx: Any, scale: float | Tensor = 1.0) -> None:
         self._observe(rows, n_examples, ctx, scale, None)

@@ -171,18 +171,21 @@ class Factor:
             self._add_count(count)
         self._pending = True
 
-    def takes_first_mean(self) -> bool:
-        """``add_first_mean`` applies: a dense factor whose flags the host decides, with no rows yet this step."""
-        return not (self._pending or self.diagonal or self._moved or self._squared) and host_decides(self._sum)
+    def takes_first(self) -> bool:
+        """``add_first`` applies: a dense factor with no rows yet this step."""
+        return not (self._pending or self.diagonal or self._moved or self._squared)
 
-    def add_first_mean(self, rows: Tensor, count: int, scale: float = 1.0) -> None:
-        """``add(rows, count, scale)`` for the step's first rows where ``takes_first_mean`` (``count > 0``): the
-        step's mean in the product itself, in the few lines the usual call needs (a hook runs it once per layer
-        and step, inside the backward pass, where every line of Python shows)."""
-        gram_(self._sum, rows, beta=0.0, alpha=scale / count, mirror=False)
-        self._n = float(count)
-        self._pending = self._normalised = True
-        self._stale = False
+    def add_first(self, rows: Tensor, count: int | RowCount, squared: bool = False) -> None:
+        """``add(rows, count)``, or with ``squared`` ``add(rows, count, count²)`` (a number) or ``add(rows, count,
+        squared=count)`` (a count for the close), for the step's first rows where ``takes_first`` (``count > 0``):
+        in the few lines the usual call needs (``Preconditioner.observe_dense``)."""
+        if isinstance(count, int):  # the host's path: the step's mean in the product itself (``_add_mean``)
+            gram_(self._sum, rows, beta=0.0, alpha=count if squared else 1.0 / count, mirror=False)
+            self._n, self._normalised = float(count), True
+        else:  # counted when the statistics close, which owe the count's square (``add``'s ``squared``)
+            gram_(self._sum, rows, beta=0.0, alpha=1.0, mirror=False)
+            self._tally, self._squared = count, squared
+        self._pending, self._stale = True, False
 
     def _add_count(self, count: Count) -> None:
         """Count rows on the device: a count tensor is kept as it is (no operation; the adapter made it and does not

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_soo import PreconditionerManager
+from lightning_soo import PreconditionerManager, linalg
+from lightning_soo.capture.rows import Observation
 from lightning_soo.engine import layer as layer_module
 from lightning_soo.preconditioners.kfac import KFAC
 from lightning_soo.preconditioners.shampoo import Shampoo
@@ -32,7 +33,9 @@ class _Seq(nn.Module):
 
 
 def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 3))
+    """Two equal layers among them: on the accelerator's path with stacks on, they close as one bank."""
+    layers: list[nn.Module] = [nn.Linear(6, 8), nn.Linear(8, 8, bias=False), nn.Linear(8, 8), nn.Linear(8, 8)]
+    return nn.Sequential(*[m for layer in layers for m in (layer, nn.Tanh())], nn.Linear(8, 3))
 
 
 Batch = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -61,19 +64,22 @@ def _run(
     batch: Batch,
     micro: int = 1,
     method: str = "kfac",
+    path: str = "host",
     **kw: object,
 ) -> tuple[list[torch.Tensor], int]:
-    """The method's two factors of every layer after 5 steps, and how many calls ``observe_dense`` took."""
+    """The method's two factors of every layer after 5 steps, and how many calls ``observe_dense`` took; ``path``:
+    the CPU's (the host decides), the accelerator's (on the CPU), or the accelerator's with equal layers banked."""
     cls, names = METHODS[method]
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", path == "host")
+    monkeypatch.setattr(linalg, "BATCH_ON_CPU", path == "banked")
     if not fast:
         monkeypatch.setattr(layer_module, "_fast", lambda *args: False)
     taken = [0]
     dense = cls.observe_dense
 
-    def counting(self: KFAC | Shampoo, h: torch.Tensor, d: torch.Tensor, n: int) -> bool:
-        ok = dense(self, h, d, n)  # type: ignore[arg-type]
-        taken[0] += ok
-        return ok
+    def counting(self: KFAC | Shampoo, obs: Observation) -> None:
+        taken[0] += 1
+        dense(self, obs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(cls, "observe_dense", counting)
     torch.manual_seed(0)
@@ -92,38 +98,49 @@ def _run(
         manager.step(opt, accumulation=micro)
         opt.step()
     factors = [getattr(layer.preconditioner, name) for layer in manager.layers.values() for name in names]
+    if path == "banked" and make is _mlp:  # the equal layers' factors were closed as a bank
+        assert any(f.bank is not None for layer in manager.layers.values() for f in _factors(layer.preconditioner))
     return [f.clone() for f in factors], taken[0]
 
 
+def _factors(pre: KFAC | Shampoo) -> list:
+    return [pre._a, pre._b] if isinstance(pre, KFAC) else [*pre.left.factors, *pre.right.factors]
+
+
+@pytest.mark.parametrize("path", ["host", "device", "banked"])
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize(
     ("make", "batch", "micro", "share"),
     [
         (_mlp, _flat, 1, 1.0),  # every call: the usual step
-        (_mlp, _padded, 1, None),  # steps with padding rows go the general way
+        (_mlp, _padded, 1, None),  # padding: K-FAC's masked rows on the host go the general way
         (_Seq, _sequence, 1, 1.0),  # positions as rows
         (_mlp, _flat, 2, 0.5),  # accumulation: a layer's second call in the step goes the general way
     ],
 )
 def test_dense_fold_equals_the_general_path(
     monkeypatch: pytest.MonkeyPatch,
+    path: str,
     method: str,
     make: Callable[[], nn.Module],
     batch: Batch,
     micro: int,
     share: float | None,
 ) -> None:
-    fast, taken = _run(monkeypatch, True, make, batch, micro, method)
+    """Equal factors with and without the usual call's path, which is taken where it applies: on the host every call
+    of a step without padding (K-FAC; Shampoo's rows need no mask, it takes those too), on the accelerator's path
+    every first call (the count is reduced at the close)."""
+    fast, taken = _run(monkeypatch, True, make, batch, micro, method, path)
     with monkeypatch.context() as m:
-        general, none = _run(m, False, make, batch, micro, method)
+        general, none = _run(m, False, make, batch, micro, method, path)
     assert none == 0
     for a, b in zip(fast, general, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     calls = 5 * micro * len(fast) // 2
-    if share is None:
+    if share is None and method == "kfac" and path == "host":
         assert 0 < taken < calls  # the padded steps went the general way, the others not
     else:
-        assert taken == share * calls
+        assert taken == (share or 1.0) * calls
 
 
 def test_dense_fold_hands_back_what_it_cannot_take(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,7 +148,7 @@ def test_dense_fold_hands_back_what_it_cannot_take(monkeypatch: pytest.MonkeyPat
     gives what it gave before: the factors equal the run without the fast path); so does Shampoo with its
     statistics from the gradient, or with a side in blocks."""
     for method, options in (("shampoo", {"statistics": "gradient"}), ("shampoo", {"max_factor_dim": 4})):
-        _, taken = _run(monkeypatch, True, _mlp, _flat, 1, method, **options)
+        _, taken = _run(monkeypatch, True, _mlp, _flat, 1, method, "host", **options)
         assert taken == 0
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=True):
         _, taken = _run(monkeypatch, True, _mlp, _flat)
