@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_soo.capture.adapters import IndexRows, LayerAdapter, LinearAdapter, Observation
+from lightning_soo.capture.adapters import Conv1DAdapter, IndexRows, LayerAdapter, LinearAdapter, Observation
 from lightning_soo.capture.discovery import Use
 from lightning_soo.capture.hooks import GradCallback, OnCall
 from lightning_soo.capture.rows import RowCount, count_tensor
@@ -133,6 +133,9 @@ def _fit(obs: Observation, shape: tuple[int, int], rows: slice | None, transpose
     return dataclasses.replace(obs, h=h, d=d)
 
 
+_DENSE = (LinearAdapter, Conv1DAdapter)
+
+
 def _fast(layer: Layer, use: Use, x: Tensor, g: Tensor) -> bool:
     """The usual call, which the method takes in a few lines (``Preconditioner.observe_dense``): a linear layer's own
     use, float rows of the statistics' dtype, outside autocast, its positions as further rows, and the method ready
@@ -141,7 +144,7 @@ def _fast(layer: Layer, use: Use, x: Tensor, g: Tensor) -> bool:
     return (
         layer.preconditioner.dense_ready()  # first: a method without the path pays one call
         and adapter is layer.adapter
-        and type(adapter) is LinearAdapter
+        and type(adapter) in _DENSE  # a linear layer's rows: ``nn.Linear``, Hugging Face's ``Conv1D``
         and use.role == "normal"
         and x.dtype == g.dtype == layer.preconditioner.dtype
         and (x.dim() == 2 or adapter.weight_sharing != "reduce")

@@ -32,6 +32,19 @@ class _Seq(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
+class _GPT2Style(nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2's linear layers, the weight stored ``(in, out)``) on sequences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.a, self.b = Conv1D(8, 6), Conv1D(3, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
 def _mlp() -> nn.Module:
     """Two equal layers among them: on the accelerator's path with stacks on, they close as one bank."""
     layers: list[nn.Module] = [nn.Linear(6, 8), nn.Linear(8, 8, bias=False), nn.Linear(8, 8), nn.Linear(8, 8)]
@@ -115,6 +128,7 @@ def _factors(pre: KFAC | Shampoo) -> list:
         (_mlp, _flat, 1, 1.0),  # every call: the usual step
         (_mlp, _padded, 1, None),  # padding: K-FAC's masked rows on the host go the general way
         (_Seq, _sequence, 1, 1.0),  # positions as rows
+        (_GPT2Style, _sequence, 1, 1.0),  # GPT-2's Conv1D layers
         (_mlp, _flat, 2, 0.5),  # accumulation: a layer's second call in the step goes the general way
     ],
 )
