@@ -166,33 +166,34 @@ def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean
         obs = layer.adapter.observe(x, g, pre.row_norms)
         n = obs.n
         if isinstance(n, RowCount) or (isinstance(n, int) and n > 0):  # a count for the close, or every row real
-            if host_decides(obs.d):
-                layer.kept.keep(layer.adapter.shape, obs.h, obs.d)  # type: ignore[arg-type]  # a linear layer's
-            else:
-                layer.kept.another_use()
+            _keep_rows(layer, obs, True)
             pre.observe_dense(obs)
         else:  # padding, decided on the host (the mask's count is a tensor)
-            _fold_observation(layer, obs, False, mean)
+            _fold_observation(layer, obs, False, mean, True)
     else:
         with _no_autocast(g):
             xs = x if not x.is_floating_point() else x.to(pre.dtype)
             transposed = use.role == "transposed"
             weighted = pre.row_norms and not transposed
             obs = _fit(use.rows.observe(xs, g.to(pre.dtype), weighted), layer.adapter.shape, rows, transposed)
-            if transposed or rows is not None:  # ``_fold_observation`` keeps the rows of the layer's own full calls
-                layer.kept.another_use()
-            _fold_observation(layer, obs, transposed, mean, kept=not (transposed or rows is not None))
+            _fold_observation(layer, obs, transposed, mean, not transposed and rows is None)
     timings["statistics"] += time.perf_counter() - t0
 
 
-def _fold_observation(layer: Layer, obs: Observation, transposed: bool, mean: bool, kept: bool = True) -> None:
-    """The general path's fold of one call's observation (the rows kept for the factored product where ``kept``)."""
+def _keep_rows(layer: Layer, obs: Observation, whole: bool) -> None:
+    """Keep a call's rows for the factored product at the step (``G = ΔᵀH̄``) where it is a ``whole`` call of the
+    layer's own with dense rows decided on the host; any other call also wrote into the gradient, so it drops them
+    (e.g. a tied head's embedding use)."""
+    if whole and isinstance(obs.h, Tensor) and host_decides(obs.d):
+        layer.kept.keep(layer.adapter.shape, obs.h, obs.d)
+    else:
+        layer.kept.another_use()
+
+
+def _fold_observation(layer: Layer, obs: Observation, transposed: bool, mean: bool, whole: bool) -> None:
+    """The general path's fold of one call's observation (``whole``: see ``_keep_rows``)."""
     pre = layer.preconditioner
-    if kept:
-        if isinstance(obs.h, Tensor) and host_decides(obs.d):
-            layer.kept.keep(layer.adapter.shape, obs.h, obs.d)  # G = ΔᵀH̄ from these rows: a cheaper product
-        else:  # e.g. a tied head's embedding use: its gradient is part of G too, so G = ΔᵀH̄ fails
-            layer.kept.another_use()
+    _keep_rows(layer, obs, whole)
     # undo the 1/N of a mean loss (per-example output gradients): a count the host knows goes into the products,
     # a count tensor to a method that applies it inside its statistics (``count_scaled_rows``), else to the rows
     # (a ``RowCount`` is reduced only where it is needed now: the rows, not the statistics)
