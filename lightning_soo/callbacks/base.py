@@ -129,6 +129,13 @@ class SecondOrderCallback(Callback):
                 f"{type(self).__name__} does not support {name}: sharded parameters and gradients would be "
                 "preconditioned shard by shard, which is wrong. Use a single device or the DDP strategy."
             )
+        mine = [cb for cb in trainer.callbacks if isinstance(cb, SecondOrderCallback)]  # type: ignore[attr-defined]
+        if len(mine) > 1:
+            names = ", ".join(type(c).__name__ for c in mine)
+            raise RuntimeError(
+                f"found {len(mine)} preconditioner callbacks in the Trainer ({names}): each rewrites the gradient, "
+                "so the optimizer would step one method applied to the other's output. Keep one."
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -137,9 +137,18 @@ class CurvatureScheduler(Callback):
         )
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The schedule is set before the first step begins, after a resumed manager loaded its state (every
+        callback's ``on_fit_start``): a resumed run already past the frequent phase freezes at its first step."""
+        self._ensure_configured(trainer)
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._ensure_configured(trainer)  # a manager built after ``on_train_start``
+
+    def _ensure_configured(self, trainer: pl.Trainer) -> None:
         manager = self._manager()
         if manager is not None and self._configured is not manager:
             self._configure(trainer, manager)

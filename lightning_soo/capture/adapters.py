@@ -346,6 +346,12 @@ def is_conv1d(module: nn.Module) -> bool:
 def make_adapter(module: nn.Module, weight_sharing: WeightSharing = "expand") -> LayerAdapter | None:
     """The adapter for ``module``, None for unsupported types; raises ``UnsupportedLayerError`` for refused
     configurations of supported types."""
+    supported = isinstance(module, (nn.Linear, nn.Embedding, *_CONV)) or is_conv1d(module)
+    if supported and not isinstance(module._parameters.get("weight"), nn.Parameter):
+        raise UnsupportedLayerError(
+            "its weight is computed from other parameters (a parametrization such as weight_norm or spectral_norm): "
+            "their gradients are not the weight's, which the preconditioner would rewrite"
+        )
     if isinstance(module, nn.Linear):
         return LinearAdapter(module, weight_sharing)
     if isinstance(module, _CONV):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_soo.capture.adapters import (
     EmbeddingAdapter,
@@ -115,8 +116,12 @@ def discover(
     inside_attention: set[int] = set()
     names = {id(p): eager_name(n) for n, p in model.named_parameters(remove_duplicate=False)}
 
-    def skip(mname: str, module: nn.Module, reason: str) -> None:  # every direct parameter of ``module``
-        for pname, _ in module.named_parameters(recurse=False):
+    def skip(mname: str, module: nn.Module, reason: str) -> None:
+        """Every direct parameter of ``module`` stays plain, and those of its parametrizations (weight_norm's)."""
+        own = list(module.named_parameters(recurse=False))
+        if parametrize.is_parametrized(module):
+            own += module.get_submodule("parametrizations").named_parameters(prefix="parametrizations")
+        for pname, _ in own:
             plain.setdefault(f"{mname}.{pname}" if mname else pname, f"{type(module).__name__}: {reason}")
 
     broken: dict[int, str] = {}  # tied weights with a use capture cannot see

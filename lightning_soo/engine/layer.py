@@ -71,6 +71,7 @@ class OptimizerLayers:
     parameters that were not in the model at set-up are named once in a warning (they keep their plain gradient)."""
 
     def __init__(self, model: nn.Module, warn: Callable[[str], None]) -> None:
+        self._model = model
         self._known = {id(p) for p in model.parameters()}
         self._warn = warn
         self._cache: dict[int, tuple[int, list[Layer]]] = {}
@@ -90,9 +91,13 @@ class OptimizerLayers:
         unknown = idset - self._known
         if unknown:
             self._known |= unknown
+            names = [n for n, p in self._model.named_parameters() if id(p) in unknown]
+            listed = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            outside = len(unknown) - len(names)
+            listed += f"{', ' if names else ''}{outside} not in the model now" if outside else ""
             self._warn(
                 f"{len(unknown)} parameter tensor(s) of the optimizer were not in the model when the preconditioner "
-                "was set up (modules added later); they keep their plain gradient"
+                f"was set up (modules added later): {listed}; they keep their plain gradient"
             )
         mine = [layer for layer in layers.values() if all(id(p) in idset for p in layer.adapter.params)]
         self._cache[id(optimizer)] = (len(ids), mine)

@@ -127,3 +127,15 @@ def test_unsupported_strategy_is_refused() -> None:
     fake_trainer = type("FakeTrainer", (), {"strategy": object.__new__(FSDPStrategy), "world_size": 1})()
     with pytest.raises(RuntimeError, match="FSDPStrategy"):
         cb.setup(fake_trainer, MLP(), "fit")
+
+
+def test_two_preconditioner_callbacks_are_refused() -> None:
+    """Two methods in one Trainer would each rewrite the gradient in turn (one applied to the other's output): an
+    error at set-up names them, before any step."""
+    from lightning_soo import ShampooCallback
+
+    model = MLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"2 preconditioner callbacks .*\(KFACCallback, ShampooCallback\)"):
+        trainer(max_steps=2, callbacks=[KFACCallback(), ShampooCallback()]).fit(model)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -48,6 +48,37 @@ def test_frequent_phase_then_frozen(tmp_path: Path) -> None:
     assert kfac2.state_dict()["schedule"]["frozen"] and kfac2.state_dict()["counters"]["refreshes"] == 6
 
 
+@pytest.mark.parametrize("scheduler_first", [False, True])
+def test_resumed_past_the_frequent_phase_freezes_at_its_first_step(tmp_path: Path, scheduler_first: bool) -> None:
+    """5 steps without a freeze, then resumed for 20 with a frequent phase of 5: frozen from the first resumed step,
+    as the uninterrupted run (the schedule is set before that step begins, whichever callback comes first)."""
+
+    def fit(max_steps: int, fraction: float, ckpt: Path | None = None) -> tuple[KFACCallback, list[bool]]:
+        kfac = KFACCallback()
+        sched = CurvatureScheduler(
+            frequent_fraction=fraction, frequent_interval=2, interval=None, quality_every_n_steps=None
+        )
+        collecting: list[bool] = []
+
+        class Watch(LossRecorder):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                collecting.append(_hooks(pl_module) > 0)
+
+        callbacks = [sched, kfac] if scheduler_first else [kfac, sched]
+        t = trainer(max_steps=max_steps, callbacks=[*callbacks, Watch()])
+        t.fit(MLP(), ckpt_path=ckpt, weights_only=True)
+        if ckpt is None:
+            t.save_checkpoint(tmp_path / "five.ckpt")
+        return kfac, collecting
+
+    first, _ = fit(5, 1.0)
+    assert not first.state_dict()["schedule"]["frozen"]
+    resumed, collecting = fit(20, 0.25, tmp_path / "five.ckpt")
+    assert resumed.state_dict()["schedule"] == {"frozen": True, "frozen_at": 5}
+    assert not any(collecting)  # no statistics captured after the resume
+    assert resumed.state_dict()["counters"]["refreshes"] == 6  # steps 0, 2 and 4, two layers each
+
+
 def test_quality_has_no_side_effects_and_reaches_tensorboard(tmp_path: Path) -> None:
     runs = []
     for quality in (None, 2):

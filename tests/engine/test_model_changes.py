@@ -41,10 +41,15 @@ def test_modules_added_after_setup_are_named_and_left_plain() -> None:
     messages: list[str] = []
     manager = PreconditionerManager(model, warn=messages.append)
     model.append(nn.Linear(3, 3))  # a head added after the manager was built
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stray = nn.Parameter(torch.zeros(2))  # in the optimizer, never in the model
+    opt = torch.optim.SGD([*model.parameters(), stray], lr=0.1)
     _train(manager, model, opt, 2)
-    assert any("not in the model when the preconditioner was set up" in m for m in messages)
+    [warning] = [m for m in messages if "not in the model when the preconditioner was set up" in m]
+    assert "3 parameter tensor(s)" in warning and "3.weight, 3.bias, 1 not in the model now" in warning
     assert list(manager.layers) == ["0", "2"]
+    before = model[3].weight.grad.clone()
+    manager.step(opt)  # written again: the late module's gradient stays plain
+    assert torch.equal(model[3].weight.grad, before)
 
 
 def test_update_norm_cap() -> None:
