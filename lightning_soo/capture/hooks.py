@@ -20,7 +20,8 @@ Three mechanisms:
   managed parameter, and reports the uses made outside the modules that capture it (``F.linear(x, wte.weight)``
   in a parent's forward, ``x @ w.T``). An ``F.linear`` call on the whole weight without a bias is then captured
   from the next statistics step on (``calls``); a parameter with any other such use stays plain, never gets one
-  use's curvature applied to the gradient of all. Other steps carry no mode.
+  use's curvature applied to the gradient of all. It also reports a managed module whose output is broadcast
+  along the batch (``broadcast``): that layer has no per-example output gradients. Other steps carry no mode.
 """
 
 from __future__ import annotations
@@ -121,6 +122,14 @@ def _row_block(weight: Tensor, base: Tensor) -> slice | None:
     return slice(start, start + weight.shape[0])
 
 
+#: torch calls that broadcast their operands, by name
+_BROADCASTING = frozenset(
+    f"{prefix}{op}{suffix}" if prefix else op
+    for op in ("add", "sub", "mul", "truediv", "matmul")
+    for prefix, suffix in (("", ""), ("__", "__"), ("__r", "__"), ("__i", "__"))
+) | {"add_", "sub_", "mul_", "div", "div_", "where", "addcmul", "lerp", "expand", "expand_as", "broadcast_to", "repeat"}
+
+
 class Census(TorchFunctionMode):
     """Finds the uses of managed parameters that capture does not see.
 
@@ -138,20 +147,45 @@ class Census(TorchFunctionMode):
         self.foreign: dict[int, str] = {}
         self.calls: dict[int, dict[int, nn.Module]] = {}
         self._other: set[int] = set()  # parameters with a foreign use that is not a capturable F.linear call
+        self.broadcast: dict[int, str] = {}  # parameter id -> the call that broadcast its module's output
+        self._made_by: dict[int, set[int]] = {}  # module id -> the managed parameters whose calls it makes
+        for pid, modules in owners.items():
+            for mid in modules:
+                self._made_by.setdefault(mid, set()).add(pid)
+        self._outputs: dict[int, tuple[Tensor, set[int]]] = {}  # the census step's outputs of those modules
         self._handles = [
             nn.modules.module.register_module_forward_pre_hook(lambda m, a: self.stack.append(id(m))),
-            nn.modules.module.register_module_forward_hook(lambda m, a, o: self._pop(), always_call=True),
+            nn.modules.module.register_module_forward_hook(self._pop, always_call=True),
         ]
         self._model_modules = {id(m): m for m in model.modules()}
 
-    def _pop(self) -> None:
+    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.stack:
             self.stack.pop()
+        pids = self._made_by.get(id(module))
+        if pids and isinstance(output, Tensor):
+            self._outputs[id(output)] = (output, pids)
+
+    def _watch_broadcast(self, func: Any, args: tuple[Any, ...], out: Tensor) -> None:
+        """A managed module's output broadcast along the batch dimension (``wpe(arange(t))`` added to every
+        sequence): the gradient each of its rows gets is a sum over examples."""
+        name = getattr(func, "__name__", "")
+        if name not in _BROADCASTING or out.dim() < 2:
+            return
+        for arg in args:
+            made = self._outputs.get(id(arg)) if isinstance(arg, Tensor) else None
+            if made is None or made[0] is not arg or out.shape[0] < 2:
+                continue
+            if arg.dim() < out.dim() or (arg.dim() == out.dim() and arg.shape[0] == 1):
+                for pid in made[1]:
+                    self.broadcast.setdefault(pid, f"{name} {tuple(arg.shape)} -> {tuple(out.shape)}")
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         if not isinstance(out, Tensor) or not out.requires_grad:
             return out
+        if self._outputs:
+            self._watch_broadcast(func, args, out)
         inner = next((m for m in reversed(self.stack) if m in self._model_modules), None)
         kwargs = kwargs or {}
         for i, arg in enumerate((*args, *kwargs.values())):
@@ -174,4 +208,5 @@ class Census(TorchFunctionMode):
             handle.remove()
         for pid in self._other:
             self.calls.pop(pid, None)
+        self._outputs.clear()
         return self.foreign

@@ -17,6 +17,11 @@ from lightning_soo.capture.discovery import functional_use
 from lightning_soo.engine.layer import Layer, use_sink
 from lightning_soo.options import StepOptions
 
+_BROADCAST_WHY = (
+    "its output is broadcast along the batch ({}; a position embedding called on the positions alone, say): each "
+    "of its rows' output gradients is a sum over examples, so its statistics cannot be per example"
+)
+
 
 @dataclass
 class Wiring:
@@ -91,6 +96,14 @@ class Wiring:
         foreign = census.close()
         removed = False
         for name, layer in list(self.layers.items()):
+            spread = census.broadcast.get(id(layer.adapter.weight.param))
+            if spread is not None:  # no per-example rows exist to build statistics from
+                del self.layers[name]
+                layer.collecting = False
+                layer.preconditioner.discard_statistics()
+                self.leave_plain(layer.module, layer.adapter.params, _BROADCAST_WHY.format(spread))
+                removed = True
+                continue
             hit = next((foreign[id(p)] for p in layer.adapter.params if id(p) in foreign), None)
             if hit is None:
                 continue

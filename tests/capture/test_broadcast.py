@@ -1,0 +1,82 @@
+"""A layer whose output is broadcast along the batch (nanoGPT's ``wpe(arange(t))`` added to every sequence, Hugging
+Face GPT-2's positions of shape ``(1, t)``) has no per-example output gradients: each row's gradient is a sum over
+the batch. The census of the first statistics step finds it, and the methods that build statistics from rows leave
+it plain, naming the call; layers whose outputs keep the batch dimension are not touched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_soo import PreconditionerManager
+
+V, T, C, B = 11, 5, 6, 4
+
+
+class Positions(nn.Module):
+    """Token and position embeddings, a per-sequence conditioning Linear, a head. ``positions``: how the position
+    embedding is called: ``"1d"`` (nanoGPT), ``"row"`` (``(1, t)``, transformers' GPT-2) or ``"expanded"``."""
+
+    def __init__(self, positions: str) -> None:
+        super().__init__()
+        self.positions = positions
+        self.wte, self.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
+        self.cond = nn.Linear(C, C)  # one vector per sequence, broadcast over its positions (not the batch)
+        self.head = nn.Linear(C, V)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        b, t = tokens.shape
+        pos = torch.arange(t)
+        pos = {"1d": pos, "row": pos[None], "expanded": pos.expand(b, t)}[self.positions]
+        x = self.wte(tokens) + self.wpe(pos)
+        x = x + self.cond(x.mean(1, keepdim=True))  # (b, 1, C) + (b, t, C)
+        return self.head(torch.tanh(x))
+
+
+def _run(positions: str, method: str) -> tuple[PreconditionerManager, list[dict[str, bool]]]:
+    torch.manual_seed(0)
+    model = Positions(positions).double()
+    manager = PreconditionerManager(model, method, preconditioner_interval=1, warn=lambda m: None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    rewritten = []
+    for _ in range(3):
+        tokens = torch.randint(0, V, (B, T), generator=gen)
+        opt.zero_grad()
+        manager.begin_step()
+        F.cross_entropy(model(tokens).reshape(-1, V), tokens.reshape(-1)).backward()
+        plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+        manager.step(opt)
+        rewritten.append({n: not torch.equal(p.grad, plain[n]) for n, p in model.named_parameters()})
+        opt.step()
+    return manager, rewritten
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("positions", ["1d", "row"])
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "gauss_newton"])
+def test_position_embedding_broadcast_along_the_batch_stays_plain(method: str, positions: str) -> None:
+    manager, rewritten = _run(positions, method)
+    assert "wpe" not in manager.layers and set(manager.layers) == {"wte", "cond", "head"}
+    shape = f"({T}, {C})" if positions == "1d" else f"(1, {T}, {C})"
+    assert f"broadcast along the batch (add {shape} -> ({B}, {T}, {C})" in manager.skipped["wpe.weight"]
+    for step in rewritten:  # never rewritten; the others from the first step on (the census step included)
+        assert not step["wpe.weight"] and step["wte.weight"] and step["cond.weight"] and step["head.weight"]
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "gauss_newton", "psgd"])
+def test_positions_with_a_batch_dimension_are_preconditioned(method: str) -> None:
+    """The same embedding called on positions expanded to the batch: every layer is preconditioned."""
+    manager, rewritten = _run("expanded", method)
+    assert set(manager.layers) == {"wte", "wpe", "cond", "head"}
+    assert all(rewritten[-1].values())
+
+
+@pytest.mark.usefixtures("float64")
+def test_psgd_keeps_a_broadcast_layer() -> None:
+    """PSGD fits from the gradient, not from rows: a broadcast output changes nothing for it."""
+    manager, rewritten = _run("1d", "psgd")
+    assert "wpe" in manager.layers and all(rewritten[-1].values())
