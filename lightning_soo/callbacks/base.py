@@ -141,9 +141,12 @@ class SecondOrderCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.manager is None:
             self.manager = self.build_manager(pl_module)
+            layers = self.manager.layers
+            frozen = sum(not all(p.requires_grad for p in lay.adapter.params) for lay in layers.values())
             rank_zero_info(
-                f"{type(self).__name__}: {len(self.manager.layers)} layer(s) preconditioned "
-                f"({', '.join(self.manager.layers) or 'none'})"
+                f"{type(self).__name__}: {len(layers)} layer(s) preconditioned"
+                + (f", {frozen} of them frozen now" if frozen else "")
+                + f" ({', '.join(layers) or 'none'})"
             )
         if (
             self._pending_state is not None

@@ -52,6 +52,8 @@ class Layer:
     warned: set[str] = field(default_factory=set)
     collecting: bool = False  # statistics of the open step are being captured for this layer
     catch_up: bool = False  # refresh at the next statistics step, even off schedule (uses added by the census)
+    retry: bool = False  # no preconditioner after a scheduled refresh: refreshed at the next statistics step (once)
+    retried: bool = False
     seen: bool = False  # a call's output gradient reached the hooks (tells a layer never run from one with no rows)
     kept: factored.Kept = field(default_factory=factored.Kept)  # rows for a cheaper product (``engine.factored``)
 

@@ -26,7 +26,7 @@ from lightning_soo.engine import batched, factored, state
 from lightning_soo.engine.damping import clip_cannot_protect, make_damping
 from lightning_soo.engine.distributed import DistributedPlan, reduce_statistics, world_size
 from lightning_soo.engine.layer import Layer, OptimizerLayers
-from lightning_soo.engine.postprocess import Verdicts, settled, write_updates
+from lightning_soo.engine.postprocess import Verdicts, mixed_lrs, settled, write_updates
 from lightning_soo.engine.schedule import ChangeMonitor, Schedule
 from lightning_soo.engine.timing import PhaseTimer
 from lightning_soo.engine.wiring import wire
@@ -104,6 +104,16 @@ class PreconditionerManager:
         if not self.layers:
             why = "; ".join(f"{name}: {reason}" for name, reason in sorted(self.skipped.items())[:8]) or "none"
             self.warn(f"{type(model).__name__} has no layer {self.method.__name__} can precondition (skipped: {why})")
+            return
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if trainable and not any(all(p.requires_grad for p in lay.adapter.params) for lay in self.layers.values()):
+            plain = {name: why for name, why in self.skipped.items() if not why.startswith("frozen")}
+            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(plain.items())[:8]) or "none"
+            self.warn(
+                f"{self.method.__name__} preconditions none of the trainable parameters of {type(model).__name__}: "
+                f"its {len(self.layers)} layer(s) are frozen (preconditioned once unfrozen), and the "
+                f"{len(trainable)} trainable parameter tensor(s) keep their plain gradient ({why})"
+            )
 
     # -- the step -------------------------------------------------------------------------------------
     def begin_step(self, batch_size: int | None = None) -> None:
@@ -224,11 +234,21 @@ class PreconditionerManager:
         else:
             for layer in layers:
                 layer.preconditioner.discard_statistics()
-        due = layers if self.schedule.refreshes(step) else [lay for lay in layers if lay.catch_up and self._collecting]
-        if due:  # refresh steps, and layers rewired by the census at their first complete statistics
+        scheduled = self.schedule.refreshes(step)
+        due = layers if scheduled else [lay for lay in layers if self._collecting and self._catches_up(lay)]
+        if due:  # refresh steps, and layers rewired by the census (or empty at a refresh) once they have statistics
             self._settle()  # refresh steps may synchronise: the statistics' verdicts are needed now
             with self._timer.phase("refresh"):
                 self._refresh_due(due, step, lr)
+        if scheduled and world_size() == 1:  # readiness differs between ranks: no retry under DDP
+            for layer in due:  # no preconditioner yet (no rows: a LoRA ``A`` behind a zero ``B`` at the first step)
+                layer.retry = not layer.preconditioner.ready and not layer.retried
+                layer.retried |= layer.retry
+
+    def _catches_up(self, layer: Layer) -> bool:
+        """Refreshed off schedule at this statistics step: rewired by the census, or retried once."""
+        retry, layer.retry = layer.retry, False
+        return retry or layer.catch_up
 
     def _close_statistics(self, layers: list[Layer], output_scale: float | Tensor) -> None:
         with self._timer.phase("statistics"):
@@ -316,6 +336,9 @@ class PreconditionerManager:
         o = self.options
         groups = optimizer.param_groups if optimizer is not None and o.kl_clip is not None else []
         lrs = {id(p): float(g["lr"]) for g in groups for p in g["params"]}
+        if lrs and "kl-lr" not in self._warned and (mixed := mixed_lrs(layers, lrs)):
+            self._warned.add("kl-lr")
+            self.warn(mixed)
         default = lr if lr is not None else 1.0
         written = write_updates(
             [(layer.adapter, g, out) for layer, g, out in done],
@@ -355,13 +378,18 @@ class PreconditionerManager:
         plain = dict(self.skipped)
         for layer in self.layers.values():
             elsewhere = self.plan is not None and self.plan.broadcast_gradients and not self.plan.owns(layer)
-            if not layer.preconditioner.ready and not elsewhere and not layer.catch_up:
+            if not layer.preconditioner.ready and not elsewhere and not (layer.catch_up or layer.retry):
                 why = layer.unready_reason()
                 for p in layer.adapter.params:
                     plain.setdefault(self.wiring.param_name(p, layer.name), why)
         return plain
 
+    def _retrying(self) -> bool:
+        return any(layer.retry for layer in self.layers.values())
+
     def _report_plain(self) -> None:
+        if self._retrying():  # once the layers retried at the next statistics step had their chance
+            return
         self._reported = True
         plain = self.plain_parameters()
         if plain or self.excluded:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -224,3 +224,16 @@ def _write_on_host(
         if ok:
             adapter.set_grad_matrix(out, scale)
     return Written(finite, capped, nu)
+
+
+def mixed_lrs(layers: Sequence[Any], lrs: dict[int, float]) -> str:
+    """The warning for layers whose parameters step at different learning rates (a bias in another param group):
+    the KL clip prices a layer's update at its weight's rate; "" when there are none."""
+    mixed = [layer.name for layer in layers if len({lrs.get(id(p)) for p in layer.adapter.params}) > 1]
+    if not mixed:
+        return ""
+    return (
+        f"the parameters of {len(mixed)} layer(s) ({', '.join(mixed[:5])}) are in param groups with different "
+        "learning rates: the KL clip takes each layer's at its weight's learning rate, so a bias at a higher rate "
+        "is clipped less than it should be. Keep a layer's weight and bias at one rate, or pass kl_clip=None"
+    )

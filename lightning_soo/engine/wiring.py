@@ -56,7 +56,9 @@ class Wiring:
         for layer in self.layers.values():
             if layer.collecting and layer.name not in processed:
                 layer.preconditioner.discard_statistics()
-            layer.collecting = collecting and (read or layer.catch_up or layer.preconditioner.running_statistics)
+            layer.collecting = collecting and (
+                read or layer.catch_up or layer.retry or layer.preconditioner.running_statistics
+            )
             layer.kept.forget()
         self.capture.active = self.capture.attached and any(layer.collecting for layer in self.layers.values())
 

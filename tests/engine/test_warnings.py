@@ -75,3 +75,26 @@ def test_plain_layers_say_whether_their_forward_ran() -> None:
     assert "exactly zero" in lines["dead.weight"] and "never ran" not in lines["dead.weight"]
     assert "never ran" in lines["unused.weight"]
     assert "live.weight" not in lines
+
+
+@pytest.mark.parametrize(("bias_lr", "warned"), [(1.0, True), (0.1, False)])
+def test_a_bias_at_another_learning_rate_than_its_weight_is_named_under_a_kl_clip(bias_lr: float, warned: bool) -> None:
+    """The KL clip prices a layer's update at its weight's learning rate: said once when a layer's weight and bias
+    sit in param groups with different rates (the usual no-decay split at one rate is not)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    messages: list[str] = []
+    manager = PreconditionerManager(model, "kfac", preconditioner_interval=1, warn=messages.append)
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = torch.optim.SGD([{"params": weights, "lr": 0.1}, {"params": biases, "lr": bias_lr, "weight_decay": 0.0}])
+    for _ in range(2):
+        opt.zero_grad()
+        manager.begin_step()
+        model(torch.randn(8, 4)).square().mean().backward()
+        manager.step(opt)
+        opt.step()
+    found = [m for m in messages if "different learning rates" in m]
+    assert len(found) == (1 if warned else 0)
+    if warned:
+        assert "2 layer(s) (0, 2)" in found[0]
