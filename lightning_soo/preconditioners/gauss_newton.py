@@ -387,6 +387,9 @@ class GaussNewton(Preconditioner):
         self._settle()
         n = self.latest.n if self.latest is not None else 0
         adopted = self.basis is self.latest and self.chol is not None and self.chol.shape[0] == n
+        # the other ranks read ρ from the header, rounded to the dtype: use that value here too (``remove`` divides
+        # by it in double), so that every rank computes the same P·G bit for bit
+        self.damping = float(torch.tensor(self.damping, dtype=self.dtype))
         header = self._header_tensor(float(adopted), self.damping)
         self._shared = self.chol.contiguous() if adopted else torch.zeros(n, n, dtype=self.dtype, device=self.device)
         return [header, self._shared]

@@ -56,10 +56,12 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=1.0, help="grad_worker_fraction")
     parser.add_argument("--method", default="kfac", choices=["kfac", "shampoo", "gauss_newton", "psgd", "psgd_hessian"])
     parser.add_argument("--device-path", action="store_true", help="the accelerator's path, on a deeper MLP")
+    parser.add_argument("--float32", action="store_true", help="float32 model and statistics (default float64)")
     args = parser.parse_args()
     torch.manual_seed(0)
     per_rank = 32 // args.devices  # the global batch is 32 either way
-    model = ShardedMLP(batch_size=per_rank).double()
+    model = ShardedMLP(batch_size=per_rank)
+    model = model if args.float32 else model.double()
     if args.device_path:  # flags decided on the device, equal layers stacked and banked: as on one GPU per rank
         linalg.HOST_DECIDES_ON_CPU, linalg.BATCH_ON_CPU = False, True
         relu = torch.nn.ReLU
@@ -89,7 +91,7 @@ def main() -> None:
     t = trainer(
         max_steps=args.steps,
         callbacks=cbs,
-        precision="64-true",
+        precision="32-true" if args.float32 else "64-true",
         accelerator="cpu",
         use_distributed_sampler=False,
         **kwargs,

@@ -40,6 +40,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
         "shampoo_ddp": _run(tmp, 2, "shampoo_ddp", "--steps", "5", "--method", "shampoo"),
         "gauss_newton_single": _run(tmp, 1, "gn_single", "--steps", "5", "--method", "gauss_newton"),
         "gauss_newton_ddp": _run(tmp, 2, "gn_ddp", "--steps", "5", "--method", "gauss_newton"),
+        "gauss_newton_ddp32": _run(tmp, 2, "gn_ddp32", "--steps", "5", "--method", "gauss_newton", "--float32"),
         "psgd_single": _run(tmp, 1, "psgd_single", "--steps", "5", "--method", "psgd"),
         "psgd_ddp": _run(tmp, 2, "psgd_ddp", "--steps", "5", "--method", "psgd", "--fraction", "0.5"),
         "psgd_hessian_single": _run(tmp, 1, "psgdh_single", "--steps", "5", "--method", "psgd_hessian"),
@@ -69,6 +70,18 @@ def test_inverse_work_is_split_and_gradients_agree(runs: dict[str, list[dict]], 
     rank0, rank1 = runs[mode]
     for g0, g1 in zip(rank0["grads"], rank1["grads"], strict=True):  # the preconditioned gradients of the last step
         assert torch.equal(g0, g1)
+
+
+def test_ranks_agree_bit_for_bit_in_float32(runs: dict[str, list[dict]]) -> None:
+    """Every rank applies the owner's preconditioner itself (``grad_worker_fraction=1``): in float32 the shared
+    damping must be the one every rank uses (Gauss-Newton's owner kept ρ in double, the others read it rounded to
+    float32: their updates differed by 1e-7 and the replicas drifted apart)."""
+    rank0, rank1 = runs["gauss_newton_ddp32"]
+    assert all(g.dtype == torch.float32 for g in rank0["grads"])
+    for g0, g1 in zip(rank0["grads"], rank1["grads"], strict=True):
+        assert torch.equal(g0, g1)
+    for p0, p1 in zip(rank0["params"], rank1["params"], strict=True):
+        assert torch.equal(p0, p1)
 
 
 def test_shampoo_ddp_equals_single_process(runs: dict[str, list[dict]]) -> None:
