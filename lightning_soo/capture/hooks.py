@@ -128,6 +128,14 @@ _BROADCASTING = frozenset(
     for op in ("add", "sub", "mul", "truediv", "matmul")
     for prefix, suffix in (("", ""), ("__", "__"), ("__r", "__"), ("__i", "__"))
 ) | {"add_", "sub_", "mul_", "div", "div_", "where", "addcmul", "lerp", "expand", "expand_as", "broadcast_to", "repeat"}
+_BROADCASTING |= {"scaled_dot_product_attention", "masked_fill"}  # an attention bias or mask of the layer's
+
+
+#: calls that only reshape or retype a tensor: the census follows a managed module's output through them
+_RESHAPING = frozenset(
+    {"view", "reshape", "permute", "transpose", "unsqueeze", "squeeze", "flatten", "unflatten", "contiguous"}
+    | {"__getitem__", "to", "float", "half", "bfloat16", "type_as", "clone", "movedim", "view_as", "reshape_as"}
+)
 
 
 class Census(TorchFunctionMode):
@@ -140,8 +148,9 @@ class Census(TorchFunctionMode):
     as ``F.linear(x, weight)`` (the whole parameter, no bias), which ``Capture.attach_calls`` can capture.
     """
 
-    def __init__(self, model: nn.Module, owners: dict[int, set[int]]) -> None:
+    def __init__(self, model: nn.Module, owners: dict[int, set[int]], batch_size: int | None = None) -> None:
         super().__init__()
+        self.batch_size = batch_size  # the step's, where known: which broadcast dimension is the batch
         self.owners = owners
         self.stack: list[int] = []
         self.foreign: dict[int, str] = {}
@@ -168,15 +177,26 @@ class Census(TorchFunctionMode):
 
     def _watch_broadcast(self, func: Any, args: tuple[Any, ...], out: Tensor) -> None:
         """A managed module's output broadcast along the batch dimension (``wpe(arange(t))`` added to every
-        sequence): the gradient each of its rows gets is a sum over examples."""
+        sequence): the gradient each of its rows gets is a sum over examples. The batch dimension is the one of
+        the step's batch size where it is known (a sequence-first model's per-sequence vector broadcast over time
+        is not it), else dimension 0. Shape-only calls (``permute``, ``unsqueeze``, ``view``, ...) of an output are
+        followed, and elementwise ones that keep a leading 1 (T5's relative-position bias, masked)."""
         name = getattr(func, "__name__", "")
-        if name not in _BROADCASTING or out.dim() < 2:
-            return
         for arg in args:
             made = self._outputs.get(id(arg)) if isinstance(arg, Tensor) else None
-            if made is None or made[0] is not arg or out.shape[0] < 2:
+            if made is None or made[0] is not arg:
                 continue
-            if arg.dim() < out.dim() or (arg.dim() == out.dim() and arg.shape[0] == 1):
+            batchless = out.shape == arg.shape and arg.dim() > 1 and arg.shape[0] == 1  # a mask applied, say
+            if name in _RESHAPING or (batchless and name in _BROADCASTING):
+                self._outputs[id(out)] = (out, made[1])
+            if name not in _BROADCASTING:
+                continue
+            lead = out.dim() - arg.dim()  # arg's dimensions align with out's last ones
+            spread = [i for i in range(out.dim()) if out.shape[i] > 1 and (i < lead or arg.shape[i - lead] == 1)]
+            batch = self.batch_size
+            if (batch is not None and batch > 1 and any(out.shape[i] == batch for i in spread)) or (
+                batch is None and 0 in spread
+            ):
                 for pid in made[1]:
                     self.broadcast.setdefault(pid, f"{name} {tuple(arg.shape)} -> {tuple(out.shape)}")
 
@@ -184,8 +204,8 @@ class Census(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if not isinstance(out, Tensor) or not out.requires_grad:
             return out
-        if self._outputs:
-            self._watch_broadcast(func, args, out)
+        if self._outputs and not isinstance(func, type):
+            self._watch_broadcast(func, (*args, *(kwargs or {}).values()), out)
         inner = next((m for m in reversed(self.stack) if m in self._model_modules), None)
         kwargs = kwargs or {}
         for i, arg in enumerate((*args, *kwargs.values())):

@@ -136,7 +136,7 @@ class PreconditionerManager:
         self._processed.clear()
         if self._collecting and self._census_due:  # once: find uses of managed weights that capture cannot see
             self._census_due = False
-            self.wiring.start_census()
+            self.wiring.start_census(batch_size)
 
     @property
     def collecting(self) -> bool:

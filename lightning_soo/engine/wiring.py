@@ -77,13 +77,13 @@ class Wiring:
                 layer.collecting = True
 
     # -- the census -----------------------------------------------------------------------------------
-    def start_census(self) -> None:
+    def start_census(self, batch_size: int | None = None) -> None:
         """Watch the calls of this statistics step (once) for uses of managed weights capture does not see."""
         owners: dict[int, set[int]] = {}
         for layer in self.layers.values():
             for p in layer.adapter.params:
                 owners.setdefault(id(p), set()).update(id(use.module) for use in layer.uses)
-        self.census = Census(self.model, owners)
+        self.census = Census(self.model, owners, batch_size)
         self.census.__enter__()
 
     def finish_census(self) -> bool:

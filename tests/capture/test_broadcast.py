@@ -80,3 +80,49 @@ def test_psgd_keeps_a_broadcast_layer() -> None:
     """PSGD fits from the gradient, not from rows: a broadcast output changes nothing for it."""
     manager, rewritten = _run("1d", "psgd")
     assert "wpe" in manager.layers and all(rewritten[-1].values())
+
+
+class SequenceFirst(nn.Module):
+    """Positions first (``t x b x C``), with a per-sequence vector (``b x C``) broadcast over the positions: the
+    broadcast dimension is time, not the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte, self.cond, self.head = nn.Embedding(V, C), nn.Linear(C, C), nn.Linear(C, V)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.wte(tokens.T)  # t x b x C
+        x = x + self.cond(x.mean(0))  # (b, C) + (t, b, C)
+        return self.head(torch.tanh(x)).transpose(0, 1)
+
+
+@pytest.mark.usefixtures("float64")
+def test_a_broadcast_over_time_is_kept_where_the_batch_size_is_known() -> None:
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    manager = PreconditionerManager(model, "kfac", preconditioner_interval=1, warn=lambda m: None)
+    tokens = torch.randint(0, V, (B, T))
+    for _ in range(2):
+        manager.begin_step(batch_size=B)
+        F.cross_entropy(model(tokens).reshape(-1, V), tokens.reshape(-1)).backward()
+        manager.step()
+    assert set(manager.layers) == {"wte", "cond", "head"} and not manager.skipped
+
+
+def test_t5_relative_position_biases_stay_plain() -> None:
+    """transformers' T5 adds its relative-position bias (an ``nn.Embedding`` of buckets, permuted, unsqueezed and
+    masked) to every sequence's attention scores, inside ``scaled_dot_product_attention``."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0
+    )
+    model = transformers.T5ForConditionalGeneration(config)
+    manager = PreconditionerManager(model, "kfac", warn=lambda m: None)
+    x, y = torch.randint(1, 40, (4, 7)), torch.randint(1, 40, (4, 5))
+    manager.begin_step(batch_size=4)
+    model(input_ids=x, labels=y).loss.backward()
+    manager.step()
+    biases = {name for name in manager.skipped if "relative_attention_bias" in name}
+    assert len(biases) == 2 and all("broadcast along the batch" in manager.skipped[name] for name in biases)
+    assert not any("relative_attention_bias" in name for name in manager.layers)
