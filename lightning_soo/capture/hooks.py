@@ -173,22 +173,32 @@ class Census(TorchFunctionMode):
             self.stack.pop()
         pids = self._made_by.get(id(module))
         if pids and isinstance(output, Tensor):
-            self._outputs[id(output)] = (output, pids)
+            made = self._outputs.get(id(output))  # made from another layer's output too (``wpe`` -> Linear)
+            self._outputs[id(output)] = (output, pids | made[1] if made and made[0] is output else pids)
+
+    def _batchless(self, t: Tensor) -> bool:
+        """``t`` has no batch dimension: none of the step's batch size where it is known, else a leading 1."""
+        batch = self.batch_size
+        return t.dim() > 1 and (t.shape[0] == 1 if batch is None or batch < 2 else batch not in t.shape)
 
     def _watch_broadcast(self, func: Any, args: tuple[Any, ...], out: Tensor) -> None:
         """A managed module's output broadcast along the batch dimension (``wpe(arange(t))`` added to every
         sequence): the gradient each of its rows gets is a sum over examples. The batch dimension is the one of
         the step's batch size where it is known (a sequence-first model's per-sequence vector broadcast over time
         is not it), else dimension 0. Shape-only calls (``permute``, ``unsqueeze``, ``view``, ...) of an output are
-        followed, and elementwise ones that keep a leading 1 (T5's relative-position bias, masked)."""
+        followed, and so are calls on an output without a batch dimension that keep its leading shape (scaled,
+        masked, normalised or through another layer: T5's relative-position bias, ``Linear(wpe(pos))``)."""
         name = getattr(func, "__name__", "")
         for arg in args:
             made = self._outputs.get(id(arg)) if isinstance(arg, Tensor) else None
             if made is None or made[0] is not arg:
                 continue
-            batchless = out.shape == arg.shape and arg.dim() > 1 and arg.shape[0] == 1  # a mask applied, say
-            if name in _RESHAPING or (batchless and name in _BROADCASTING):
+            batchless = self._batchless(arg)
+            if name in _RESHAPING or (batchless and out.shape[:-1] == arg.shape[:-1]):  # scaled, normed, a Linear
                 self._outputs[id(out)] = (out, made[1])
+            if batchless and name in ("repeat", "tile") and out.numel() > arg.numel():  # copies for the batch
+                for pid in made[1]:
+                    self.broadcast.setdefault(pid, f"{name} {tuple(arg.shape)} -> {tuple(out.shape)}")
             if name not in _BROADCASTING:
                 continue
             lead = out.dim() - arg.dim()  # arg's dimensions align with out's last ones

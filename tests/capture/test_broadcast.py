@@ -126,3 +126,45 @@ def test_t5_relative_position_biases_stay_plain() -> None:
     biases = {name for name in manager.skipped if "relative_attention_bias" in name}
     assert len(biases) == 2 and all("broadcast along the batch" in manager.skipped[name] for name in biases)
     assert not any("relative_attention_bias" in name for name in manager.layers)
+
+
+class Through(nn.Module):
+    """A position embedding's output passed through ``op`` before it is added to every sequence."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.wte, self.wpe, self.proj, self.head = (
+            nn.Embedding(V, C),
+            nn.Embedding(T, C),
+            nn.Linear(C, C),
+            nn.Linear(C, V),
+        )
+        self.norm, self.drop = nn.LayerNorm(C), nn.Dropout(0.1)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        b, t = tokens.shape
+        p = self.wpe(torch.arange(t))
+        p = {
+            "scaled": lambda: p * 0.5,
+            "dropout": lambda: self.drop(p),
+            "normed": lambda: self.norm(p),
+            "linear": lambda: self.proj(p),
+            "tiled": lambda: p.repeat(b, 1, 1),
+        }[self.op]()
+        return self.head(torch.tanh(self.wte(tokens) + p))
+
+
+@pytest.mark.parametrize("op", ["scaled", "dropout", "normed", "linear", "tiled"])
+def test_the_census_follows_an_output_without_a_batch_dimension(op: str) -> None:
+    torch.manual_seed(0)
+    model = Through(op)
+    manager = PreconditionerManager(model, "kfac", preconditioner_interval=1, warn=lambda m: None)
+    tokens = torch.randint(0, V, (B, T))
+    for _ in range(2):
+        manager.begin_step(batch_size=B)
+        F.cross_entropy(model(tokens).reshape(-1, V), tokens.reshape(-1)).backward()
+        manager.step()
+    flagged = {name for name, why in manager.skipped.items() if "broadcast along the batch" in why}
+    assert flagged == ({"wpe.weight", "proj.weight", "proj.bias"} if op == "linear" else {"wpe.weight"})
+    assert set(manager.layers) == ({"wte", "head"} if op == "linear" else {"wte", "proj", "head"})
