@@ -35,6 +35,7 @@ from lightning_soo.capture.discovery import Use
 from lightning_soo.capture.hooks import GradCallback, OnCall
 from lightning_soo.capture.rows import RowCount, count_tensor
 from lightning_soo.engine import factored
+from lightning_soo.engine.postprocess import mixed_lrs
 from lightning_soo.linalg import host_decides
 from lightning_soo.preconditioners.base import Preconditioner
 
@@ -72,8 +73,9 @@ class OptimizerLayers:
     """Which managed layers an optimizer steps (all of a layer's parameters in its groups), cached per optimizer;
     parameters that were not in the model at set-up are named once in a warning (they keep their plain gradient)."""
 
-    def __init__(self, model: nn.Module, warn: Callable[[str], None]) -> None:
+    def __init__(self, model: nn.Module, warn: Callable[[str], None], check_lrs: bool = False) -> None:
         self._model = model
+        self._check_lrs = check_lrs  # under a KL clip: say once when a layer's parameters step at different rates
         self._known = {id(p) for p in model.parameters()}
         self._warn = warn
         self._cache: dict[int, tuple[int, list[Layer]]] = {}
@@ -102,6 +104,11 @@ class OptimizerLayers:
                 f"was set up (modules added later): {listed}; they keep their plain gradient"
             )
         mine = [layer for layer in layers.values() if all(id(p) in idset for p in layer.adapter.params)]
+        if self._check_lrs and (
+            mixed := mixed_lrs(mine, {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]})
+        ):
+            self._check_lrs = False
+            self._warn(mixed)
         self._cache[id(optimizer)] = (len(ids), mine)
         return mine
 

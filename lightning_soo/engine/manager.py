@@ -26,7 +26,7 @@ from lightning_soo.engine import batched, factored, state
 from lightning_soo.engine.damping import clip_cannot_protect, make_damping
 from lightning_soo.engine.distributed import DistributedPlan, reduce_statistics, world_size
 from lightning_soo.engine.layer import Layer, OptimizerLayers
-from lightning_soo.engine.postprocess import Verdicts, mixed_lrs, settled, write_updates
+from lightning_soo.engine.postprocess import Verdicts, settled, write_updates
 from lightning_soo.engine.schedule import ChangeMonitor, Schedule
 from lightning_soo.engine.timing import PhaseTimer
 from lightning_soo.engine.wiring import wire
@@ -99,21 +99,10 @@ class PreconditionerManager:
         self.wiring = wire(model, self.method, self.options, self._timer.totals)
         self.capture, self.layers = self.wiring.capture, self.wiring.layers
         self.skipped, self.excluded = self.wiring.skipped, self.wiring.excluded
-        self._optimizers = OptimizerLayers(model, self.warn)
+        self._optimizers = OptimizerLayers(model, self.warn, check_lrs=self.options.kl_clip is not None)
         self._census_due = self.capture.attached
-        if not self.layers:
-            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(self.skipped.items())[:8]) or "none"
-            self.warn(f"{type(model).__name__} has no layer {self.method.__name__} can precondition (skipped: {why})")
-            return
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if trainable and not any(all(p.requires_grad for p in lay.adapter.params) for lay in self.layers.values()):
-            plain = {name: why for name, why in self.skipped.items() if not why.startswith("frozen")}
-            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(plain.items())[:8]) or "none"
-            self.warn(
-                f"{self.method.__name__} preconditions none of the trainable parameters of {type(model).__name__}: "
-                f"its {len(self.layers)} layer(s) are frozen (preconditioned once unfrozen), and the "
-                f"{len(trainable)} trainable parameter tensor(s) keep their plain gradient ({why})"
-            )
+        if message := self.wiring.setup_warning(self.method.__name__):
+            self.warn(message)
 
     # -- the step -------------------------------------------------------------------------------------
     def begin_step(self, batch_size: int | None = None) -> None:
@@ -336,9 +325,6 @@ class PreconditionerManager:
         o = self.options
         groups = optimizer.param_groups if optimizer is not None and o.kl_clip is not None else []
         lrs = {id(p): float(g["lr"]) for g in groups for p in g["params"]}
-        if lrs and "kl-lr" not in self._warned and (mixed := mixed_lrs(layers, lrs)):
-            self._warned.add("kl-lr")
-            self.warn(mixed)
         default = lr if lr is not None else 1.0
         written = write_updates(
             [(layer.adapter, g, out) for layer, g, out in done],

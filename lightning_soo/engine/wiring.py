@@ -41,6 +41,24 @@ class Wiring:
     calls: dict[str, list[str]] = field(default_factory=dict)  # layer -> modules whose F.linear calls are its uses
     unseen: dict[str, list[bool]] = field(default_factory=dict)  # layer -> per added call use: seen firing yet?
 
+    def setup_warning(self, method: str) -> str:
+        """What to say at set-up when ``method`` preconditions nothing (no layer), or nothing trainable (every layer
+        frozen: litgpt's LoRA adapters are bare parameters capture cannot see); "" otherwise."""
+        model = self.model
+        if not self.layers:
+            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(self.skipped.items())[:8]) or "none"
+            return f"{type(model).__name__} has no layer {method} can precondition (skipped: {why})"
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable or any(all(p.requires_grad for p in lay.adapter.params) for lay in self.layers.values()):
+            return ""
+        plain = {name: why for name, why in self.skipped.items() if not why.startswith("frozen")}
+        why = "; ".join(f"{name}: {reason}" for name, reason in sorted(plain.items())[:8]) or "none"
+        return (
+            f"{method} preconditions none of the trainable parameters of {type(model).__name__}: its "
+            f"{len(self.layers)} layer(s) are frozen (preconditioned once unfrozen), and the {len(trainable)} "
+            f"trainable parameter tensor(s) keep their plain gradient ({why})"
+        )
+
     def leave_plain(self, module: nn.Module, params: list[nn.Parameter], why: str) -> None:
         for p in params:
             self.skipped[self.names.get(id(p), "?")] = f"{type(module).__name__}: {why}"
