@@ -224,20 +224,16 @@ class PreconditionerManager:
             for layer in layers:
                 layer.preconditioner.discard_statistics()
         scheduled = self.schedule.refreshes(step)
-        due = layers if scheduled else [lay for lay in layers if self._collecting and self._catches_up(lay)]
+        due = layers if scheduled else [lay for lay in layers if self._collecting and (lay.catch_up or lay.retry)]
         if due:  # refresh steps, and layers rewired by the census (or empty at a refresh) once they have statistics
             self._settle()  # refresh steps may synchronise: the statistics' verdicts are needed now
             with self._timer.phase("refresh"):
                 self._refresh_due(due, step, lr)
-        if scheduled and world_size() == 1:  # readiness differs between ranks: no retry under DDP
-            for layer in due:  # no preconditioner yet (no rows: a LoRA ``A`` behind a zero ``B`` at the first step)
-                layer.retry = not layer.preconditioner.ready and not layer.retried
-                layer.retried |= layer.retry
-
-    def _catches_up(self, layer: Layer) -> bool:
-        """Refreshed off schedule at this statistics step: rewired by the census, or retried once."""
-        retry, layer.retry = layer.retry, False
-        return retry or layer.catch_up
+        for layer in due:  # a layer without a preconditioner after a scheduled refresh (no rows: a LoRA ``A`` behind
+            # a zero ``B`` at the first step) is refreshed once more at the next statistics step; not under DDP,
+            # where readiness differs between ranks
+            retry = scheduled and not layer.retried and not layer.preconditioner.ready and world_size() == 1
+            layer.retry, layer.retried = retry, layer.retried or retry
 
     def _close_statistics(self, layers: list[Layer], output_scale: float | Tensor) -> None:
         with self._timer.phase("statistics"):
