@@ -352,13 +352,6 @@ def make_adapter(module: nn.Module, weight_sharing: WeightSharing = "expand") ->
             "its weight is computed from other parameters (a parametrization such as weight_norm or spectral_norm): "
             "their gradients are not the weight's, which the preconditioner would rewrite"
         )
-    base = next((b for b in (nn.Linear, nn.Embedding, *_CONV) if isinstance(module, b)), None)
-    if base is not None and type(module).forward is not base.forward:
-        raise UnsupportedLayerError(
-            f"its class overrides {base.__name__}.forward: the call's input and output need not be the "
-            f"{base.__name__.lower()}'s own (positions computed inside, a scaled output, padding added), so "
-            "statistics from them would be wrong"
-        )
     if isinstance(module, nn.Linear):
         return LinearAdapter(module, weight_sharing)
     if isinstance(module, _CONV):

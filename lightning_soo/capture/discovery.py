@@ -30,6 +30,7 @@ from lightning_soo.capture.adapters import (
     WeightSharing,
     make_adapter,
 )
+from lightning_soo.capture.calls import overridden_base
 
 Role = Literal["normal", "transposed"]
 
@@ -44,6 +45,13 @@ class Use:
     rows: LayerAdapter
     role: Role = "normal"
     calls: bool = False
+    own: bool = False  # the calls are the module's own (a subclass overriding forward): the census checks them
+
+
+def _use(module: nn.Module, rows: LayerAdapter, role: Role = "normal") -> Use:
+    """The use of a layer module's call: hooked, or its own functional call where its class overrides forward."""
+    own = overridden_base(module) is not None
+    return Use(module, rows, role, calls=own, own=own)
 
 
 @dataclass
@@ -149,7 +157,7 @@ def discover(
         assert adapter is not None
         known = by_param.get(id(adapter.weight.param))
         if known is None:
-            spec = LayerSpec(mname, adapter, [Use(module, adapter)])
+            spec = LayerSpec(mname, adapter, [_use(module, adapter)])
             by_param[id(adapter.weight.param)] = spec
             specs.append(spec)
             continue
@@ -166,7 +174,7 @@ def discover(
         # tied head came first); a head's are dense rows of the embedding's layer
         keep_own = same or isinstance(adapter, EmbeddingAdapter)
         rows = adapter if keep_own else LinearAdapter(module, weight_sharing, weight=adapter.weight)
-        known.uses.append(Use(module, rows, "normal" if same else "transposed"))
+        known.uses.append(_use(module, rows, "normal" if same else "transposed"))
         if adapter.has_bias and (not same or known.adapter.bias is None):  # not part of the tied layer
             plain[f"{mname}.bias" if mname else "bias"] = (
                 f"{type(module).__name__}: bias of a module whose weight is tied"

@@ -35,6 +35,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from lightning_soo.capture.calls import ORIGINALS, own_call
+
 GradCallback = Callable[[Tensor], None]
 #: ``on_call(x, rows)``: the call's input and the block of the layer's output rows it makes (None: all)
 OnCall = Callable[[Tensor, slice | None], GradCallback | None]
@@ -66,33 +68,56 @@ class Capture:
 
         self._handles.append(module.register_forward_hook(forward_hook))
 
-    def attach_calls(self, module: nn.Module, weights: dict[int, OnCall], outside: Sequence[nn.Module] = ()) -> None:
-        """Capture the ``F.linear`` calls ``module``'s forward makes on the given weights (or on blocks of their
-        rows): ``weights`` maps a parameter id to its sink. During the forward (a pre-hook and an always-called
-        forward hook) ``torch.nn.functional.linear`` is replaced by a function that hands those calls to their
-        sinks. Calls made inside the ``outside`` modules (the weight's own modules, captured by their hooks) are
-        not handed over twice."""
+    def attach_calls(
+        self,
+        module: nn.Module,
+        weights: dict[int, OnCall],
+        outside: Sequence[nn.Module] = (),
+        function: str = "linear",
+        own: bool = False,
+    ) -> None:
+        """Capture the ``F.<function>`` calls (``linear`` by default; ``embedding``, ``conv2d``, ...) ``module``'s
+        forward makes on the given weights (or on blocks of their rows): ``weights`` maps a parameter id to its
+        sink. During the forward (a pre-hook and an always-called forward hook) ``torch.nn.functional.<function>``
+        is replaced by a function that hands those calls to their sinks. Calls made inside the ``outside`` modules
+        (the weight's own modules, captured by their hooks) are not handed over twice. ``own``: only ``module``'s
+        own call (``calls.own_call``: its weight, bias and settings) is handed over."""
         saved: list[Any] = []
         depth = [0]
+        busy = [False]  # a Python functional (``F.embedding``) dispatches a torch-function mode to its global name
 
-        def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-            out = saved[-1](x, weight, bias)
-            if depth[0] or not self.active or not torch.is_grad_enabled() or not out.requires_grad:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if busy[0]:
+                return saved[-1](*args, **kwargs)
+            busy[0] = True
+            try:
+                out = saved[-1](*args, **kwargs)
+            finally:
+                busy[0] = False
+            if depth[0] or not self.active or not torch.is_grad_enabled():
+                return out
+            x = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if not isinstance(out, Tensor) or not out.requires_grad or not isinstance(weight, Tensor):
                 return out
             base = weight if weight._base is None else weight._base
             on_call = weights.get(id(base))
-            if on_call is not None:
+            if own and on_call is not None and not own_call(module, ORIGINALS[function], args, kwargs):
+                return out  # other settings: the census leaves the layer plain
+            if on_call is not None and isinstance(x, Tensor):
                 _hook_output(out, on_call(x.detach(), _row_block(weight, base)))
             return out
 
+        call.soo_function = function  # type: ignore[attr-defined]  # what the census's check takes it for
+
         def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
             if self.active and torch.is_grad_enabled():
-                saved.append(F.linear)
-                F.linear = linear  # type: ignore[assignment]  # the functional module's linear is looked up at call time
+                saved.append(getattr(F, function))
+                setattr(F, function, call)  # the functional module's names are looked up at call time
 
         def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if saved:
-                F.linear = saved.pop()
+                setattr(F, function, saved.pop())
 
         def enter(mod: nn.Module, args: tuple[Any, ...]) -> None:
             depth[0] += 1
@@ -148,8 +173,17 @@ class Census(TorchFunctionMode):
     as ``F.linear(x, weight)`` (the whole parameter, no bias), which ``Capture.attach_calls`` can capture.
     """
 
-    def __init__(self, model: nn.Module, owners: dict[int, set[int]], batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        owners: dict[int, set[int]],
+        batch_size: int | None = None,
+        own: dict[int, nn.Module] | None = None,
+    ) -> None:
         super().__init__()
+        self.own = own or {}  # module id -> a layer module whose class overrides forward: its own call is checked
+        self.unmatched: dict[int, str] = {}  # parameter id -> a use inside such a module that is not its own call
+        self.own_seen: set[int] = set()  # modules whose own call was seen (with grad)
         self.batch_size = batch_size  # the step's, where known: which broadcast dimension is the batch
         self.owners = owners
         self.stack: list[int] = []
@@ -211,6 +245,9 @@ class Census(TorchFunctionMode):
                     self.broadcast.setdefault(pid, f"{name} {tuple(arg.shape)} -> {tuple(out.shape)}")
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        # ``F.embedding`` (Python) dispatches to its global name, which capture may have replaced: call the original,
+        # so that a call capture does not see (``embedding`` bound by name) is not captured here either
+        func = ORIGINALS.get(getattr(func, "soo_function", ""), func)
         out = func(*args, **(kwargs or {}))
         if not isinstance(out, Tensor) or not out.requires_grad:
             return out
@@ -218,19 +255,34 @@ class Census(TorchFunctionMode):
             self._watch_broadcast(func, (*args, *(kwargs or {}).values()), out)
         inner = next((m for m in reversed(self.stack) if m in self._model_modules), None)
         kwargs = kwargs or {}
+        own: bool | None = None  # whether this is the own call of ``inner`` (a subclass overriding forward)
         for i, arg in enumerate((*args, *kwargs.values())):
             if isinstance(arg, Tensor) and arg is not out:
                 base = arg if arg._base is None else arg._base
                 owners = self.owners.get(id(base))
-                if owners is None or inner in owners:
+                if owners is None:
+                    continue
+                if inner in owners:
+                    if inner in self.own:
+                        own = own_call(self.own[inner], func, args, kwargs) if own is None else own
+                        self._own_use(id(base), own, func, out, inner)
                     continue
                 self.foreign.setdefault(id(base), getattr(func, "__name__", str(func)))
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                if func is F.linear and i == 1 and arg is base and bias is None and inner is not None:
+                if func is ORIGINALS["linear"] and i == 1 and arg is base and bias is None and inner is not None:
                     self.calls.setdefault(id(base), {})[inner] = self._model_modules[inner]
                 else:
                     self._other.add(id(base))
         return out
+
+    def _own_use(self, pid: int, own: bool, func: Any, out: Tensor, module: int) -> None:
+        """A use of a managed parameter inside a module that overrides forward: its own call (whose output the
+        broadcast check follows), or another use, which leaves the layer plain."""
+        if not own:
+            self.unmatched.setdefault(pid, getattr(func, "__name__", str(func)))
+            return
+        self.own_seen.add(module)
+        self._outputs[id(out)] = (out, self._made_by.get(module, set()))
 
     def close(self) -> dict[int, str]:
         """Remove the hooks; returns ``foreign`` (``calls`` keeps only parameters with no other foreign use)."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lightning_soo.capture import Capture, Census, discover
+from lightning_soo.capture.calls import function_name, overridden_base
 from lightning_soo.capture.discovery import functional_use
 from lightning_soo.engine.layer import Layer, use_sink
 from lightning_soo.options import StepOptions
@@ -40,6 +41,7 @@ class Wiring:
     mean: bool = True
     calls: dict[str, list[str]] = field(default_factory=dict)  # layer -> modules whose F.linear calls are its uses
     unseen: dict[str, list[bool]] = field(default_factory=dict)  # layer -> per added call use: seen firing yet?
+    own_seen: dict[int, list[bool]] = field(default_factory=dict)  # module id -> its own call seen (overridden)
 
     def setup_warning(self, method: str) -> str:
         """What to say at set-up when ``method`` preconditions nothing (no layer), or nothing trainable (every layer
@@ -101,7 +103,8 @@ class Wiring:
         for layer in self.layers.values():
             for p in layer.adapter.params:
                 owners.setdefault(id(p), set()).update(id(use.module) for use in layer.uses)
-        self.census = Census(self.model, owners, batch_size)
+        own = {id(use.module): use.module for layer in self.layers.values() for use in layer.uses if use.own}
+        self.census = Census(self.model, owners, batch_size, own)
         self.census.__enter__()
 
     def finish_census(self) -> bool:
@@ -116,6 +119,14 @@ class Wiring:
         foreign = census.close()
         removed = False
         for name, layer in list(self.layers.items()):
+            own_why = self._own_calls_why(layer, census)
+            if own_why:
+                del self.layers[name]
+                layer.collecting = False
+                layer.preconditioner.discard_statistics()
+                self.leave_plain(layer.module, layer.adapter.params, own_why)
+                removed = True
+                continue
             spread = census.broadcast.get(id(layer.adapter.weight.param))
             if spread is not None:  # no per-example rows exist to build statistics from
                 del self.layers[name]
@@ -136,6 +147,28 @@ class Wiring:
                                  + (f" ({why})" if why else ""))  # fmt: skip
                 removed = True
         return removed
+
+    def _own_calls_why(self, layer: Layer, census: Census) -> str:
+        """Why a layer whose class overrides forward cannot be captured at its own functional call ("": it can):
+        its weight or bias is used another way inside (Whisper's positions sliced from the weight, a weight
+        computed first), or the call made is not the one capture replaces (bound by name)."""
+        if not any(use.own for use in layer.uses):
+            return ""
+        base = overridden_base(layer.module)
+        kind = base.__name__ if base is not None else type(layer.module).__name__
+        hit = next((census.unmatched[id(p)] for p in layer.adapter.params if id(p) in census.unmatched), None)
+        if hit is not None:
+            return (
+                f"its class overrides {kind}.forward and uses its weight or bias in a {hit} call besides the "
+                f"F.{function_name(layer.module)} call of {kind}.forward (with its settings): statistics from that "
+                "call would not be the layer's"
+            )
+        if any(id(u.module) in census.own_seen and not self.own_seen[id(u.module)][0] for u in layer.uses if u.own):
+            return (
+                f"its class overrides {kind}.forward and makes its F.{function_name(layer.module)} call through a "
+                "name bound before the model was built, which capture does not see"
+            )
+        return ""
 
     def _add_calls(self, layer: Layer, modules: dict[int, nn.Module]) -> str | None:
         """Capture ``F.linear(x, weight)`` inside each of ``modules``' forwards as uses of ``layer``; the reason it
@@ -216,7 +249,9 @@ def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str,
     for pname, p in model.named_parameters(remove_duplicate=False):
         wiring.names.setdefault(id(p), pname)
     mean = wiring.mean
-    attention: dict[int, tuple[nn.Module, dict[int, Any]]] = {}  # attention module -> (module, {weight id: sink})
+    # a module whose functional calls are captured -> (module, function, own, {weight id: sink}): attention, and
+    # subclasses overriding forward (their own call)
+    attention: dict[int, tuple[nn.Module, str, bool, dict[int, Any]]] = {}
     for spec in specs:
         adapter = spec.adapter
         w = adapter.weight.param
@@ -233,10 +268,13 @@ def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str,
             continue
         for use in spec.uses:
             sink = use_sink(layer, use, timings, mean)
+            if use.own:
+                sink = _watched(sink, wiring.own_seen.setdefault(id(use.module), [False]), 0)
             if use.calls:
-                attention.setdefault(id(use.module), (use.module, {}))[1][id(w)] = sink
+                fn = function_name(use.module) if use.own else "linear"
+                attention.setdefault(id(use.module), (use.module, fn, use.own, {}))[3][id(w)] = sink
             else:
                 wiring.capture.attach(use.module, sink)
-    for module, weights in attention.values():
-        wiring.capture.attach_calls(module, weights)
+    for module, function, own, weights in attention.values():
+        wiring.capture.attach_calls(module, weights, function=function, own=own)
     return wiring

@@ -56,6 +56,34 @@ def llama(tied: bool) -> Case:
     return LlamaForCausalLM(config), _tokens(), _lm_loss
 
 
+def gemma() -> Case:
+    """Gemma: a scaled word embedding (a subclass of ``nn.Embedding`` overriding forward) tied to the head."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    config = GemmaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=T,
+    )  # fmt: skip
+    return GemmaForCausalLM(config), _tokens(), _lm_loss
+
+
+def _seq2seq_loss(model: nn.Module, tokens: Tensor) -> Tensor:
+    return model(input_ids=tokens[:, :-1], labels=tokens[:, 1:].contiguous()).loss
+
+
+def bart() -> Case:
+    """BART: scaled word embeddings shared by encoder, decoder and head, learned positions computed inside the
+    embedding's forward (the decoder's of shape ``(1, t)``, broadcast along the batch)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=T + 2,
+        scale_embedding=True,
+    )  # fmt: skip
+    return BartForConditionalGeneration(config), _tokens(), _seq2seq_loss
+
+
 def vit() -> Case:
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -177,6 +205,8 @@ CASES: dict[str, Callable[[], Case]] = {
     "gpt2": gpt2,
     "llama": lambda: llama(False),
     "llama tied": lambda: llama(True),
+    "gemma": gemma,
+    "bart": bart,
     "nanogpt tied": nanogpt,
     "nanogpt F.linear head": lambda: (NanoGPT(functional=True), _tokens(), _lm_loss),
     "TransformerEncoder": encoder,

@@ -23,7 +23,8 @@ from tests.integration.real_models import CASES, LR, coverage
 
 pytest.importorskip("transformers")
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore")]
-TIED = ("gpt2", "llama tied", "nanogpt tied", "nanogpt F.linear head")
+TIED = ("gpt2", "llama tied", "gemma", "bart", "nanogpt tied", "nanogpt F.linear head")
+# BART's decoder positions (shape (1, t), broadcast along the batch) stay plain but for PSGD: 93.3% of its elements
 
 
 @pytest.mark.parametrize("method", ["kfac", "shampoo", "gauss_newton", "psgd"])
@@ -36,6 +37,8 @@ def test_coverage_and_falling_loss(name: str, method: str) -> None:
     assert losses[-1] < losses[0]
     if method == "gauss_newton" and name in TIED:  # a weight tied in two orientations stays plain (said why)
         assert share > 0.75
+    elif name == "bart" and method != "psgd":
+        assert share > 0.93, share
     else:
         assert share >= 0.95, share
 

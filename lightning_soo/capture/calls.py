@@ -1,0 +1,84 @@
+"""The functional call a layer module makes on its own weight, for subclasses that override ``forward``.
+
+``nn.Linear``, ``nn.Embedding`` and ``nn.Conv*d`` compute their output with one call (``F.linear``, ``F.embedding``,
+``F.conv*d``) on their own weight. A subclass that overrides ``forward`` may do more around it: compute positions
+from a mask (OPT), scale the output (Gemma's and BART's word embeddings), pad the input (timm's ``Conv2dSame``). Its
+module call's input and output are then not the layer's; the functional call made inside is. Such a layer is
+captured at that call (``Capture.attach_calls``), and the census checks once that the override uses its weight
+(and bias) in that call only, with the module's own settings (``own_call``); any other use leaves it plain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import nn
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: the functional API's originals (``Capture.attach_calls`` replaces them during a module's forward)
+ORIGINALS: dict[str, Any] = {name: getattr(F, name) for name in ("linear", "embedding", "conv1d", "conv2d", "conv3d")}
+_SIGNATURES = {
+    "linear": ("input", "weight", "bias"),
+    "embedding": ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+}
+_DEFAULTS: dict[str, Any] = {
+    "bias": None, "padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False,
+    "sparse": False, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
+}  # fmt: skip
+
+
+def overridden_base(module: nn.Module) -> type[nn.Module] | None:
+    """The torch layer class whose ``forward`` the class of ``module`` overrides (None: it does not)."""
+    base = next((b for b in (nn.Linear, nn.Embedding, *_CONV) if isinstance(module, b)), None)
+    return base if base is not None and type(module).forward is not base.forward else None
+
+
+def function_name(module: nn.Module) -> str:
+    """The ``torch.nn.functional`` name of the call ``module``'s own forward makes (``linear``, ``conv2d``, ...)."""
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, _CONV):
+        return f"conv{len(module.kernel_size)}d"
+    return "linear"
+
+
+def _bound(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    names = _SIGNATURES[kind]
+    if len(args) > len(names) or any(k not in names for k in kwargs):
+        return None
+    bound = {**{n: _DEFAULTS.get(n) for n in names}, **dict(zip(names, args, strict=False)), **kwargs}
+    return bound
+
+
+def _tuple(value: Any, n: int) -> tuple[Any, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def own_call(module: nn.Module, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``func(*args, **kwargs)`` is ``module``'s own computation: its functional call on the whole weight,
+    with its bias and settings (what ``nn.Linear``/``nn.Embedding``/``nn.Conv*d.forward`` would call)."""
+    name = function_name(module)
+    if func is not ORIGINALS[name]:
+        return False
+    b = _bound("conv" if name.startswith("conv") else name, args, kwargs)
+    if b is None or b["weight"] is not module.weight:
+        return False
+    if name == "embedding":
+        pad = b["padding_idx"]
+        pad = pad + module.weight.shape[0] if isinstance(pad, int) and pad < 0 else pad
+        return (pad, b["max_norm"], b["scale_grad_by_freq"], b["sparse"]) == (
+            module.padding_idx, module.max_norm, module.scale_grad_by_freq, module.sparse
+        )  # fmt: skip
+    if b["bias"] is not module.bias:
+        return False
+    if name == "linear":
+        return True
+    assert isinstance(module, _CONV)
+    nd = len(module.kernel_size)
+    padding = b["padding"] if isinstance(b["padding"], str) else _tuple(b["padding"], nd)
+    own = module.padding if isinstance(module.padding, str) else tuple(module.padding)
+    return module.padding_mode == "zeros" and (
+        _tuple(b["stride"], nd), padding, _tuple(b["dilation"], nd), b["groups"]
+    ) == (tuple(module.stride), own, tuple(module.dilation), module.groups)  # fmt: skip
