@@ -43,8 +43,19 @@ OnCall = Callable[[Tensor, slice | None], GradCallback | None]
 
 
 def _hook_output(output: Tensor, callback: GradCallback | None) -> None:
-    if callback is not None:
-        output.register_hook(lambda grad: callback(grad.detach() if grad.requires_grad else grad))
+    """Hand ``output``'s gradient to ``callback``. A layer's output on inputs of three or more dimensions is a
+    reshaping view of the 2-d product; a hook on such a view never fires once an in-place op (``ReLU(inplace=True)``)
+    has rewritten it, while one on its base does, with the gradient of the value before that op. So the hook goes on
+    the base where the view is all of it in the same order."""
+    if callback is None:
+        return
+    base = output._base
+    if base is not None and base.numel() == output.numel() and base.data_ptr() == output.data_ptr():
+        if base.is_contiguous() and output.is_contiguous() and base.requires_grad:
+            shape = output.shape
+            base.register_hook(lambda grad: callback((grad.detach() if grad.requires_grad else grad).reshape(shape)))
+            return
+    output.register_hook(lambda grad: callback(grad.detach() if grad.requires_grad else grad))
 
 
 class Capture:
