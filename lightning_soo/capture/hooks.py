@@ -50,11 +50,17 @@ def _hook_output(output: Tensor, callback: GradCallback | None) -> None:
     if callback is None:
         return
     base = output._base
-    if base is not None and base.numel() == output.numel() and base.data_ptr() == output.data_ptr():
-        if base.is_contiguous() and output.is_contiguous() and base.requires_grad:
-            shape = output.shape
-            base.register_hook(lambda grad: callback((grad.detach() if grad.requires_grad else grad).reshape(shape)))
-            return
+    if (
+        base is not None
+        and base.numel() == output.numel()
+        and base.data_ptr() == output.data_ptr()
+        and base.is_contiguous()
+        and output.is_contiguous()
+        and base.requires_grad
+    ):
+        shape = output.shape
+        base.register_hook(lambda grad: callback((grad.detach() if grad.requires_grad else grad).reshape(shape)))
+        return
     output.register_hook(lambda grad: callback(grad.detach() if grad.requires_grad else grad))
 
 
@@ -222,36 +228,51 @@ class Census(TorchFunctionMode):
             self._outputs[id(output)] = (output, pids | made[1] if made and made[0] is output else pids)
 
     def _batchless(self, t: Tensor) -> bool:
-        """``t`` has no batch dimension: none of the step's batch size where it is known, else a leading 1."""
+        """``t`` has no batch dimension: a leading 1, or, where the step's batch size is known, no dimension of a
+        multiple of it (window attention folds windows into the batch dimension)."""
         batch = self.batch_size
-        return t.dim() > 1 and (t.shape[0] == 1 if batch is None or batch < 2 else batch not in t.shape)
+        if t.dim() < 2:
+            return False
+        return t.shape[0] == 1 or (batch is not None and batch > 1 and all(n % batch for n in t.shape))
+
+    def _along_batch(self, arg: Tensor, out: Tensor) -> bool:
+        """Whether ``out`` copies ``arg`` along its batch dimension: the first dimension of ``out`` of a multiple of
+        the step's batch size (dimension 0 where it is not known) is one that ``arg`` lacks or has of size 1, or a
+        dimension of exactly the batch size is, and ``arg`` has none of that size (a sequence-first model's position
+        embedding). A dimension ``arg`` spreads that only happens to equal the batch size while ``arg`` keeps a
+        batch dimension before it (grouped-query attention's ``expand`` of keys) is not one."""
+        lead = out.dim() - arg.dim()  # arg's dimensions align with out's last ones
+        spread = [i for i in range(out.dim()) if out.shape[i] > 1 and (i < lead or arg.shape[i - lead] == 1)]
+        if not spread:
+            return False
+        batch = self.batch_size
+        if batch is None or batch < 2:
+            return 0 in spread
+        multiples = [i for i in range(out.dim()) if out.shape[i] % batch == 0]
+        if multiples and multiples[0] in spread:
+            return True
+        return any(out.shape[i] == batch for i in spread) and batch not in arg.shape
 
     def _watch_broadcast(self, func: Any, args: tuple[Any, ...], out: Tensor) -> None:
         """A managed module's output broadcast along the batch dimension (``wpe(arange(t))`` added to every
-        sequence): the gradient each of its rows gets is a sum over examples. The batch dimension is the one of
-        the step's batch size where it is known (a sequence-first model's per-sequence vector broadcast over time
-        is not it), else dimension 0. Shape-only calls (``permute``, ``unsqueeze``, ``view``, ...) of an output are
-        followed, and so are calls on an output without a batch dimension that keep its leading shape (scaled,
-        masked, normalised or through another layer: T5's relative-position bias, ``Linear(wpe(pos))``)."""
+        sequence): the gradient each of its rows gets is a sum over examples (``_along_batch`` says which dimension
+        is the batch's). Shape-only calls (``permute``, ``unsqueeze``, ``view``, ...) of an output are followed, and
+        so are calls that keep its shape (scaled, masked, activated) and calls on an output without a batch
+        dimension that keep its leading shape (normalised, through another layer: T5's relative-position bias,
+        ``Linear(wpe(pos))``, Swin-V2's position-bias MLP)."""
         name = getattr(func, "__name__", "")
         for arg in args:
             made = self._outputs.get(id(arg)) if isinstance(arg, Tensor) else None
             if made is None or made[0] is not arg:
                 continue
             batchless = self._batchless(arg)
-            if name in _RESHAPING or (batchless and out.shape[:-1] == arg.shape[:-1]):  # scaled, normed, a Linear
+            same = out.shape == arg.shape
+            if name in _RESHAPING or same or (batchless and out.shape[:-1] == arg.shape[:-1]):
                 self._outputs[id(out)] = (out, made[1])
             if batchless and name in ("repeat", "tile") and out.numel() > arg.numel():  # copies for the batch
                 for pid in made[1]:
                     self.broadcast.setdefault(pid, f"{name} {tuple(arg.shape)} -> {tuple(out.shape)}")
-            if name not in _BROADCASTING:
-                continue
-            lead = out.dim() - arg.dim()  # arg's dimensions align with out's last ones
-            spread = [i for i in range(out.dim()) if out.shape[i] > 1 and (i < lead or arg.shape[i - lead] == 1)]
-            batch = self.batch_size
-            if (batch is not None and batch > 1 and any(out.shape[i] == batch for i in spread)) or (
-                batch is None and 0 in spread
-            ):
+            if name in _BROADCASTING and not same and self._along_batch(arg, out):
                 for pid in made[1]:
                     self.broadcast.setdefault(pid, f"{name} {tuple(arg.shape)} -> {tuple(out.shape)}")
 

@@ -5,6 +5,8 @@ it plain, naming the call; layers whose outputs keep the batch dimension are not
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,17 +111,19 @@ def test_a_broadcast_over_time_is_kept_where_the_batch_size_is_known() -> None:
     assert set(manager.layers) == {"wte", "cond", "head"} and not manager.skipped
 
 
-def test_t5_relative_position_biases_stay_plain() -> None:
+@pytest.mark.parametrize("heads", [2, 4])
+def test_t5_relative_position_biases_stay_plain(heads: int) -> None:
     """transformers' T5 adds its relative-position bias (an ``nn.Embedding`` of buckets, permuted, unsqueezed and
-    masked) to every sequence's attention scores, inside ``scaled_dot_product_attention``."""
+    masked) to every sequence's attention scores, inside ``scaled_dot_product_attention``. With as many heads as
+    examples the decoder's bias ``(1, h, q, k)``, masked by ``torch.where``, used to be missed."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.T5Config(
-        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=0
+        vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=heads, decoder_start_token_id=0
     )
     model = transformers.T5ForConditionalGeneration(config)
     manager = PreconditionerManager(model, "kfac", warn=lambda m: None)
-    x, y = torch.randint(1, 40, (4, 7)), torch.randint(1, 40, (4, 5))
+    x, y = torch.randint(1, 40, (4, 10)), torch.randint(1, 40, (4, 6))
     manager.begin_step(batch_size=4)
     model(input_ids=x, labels=y).loss.backward()
     manager.step()
@@ -155,16 +159,88 @@ class Through(nn.Module):
         return self.head(torch.tanh(self.wte(tokens) + p))
 
 
+@pytest.mark.parametrize("batch", [B, T])  # T: as many examples as positions, so the shapes alone cannot tell
 @pytest.mark.parametrize("op", ["scaled", "dropout", "normed", "linear", "tiled"])
-def test_the_census_follows_an_output_without_a_batch_dimension(op: str) -> None:
+def test_the_census_follows_an_output_without_a_batch_dimension(op: str, batch: int) -> None:
     torch.manual_seed(0)
     model = Through(op)
     manager = PreconditionerManager(model, "kfac", preconditioner_interval=1, warn=lambda m: None)
-    tokens = torch.randint(0, V, (B, T))
+    tokens = torch.randint(0, V, (batch, T))
     for _ in range(2):
-        manager.begin_step(batch_size=B)
+        manager.begin_step(batch_size=batch)
         F.cross_entropy(model(tokens).reshape(-1, V), tokens.reshape(-1)).backward()
         manager.step()
     flagged = {name for name, why in manager.skipped.items() if "broadcast along the batch" in why}
     assert flagged == ({"wpe.weight", "proj.weight", "proj.bias"} if op == "linear" else {"wpe.weight"})
     assert set(manager.layers) == ({"wte", "head"} if op == "linear" else {"wte", "proj", "head"})
+
+
+class Windows(nn.Module):
+    """Swin-V2's continuous position bias: an MLP on a coordinate table, its output ``(1, heads, n, n)`` added to
+    the scores of every window of every image, windows folded into the batch dimension (``b * windows``)."""
+
+    def __init__(self, heads: int = 4, windows: int = 4, n: int = 3) -> None:
+        super().__init__()
+        self.heads, self.windows, self.n = heads, windows, n
+        self.embed, self.head = nn.Linear(C, heads * n), nn.Linear(heads * n * n, V)
+        self.cpb = nn.Sequential(nn.Linear(2, 8), nn.ReLU(inplace=True), nn.Linear(8, heads, bias=False))
+        self.register_buffer("table", torch.randn(1, n, n, 2))
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (b, C)
+        b, h, n = x.shape[0], self.heads, self.n
+        q = self.embed(x).view(b, 1, h, n, 1).expand(b, self.windows, h, n, n).reshape(-1, h, n, n)
+        bias = 16 * torch.sigmoid(self.cpb(self.table).permute(0, 3, 1, 2))  # (1, heads, n, n)
+        scores = torch.tanh(q + bias).view(b, self.windows, -1).mean(1)
+        return self.head(scores)
+
+
+class NoBroadcast(nn.Module):
+    """Dimensions that happen to equal the batch size, nothing broadcast along the batch: grouped-query attention
+    expanding keys to ``n_rep`` query heads, a squeeze-excitation gate over a feature map as high as the batch,
+    a per-sequence vector added over as many positions as examples."""
+
+    def __init__(self, n_rep: int) -> None:
+        super().__init__()
+        self.n_rep = n_rep
+        self.wte, self.k, self.q = nn.Embedding(V, C), nn.Linear(C, C), nn.Linear(C, C * n_rep)
+        self.conv, self.gate, self.cond, self.head = (
+            nn.Conv2d(1, 2, 1),
+            nn.Conv2d(2, 2, 1),
+            nn.Linear(C, C),
+            nn.Linear(C, V),
+        )
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        b, t = tokens.shape
+        x = self.wte(tokens)  # (b, t, C)
+        k = self.k(x).view(b, 1, t, C)[:, :, None].expand(b, 1, self.n_rep, t, C).reshape(b, self.n_rep, t, C)
+        q = self.q(x).view(b, t, self.n_rep, C).transpose(1, 2)
+        x = x + F.scaled_dot_product_attention(q, k, k).mean(1)
+        feat = self.conv(x.unsqueeze(1))  # (b, 2, t, C)
+        feat = feat * torch.sigmoid(self.gate(feat.mean((2, 3), keepdim=True)))  # (b, 2, 1, 1) over (t, C)
+        x = x + feat.mean(1) + self.cond(x.mean(1, keepdim=True))  # (b, 1, C) over t positions
+        return self.head(torch.tanh(x))
+
+
+def _census(model: nn.Module, x: Tensor, loss: Any) -> PreconditionerManager:
+    manager = PreconditionerManager(model, "kfac", preconditioner_interval=1, warn=lambda m: None)
+    for _ in range(2):
+        manager.begin_step(batch_size=x.shape[0])
+        loss(model(x)).backward()
+        manager.step()
+    return manager
+
+
+def test_a_bias_broadcast_over_windows_folded_into_the_batch_stays_plain() -> None:
+    torch.manual_seed(0)
+    manager = _census(Windows(), torch.randn(B, C), lambda out: out.square().mean())
+    assert set(manager.layers) == {"embed", "head"}
+    assert all("broadcast along the batch" in manager.skipped[f"cpb.{i}.weight"] for i in (0, 2))
+
+
+@pytest.mark.parametrize("n_rep", [2, B])
+def test_dimensions_equal_to_the_batch_size_are_not_taken_for_it(n_rep: int) -> None:
+    torch.manual_seed(0)
+    tokens = torch.randint(0, V, (B, B))  # as many positions as examples
+    manager = _census(NoBroadcast(n_rep), tokens, lambda out: F.cross_entropy(out.reshape(-1, V), tokens.reshape(-1)))
+    assert set(manager.layers) == {"wte", "k", "q", "conv", "gate", "cond", "head"}, manager.skipped
