@@ -35,6 +35,7 @@ class Wiring:
     excluded: dict[str, str] = field(default_factory=dict)  # parameter name -> "excluded by you"
     names: dict[int, str] = field(default_factory=dict)  # parameter id -> its (first) name
     census: Census | None = None
+    _stance: Any = None  # the compiler's stance set for the census step (eager), restored when it closes
     method: Any = None  # the preconditioner class, its options, the timings and the loss reduction: for rewiring
     options: StepOptions | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -105,6 +106,12 @@ class Wiring:
                 owners.setdefault(id(p), set()).update(id(use.module) for use in layer.uses)
         own = {id(use.module): use.module for layer in self.layers.values() for use in layer.uses if use.own}
         self.census = Census(self.model, owners, batch_size, own)
+        # a compiled model runs this step eagerly: Dynamo tracing the census's Python fails on some models (ConvNeXt:
+        # ``___get_torch_function_mode_stack_at``). Not with nn.MultiheadAttention: the replaced
+        # ``linear`` its functional code calls is seen under Dynamo only when the first trace has the census's mode
+        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        attention = any(isinstance(u.module, nn.MultiheadAttention) for lay in self.layers.values() for u in lay.uses)
+        self._stance = set_stance("force_eager") if set_stance is not None and not attention else None
         self.census.__enter__()
 
     def finish_census(self) -> bool:
@@ -116,6 +123,9 @@ class Wiring:
         if census is None:
             return False
         census.__exit__(None, None, None)
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)  # the stance before the census
+            self._stance = None
         foreign = census.close()
         removed = False
         for name, layer in list(self.layers.items()):

@@ -72,3 +72,45 @@ def test_a_model_with_nothing_to_precondition_says_so() -> None:
     messages: list[str] = []
     PreconditionerManager(nn.Sequential(nn.LayerNorm(3), nn.GRU(3, 3)), warn=messages.append)
     assert len(messages) == 1 and "no layer KFAC can precondition" in messages[0] and "0.weight" in messages[0]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's and timm's ConvNeXt form: a LayerNorm over channels of a channels-first map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias).permute(0, 3, 1, 2)
+
+
+class Casted(nn.Linear):
+    """A subclass of ``nn.Linear`` overriding forward: captured at its ``F.linear`` call, under Dynamo too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) * 2.0
+
+
+def test_compiled_convnext_shape_and_an_overridden_layer_match_eager() -> None:
+    """The census's step under Dynamo crashed on ConvNeXt's channels-last LayerNorm (``NameError:
+    ___get_torch_function_mode_stack_at``): it runs eagerly now; a layer captured at its functional call got no
+    statistics from compiled steps (its update 15% off the eager one)."""
+    from lightning_soo import PreconditionerManager
+
+    grads = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 2, stride=2), LayerNorm2d(4), nn.Flatten(), Casted(16, 5), nn.Linear(5, 3))
+        model = torch.compile(net) if compiled else net
+        manager = PreconditionerManager(model, preconditioner_interval=1, warn=lambda m: None)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x, y = torch.randn(8, 3, 4, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            manager.begin_step(batch_size=8)
+            F.cross_entropy(model(x), y).backward()
+            manager.step(opt)
+            grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+            opt.step()
+        assert set(manager.layers) == {"0", "3", "4"}
+    for eager, comp in zip(grads[:3], grads[3:], strict=True):
+        for name, g in eager.items():
+            torch.testing.assert_close(comp[name], g, rtol=1e-4, atol=1e-6, msg=name)
