@@ -100,6 +100,7 @@ class SecondOrderCallback(Callback):
         super().__init__()
         self.options = options
         self.manager: PreconditionerManager | None = None
+        self._batches = 1  # training batches in the open step's window (manual optimization's accumulation)
         self._pending_state: dict[str, Any] | None = None
         self._pending_model: weakref.ref[pl.LightningModule] | None = None  # whose fit left _pending_state
         self._timer = StepTimer()
@@ -168,6 +169,7 @@ class SecondOrderCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.manager is not None:
+            self._batches = self._batches + 1 if self.manager.in_step else 1  # in the window of the next step
             self.manager.begin_step(batch_size=_batch_size(batch))
 
     @override
@@ -191,7 +193,9 @@ class SecondOrderCallback(Callback):
     ) -> None:
         if self.manager is None:
             return
-        acc = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        # manual optimization: a step after k batches is accumulation with the loss divided by k, as Lightning's
+        # documentation writes it (the statistics of those k batches are this step's)
+        acc = trainer.accumulate_grad_batches if pl_module.automatic_optimization else self._batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.manager.step(optimizer, accumulation=acc, grad_scaler=scaler)
 

@@ -12,6 +12,7 @@ Works with any preconditioner callback in the same Trainer. It acts on two of th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -126,6 +127,7 @@ class CurvatureScheduler(Callback):
             frequent_interval=self.frequent_interval,
             preconditioner_interval=self.interval,
             statistics_interval=self.statistics_interval,
+            elapsed=_elapsed(trainer, total),
         )
         if self.adaptive:
             manager.enable_adaptive_freeze(self.tolerance, self.patience)
@@ -206,3 +208,13 @@ class CurvatureScheduler(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_index = float(state_dict.get("best_index", math.inf))
         self.stale = int(state_dict.get("stale", 0))
+
+
+def _elapsed(trainer: pl.Trainer, total: float) -> Callable[[], int]:
+    """Training steps done, in the unit of ``estimated_stepping_batches``: optimizer steps (``global_step``) where
+    ``max_steps`` bounds it, else windows of ``accumulate_grad_batches`` batches. The manager's steps are windows of
+    batches, which are not optimizer steps under manual optimization with two optimizers stepping per batch."""
+    if trainer.max_steps != -1 and total == trainer.max_steps:
+        return lambda: trainer.global_step
+    loop, acc = trainer.fit_loop.epoch_loop, trainer.accumulate_grad_batches
+    return lambda: max(loop.total_batch_idx, 0) // acc

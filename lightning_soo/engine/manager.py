@@ -197,11 +197,14 @@ class PreconditionerManager:
         frequent_interval: int | None = None,
         preconditioner_interval: int | None,
         statistics_interval: int | None = None,
+        elapsed: Callable[[], int] | None = None,
     ) -> None:
         """Replace the refresh schedule (the seed's Table 1 shape): every ``frequent_interval`` steps for the first
-        ``frequent_steps`` steps, then every ``preconditioner_interval`` steps or never (None: frozen)."""
+        ``frequent_steps`` steps (or until ``elapsed()``, the training steps done, reaches it), then every
+        ``preconditioner_interval`` steps or never (None: frozen)."""
         every = statistics_interval or self.schedule.statistics_interval
         phase: dict[str, Any] = {"frequent_interval": frequent_interval, "frequent_steps": frequent_steps}
+        phase["elapsed"] = elapsed
         new = Schedule(every, preconditioner_interval, **phase)
         new.load_state_dict(self.schedule.state_dict())  # a freeze already made stays
         self.schedule = new

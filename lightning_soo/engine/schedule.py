@@ -14,6 +14,7 @@ preconditioner stopped changing) is decided by the manager, which calls ``freeze
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -29,7 +30,9 @@ class Schedule:
         *,
         frequent_interval: int | None = None,
         frequent_steps: int = 0,
+        elapsed: Callable[[], int] | None = None,
     ) -> None:
+        self.elapsed = elapsed  # training steps done, counted as ``frequent_steps`` is: the phase ends at either
         self.statistics_interval = statistics_interval
         self.preconditioner_interval = preconditioner_interval
         self.frequent_interval = frequent_interval or preconditioner_interval or statistics_interval
@@ -47,7 +50,7 @@ class Schedule:
             return False
         if step == 0:
             return True
-        if step < self.frequent_steps:
+        if self._frequent(step):
             return step % self.frequent_interval == 0
         interval = self.preconditioner_interval
         return interval is not None and step % interval == 0
@@ -60,7 +63,13 @@ class Schedule:
     def freezes(self, step: int) -> bool:
         """The schedule has no refresh left from ``step`` on (``preconditioner_interval=None`` past the frequent
         phase); step 0 is never frozen."""
-        return step > 0 and self.preconditioner_interval is None and step >= self.frequent_steps
+        return step > 0 and self.preconditioner_interval is None and not self._frequent(step)
+
+    def _frequent(self, step: int) -> bool:
+        """``step`` is in the frequent phase: before ``frequent_steps`` steps, and before as many by ``elapsed``
+        (a trainer's optimizer steps, where a step of this schedule is not one: two optimizers stepping per batch,
+        a step skipped in an ``optimizer_step`` override)."""
+        return step < self.frequent_steps and (self.elapsed is None or self.elapsed() < self.frequent_steps)
 
     def freeze(self, step: int) -> None:
         if not self.frozen:
