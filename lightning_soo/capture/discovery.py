@@ -93,13 +93,15 @@ def _attention_specs(name: str, mha: nn.MultiheadAttention, sharing: WeightShari
 
 
 def functional_use(spec_adapter: LayerAdapter, module: nn.Module) -> Use | None:
-    """The use ``F.linear(x, weight)`` (no bias) inside ``module``'s forward of a layer's whole weight, or None when
-    it cannot join the layer: a weight of a convolution or a block, or a Linear layer's weight with its bias."""
+    """The use ``F.linear(x, weight[, bias])`` inside ``module``'s forward of a layer's whole weight (with the
+    layer's own bias where it has one: the census admits no other call), or None when it cannot join the layer: a
+    weight of a convolution or a block."""
     if type(spec_adapter) not in (LinearAdapter, EmbeddingAdapter) or spec_adapter.weight.rows is not None:
         return None
-    if not spec_adapter.transposed and spec_adapter.has_bias:
-        return None  # the call has no bias column: its rows would not fit the layer's input side
-    rows = LayerAdapter(module, spec_adapter.weight_sharing, weight=spec_adapter.weight)
+    bias = None if spec_adapter.transposed else spec_adapter.bias
+    if bias is not None and bias.rows is not None:
+        return None
+    rows = LayerAdapter(module, spec_adapter.weight_sharing, weight=spec_adapter.weight, bias=bias)
     return Use(module, rows, "transposed" if spec_adapter.transposed else "normal", calls=True)
 
 

@@ -145,7 +145,8 @@ class Capture:
             depth[0] -= 1
 
         self._handles.append(module.register_forward_pre_hook(pre_hook))
-        self._handles.append(module.register_forward_hook(post_hook, always_call=True))
+        # prepended: calls attached later to the same module restore first (last in, first out)
+        self._handles.append(module.register_forward_hook(post_hook, always_call=True, prepend=True))
         for other in outside:
             self._handles.append(other.register_forward_pre_hook(enter))
             self._handles.append(other.register_forward_hook(leave, always_call=True))
@@ -198,8 +199,10 @@ class Census(TorchFunctionMode):
         owners: dict[int, set[int]],
         batch_size: int | None = None,
         own: dict[int, nn.Module] | None = None,
+        biases: dict[int, int] | None = None,
     ) -> None:
         super().__init__()
+        self.biases = biases or {}  # weight id -> its layer's bias id (a call outside may pass it: torchvision's Swin)
         self.own = own or {}  # module id -> a layer module whose class overrides forward: its own call is checked
         self.unmatched: dict[int, str] = {}  # parameter id -> a use inside such a module that is not its own call
         self.own_seen: set[int] = set()  # modules whose own call was seen (with grad)
@@ -230,12 +233,21 @@ class Census(TorchFunctionMode):
             self._outputs[id(output)] = (output, pids | made[1] if made and made[0] is output else pids)
 
     def _batchless(self, t: Tensor) -> bool:
-        """``t`` has no batch dimension: a leading 1, or, where the step's batch size is known, no dimension of a
-        multiple of it (window attention folds windows into the batch dimension)."""
+        """``t`` has no batch dimension: a leading 1, or no dimension of the step's batch size where it is known."""
         batch = self.batch_size
-        if t.dim() < 2:
+        return t.dim() > 1 and (t.shape[0] == 1 or (batch is not None and batch > 1 and batch not in t.shape))
+
+    def _copies_for_batch(self, name: str, arg: Tensor, out: Tensor) -> bool:
+        """``repeat``/``tile`` copying ``arg`` for every example: ``arg`` has no batch dimension, or its leading
+        dimension is copied a multiple of the batch size times (DeBERTa's ``repeat(b, 1, 1)`` of a
+        ``(heads, 2k, d)`` tensor whose sizes happen to include the batch size)."""
+        if name not in ("repeat", "tile") or out.numel() <= arg.numel():
             return False
-        return t.shape[0] == 1 or (batch is not None and batch > 1 and all(n % batch for n in t.shape))
+        if self._batchless(arg):
+            return True
+        batch, lead = self.batch_size, out.dim() - arg.dim()
+        copies = out.shape[0] // (arg.shape[0] if lead == 0 else 1)
+        return batch is not None and batch > 1 and copies % batch == 0
 
     def _along_batch(self, arg: Tensor, out: Tensor) -> bool:
         """Whether ``out`` copies ``arg`` along its batch dimension: the first dimension of ``out`` of a multiple of
@@ -271,7 +283,7 @@ class Census(TorchFunctionMode):
             same = out.shape == arg.shape
             if name in _RESHAPING or same or (batchless and out.shape[:-1] == arg.shape[:-1]):
                 self._outputs[id(out)] = (out, made[1])
-            if batchless and name in ("repeat", "tile") and out.numel() > arg.numel():  # copies for the batch
+            if self._copies_for_batch(name, arg, out):
                 for pid in made[1]:
                     self.broadcast.setdefault(pid, f"{name} {tuple(arg.shape)} -> {tuple(out.shape)}")
             if name in _BROADCASTING and not same and self._along_batch(arg, out):
@@ -290,7 +302,7 @@ class Census(TorchFunctionMode):
         inner = next((m for m in reversed(self.stack) if m in self._model_modules), None)
         kwargs = kwargs or {}
         own: bool | None = None  # whether this is the own call of ``inner`` (a subclass overriding forward)
-        for i, arg in enumerate((*args, *kwargs.values())):
+        for arg in (*args, *kwargs.values()):
             if isinstance(arg, Tensor) and arg is not out:
                 base = arg if arg._base is None else arg._base
                 owners = self.owners.get(id(base))
@@ -301,19 +313,33 @@ class Census(TorchFunctionMode):
                         own = own_call(self.own[inner], func, args, kwargs) if own is None else own
                         self._own_use(id(base), own, func, out, inner)
                     continue
-                self.foreign.setdefault(id(base), getattr(func, "__name__", str(func)))
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                if func is ORIGINALS["linear"] and i == 1 and arg is base and bias is None and inner is not None:
+                self.foreign.setdefault(id(base), _call_name(func))
+                role = self._linear_role(func, args, kwargs, arg, base) if inner is not None else None
+                if role == "weight" and inner is not None:
                     self.calls.setdefault(id(base), {})[inner] = self._model_modules[inner]
-                else:
+                elif role != "bias":
                     self._other.add(id(base))
         return out
+
+    def _linear_role(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], arg: Tensor, base: Tensor) -> str:
+        """What ``arg`` is in a capturable ``F.linear(x, weight, bias)``: the whole ``weight`` of a layer with its own
+        bias or none (as the layer has), or that ``bias``; "" for any other use."""
+        if func is not ORIGINALS["linear"] or arg is not base:
+            return ""
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        if not isinstance(weight, Tensor) or weight._base is not None:
+            return ""
+        own_bias = self.biases.get(id(weight))
+        if (bias is None) != (own_bias is None) or (bias is not None and id(bias) != own_bias):
+            return ""
+        return "weight" if arg is weight else "bias"
 
     def _own_use(self, pid: int, own: bool, func: Any, out: Tensor, module: int) -> None:
         """A use of a managed parameter inside a module that overrides forward: its own call (whose output the
         broadcast check follows), or another use, which leaves the layer plain."""
         if not own:
-            self.unmatched.setdefault(pid, getattr(func, "__name__", str(func)))
+            self.unmatched.setdefault(pid, _call_name(func))
             return
         self.own_seen.add(module)
         self._outputs[id(out)] = (out, self._made_by.get(module, set()))
@@ -326,3 +352,10 @@ class Census(TorchFunctionMode):
             self.calls.pop(pid, None)
         self._outputs.clear()
         return self.foreign
+
+
+def _call_name(func: Any) -> str:
+    """A torch call's name for a message: an attribute read (``w.T``) as ``.T``, not its getter's ``__get__``."""
+    name = getattr(func, "__name__", str(func))
+    attribute = getattr(getattr(func, "__self__", None), "__name__", None) if name == "__get__" else None
+    return f".{attribute}" if isinstance(attribute, str) else name

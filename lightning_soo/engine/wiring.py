@@ -105,7 +105,12 @@ class Wiring:
             for p in layer.adapter.params:
                 owners.setdefault(id(p), set()).update(id(use.module) for use in layer.uses)
         own = {id(use.module): use.module for layer in self.layers.values() for use in layer.uses if use.own}
-        self.census = Census(self.model, owners, batch_size, own)
+        biases = {
+            id(lay.adapter.weight.param): id(lay.adapter.bias.param)
+            for lay in self.layers.values()
+            if lay.adapter.bias is not None and lay.adapter.bias.rows is None and not lay.adapter.transposed
+        }
+        self.census = Census(self.model, owners, batch_size, own, biases)
         # a compiled model runs this step eagerly: Dynamo tracing the census's Python fails on some models (ConvNeXt:
         # ``___get_torch_function_mode_stack_at``). Not with nn.MultiheadAttention: the replaced
         # ``linear`` its functional code calls is seen under Dynamo only when the first trace has the census's mode
@@ -169,9 +174,9 @@ class Wiring:
         hit = next((census.unmatched[id(p)] for p in layer.adapter.params if id(p) in census.unmatched), None)
         if hit is not None:
             return (
-                f"its class overrides {kind}.forward and uses its weight or bias in a {hit} call besides the "
-                f"F.{function_name(layer.module)} call of {kind}.forward (with its settings): statistics from that "
-                "call would not be the layer's"
+                f"its class overrides {kind}.forward, which uses its weight or bias other than through the "
+                f"F.{function_name(layer.module)} call {kind}.forward makes with its settings (`{hit}`): "
+                "capture would not see the layer's own computation"
             )
         if any(id(u.module) in census.own_seen and not self.own_seen[id(u.module)][0] for u in layer.uses if u.own):
             return (

@@ -244,3 +244,32 @@ def test_dimensions_equal_to_the_batch_size_are_not_taken_for_it(n_rep: int) -> 
     tokens = torch.randint(0, V, (B, B))  # as many positions as examples
     manager = _census(NoBroadcast(n_rep), tokens, lambda out: F.cross_entropy(out.reshape(-1, V), tokens.reshape(-1)))
     assert set(manager.layers) == {"wte", "k", "q", "conv", "gate", "cond", "head"}, manager.skipped
+
+
+class SharedRelative(nn.Module):
+    """DeBERTa-v2's relative-position projections (``share_att_key``): the query projection applied to the relative
+    embeddings ``(1, 2k, C)``, split into heads ``(h, 2k, C / h)`` and ``repeat(b, 1, 1)`` for the batch, as well
+    as to every token."""
+
+    def __init__(self, heads: int = 2, span: int = 8) -> None:
+        super().__init__()
+        self.heads, self.rel = heads, nn.Parameter(torch.randn(1, span, 2 * C))
+        self.wte, self.query, self.head = nn.Embedding(V, 2 * C), nn.Linear(2 * C, 2 * C), nn.Linear(2 * C, V)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        b, t = tokens.shape
+        x = self.wte(tokens)
+        q = self.query(x).view(b, t, self.heads, -1).transpose(1, 2).reshape(b * self.heads, t, -1)
+        pos = self.query(self.rel).view(1, -1, self.heads, C).transpose(1, 2).reshape(self.heads, -1, C)
+        pos = pos.repeat(b, 1, 1)  # (b * heads, span, C)
+        scores = torch.softmax(q @ pos.transpose(1, 2), -1).mean(-1, keepdim=True)  # (b * heads, t, 1)
+        return self.head(x * scores.view(b, self.heads, t).mean(1, keepdim=True).transpose(1, 2))
+
+
+@pytest.mark.parametrize("batch", [3, 4, 8])  # 4 and 8 divide the sizes of the repeated tensor (2, 8, 6 / 8)
+def test_a_projection_repeated_for_the_batch_stays_plain(batch: int) -> None:
+    torch.manual_seed(0)
+    tokens = torch.randint(0, V, (batch, T))
+    manager = _census(SharedRelative(), tokens, lambda out: F.cross_entropy(out.reshape(-1, V), tokens.reshape(-1)))
+    assert set(manager.layers) == {"wte", "head"}
+    assert "broadcast along the batch (repeat" in manager.skipped["query.weight"]
