@@ -54,6 +54,9 @@ def load_manager_state(manager: Stateful, state: dict[str, Any]) -> None:
     missing = [name for name in state["layers"] if name not in manager.layers]
     if missing:
         manager.warn(f"checkpoint has preconditioner state for unknown layers {missing}; it was ignored")
+    for name, layer in manager.layers.items():  # managed now, plain when the checkpoint was saved (another version,
+        # other options; or left plain by the census, which runs again): refreshed at their next statistics step
+        layer.catch_up = layer.catch_up or name not in state["layers"]
     manager.wiring.restore_calls(state.get("calls", {}))
     damping = rebuild_damping(manager)
     rebuilt: list[str] = []

@@ -102,3 +102,27 @@ def test_statistics_of_another_shape_are_a_clear_error(method: str) -> None:
     other = PreconditionerManager(wider, method, preconditioner_interval=1)
     with pytest.raises(ValueError, match=r"layer '0' does not fit the model: saved `\w+` has shape"):
         other.load_state_dict(saved)
+
+
+def test_a_layer_without_state_in_the_checkpoint_refreshes_at_its_next_statistics_step() -> None:
+    """A layer managed now but plain when the checkpoint was saved (an older version left it plain, or it was
+    excluded) used to wait for the next scheduled refresh (10 steps by default) with its plain gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10))
+
+    def run(manager: PreconditionerManager, steps: int) -> None:
+        for _ in range(steps):
+            x = torch.randint(0, 10, (4, 5))
+            manager.begin_step(batch_size=4)
+            nn.functional.cross_entropy(model(x).reshape(-1, 10), x.reshape(-1)).backward()
+            manager.step()
+            model.zero_grad()
+
+    before = PreconditionerManager(model, "kfac", exclude=["0"], warn=lambda m: None)
+    run(before, 3)
+    state = before.state_dict()
+    before.remove_hooks()
+    after = PreconditionerManager(model, "kfac", warn=lambda m: None)
+    after.load_state_dict(state)
+    run(after, 1)
+    assert all(layer.preconditioner.ready for layer in after.layers.values())
