@@ -200,6 +200,12 @@ class SecondOrderCallback(Callback):
         self.manager.step(optimizer, accumulation=acc, grad_scaler=scaler)
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A run that raised (in a step, Ctrl-C) may never reach ``teardown``: take the hooks (and a census still
+        on from a first step that raised) off the model now."""
+        self.teardown(trainer, pl_module, "fit")
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.manager is not None:
             self._pending_state = self.manager.state_dict()

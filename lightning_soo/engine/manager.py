@@ -400,6 +400,7 @@ class PreconditionerManager:
         return self.schedule.frozen
 
     def remove_hooks(self) -> None:  # what teardown calls; hooks come back only with a new manager
+        self.wiring.end_census()  # a step that raised inside the census leaves it on
         self.capture.detach()
 
     # -- persistence ----------------------------------------------------------------------------------

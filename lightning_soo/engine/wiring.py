@@ -119,19 +119,27 @@ class Wiring:
         self._stance = set_stance("force_eager") if set_stance is not None and not attention else None
         self.census.__enter__()
 
+    def end_census(self) -> Census | None:
+        """Take the census down (its mode, global hooks and the compiler's stance), if one is on; returns it."""
+        census, self.census = self.census, None
+        if census is None:
+            return None
+        census.__exit__(None, None, None)
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)  # the stance before the census
+            self._stance = None
+        census.close()
+        return census
+
     def finish_census(self) -> bool:
         """Add the ``F.linear`` calls the census found as uses of their layers (captured from the next statistics
         step; this step's statistics of those layers, missing the calls, are dropped); a layer with another use
         capture cannot see keeps its plain gradient (its statistics would be those of one use applied to the
         gradient of all). Returns whether a layer was removed."""
-        census, self.census = self.census, None
+        census = self.end_census()
         if census is None:
             return False
-        census.__exit__(None, None, None)
-        if self._stance is not None:
-            self._stance.__exit__(None, None, None)  # the stance before the census
-            self._stance = None
-        foreign = census.close()
+        foreign = census.foreign
         removed = False
         for name, layer in list(self.layers.items()):
             own_why = self._own_calls_why(layer, census)

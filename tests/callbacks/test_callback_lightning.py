@@ -139,3 +139,23 @@ def test_two_preconditioner_callbacks_are_refused() -> None:
     with pytest.raises(RuntimeError, match=r"2 preconditioner callbacks .*\(KFACCallback, ShampooCallback\)"):
         trainer(max_steps=2, callbacks=[KFACCallback(), ShampooCallback()]).fit(model)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_a_first_step_that_raises_leaves_no_hook_or_census_behind() -> None:
+    """The first statistics step runs under the census's ``TorchFunctionMode`` and global module hooks; a
+    ``training_step`` that raised left them on for every later torch call in the process, and the layers' hooks on
+    the model (Lightning does not call ``teardown`` after an exception)."""
+    import torch.nn.modules.module as module_hooks
+
+    class Raises(MLP):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            self(batch[0])
+            raise RuntimeError("boom")
+
+    model = Raises()
+    modes, hooks = torch._C._len_torch_function_stack(), len(module_hooks._global_forward_hooks)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(max_steps=2, callbacks=[KFACCallback()]).fit(model)
+    assert torch._C._len_torch_function_stack() == modes
+    assert len(module_hooks._global_forward_hooks) == hooks
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
