@@ -35,13 +35,20 @@ class Attention(nn.Module):
         return self.head(torch.tanh(y))
 
 
-def _step(model: nn.Module, manager: PreconditionerManager, seed: int) -> dict[str, Tensor]:
+def _batch(seed: int) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(4, 3, C, generator=gen), torch.randint(0, V, (4, 3), generator=gen)
+    return torch.randn(4, 3, C, generator=gen), torch.randint(0, V, (4, 3), generator=gen)
+
+
+def _step(model: nn.Module, manager: PreconditionerManager | None, seed: int) -> dict[str, Tensor]:
+    """One step on batch ``seed``: the (preconditioned, unless ``manager`` is None) gradients."""
+    x, y = _batch(seed)
     model.zero_grad()
-    manager.begin_step(batch_size=4)
+    if manager is not None:
+        manager.begin_step(batch_size=4)
     F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1)).backward()
-    manager.step()
+    if manager is not None:
+        manager.step()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -62,16 +69,8 @@ def test_linear_calls_with_the_layers_own_bias_are_captured(method: str) -> None
     ref = _step(modules, reference, seed=1)
     assert set(manager.layers) == {"qkv", "proj", "head"} and not manager.skipped
     for name in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
-        assert not torch.equal(got[name], _plain(calls, seed=1)[name]), name
+        assert not torch.equal(got[name], _step(calls, None, seed=1)[name]), name
         torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
-
-
-def _plain(model: nn.Module, seed: int) -> dict[str, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(4, 3, C, generator=gen), torch.randint(0, V, (4, 3), generator=gen)
-    model.zero_grad()
-    F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1)).backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.usefixtures("float64")
