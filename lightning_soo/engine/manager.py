@@ -123,9 +123,8 @@ class PreconditionerManager:
             self._report_plain()
         self.wiring.open_step(self._collecting, self._processed, self.schedule.read_before_next(self._cycle))
         self._processed.clear()
-        if self._collecting and self._census_due:  # once: find uses of managed weights that capture cannot see
-            self._census_due = False
-            self.wiring.start_census(batch_size)
+        if self._collecting and self._census_due and self.wiring.census_wanted(batch_size):
+            self.wiring.start_census(batch_size)  # find uses of managed weights that capture cannot see
 
     @property
     def collecting(self) -> bool:

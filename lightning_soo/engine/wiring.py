@@ -36,6 +36,8 @@ class Wiring:
     names: dict[int, str] = field(default_factory=dict)  # parameter id -> its (first) name
     census: Census | None = None
     _stance: Any = None  # the compiler's stance set for the census step (eager), restored when it closes
+    # censuses run, the managed parameters trainable at any of them, whether the last one saw a batch of one
+    _census_runs: tuple[int, set[int], bool] = field(default_factory=lambda: (0, set(), False))
     method: Any = None  # the preconditioner class, its options, the timings and the loss reduction: for rewiring
     options: StepOptions | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -98,6 +100,18 @@ class Wiring:
                 layer.collecting = True
 
     # -- the census -----------------------------------------------------------------------------------
+    def census_wanted(self, batch_size: int | None) -> bool:
+        """Whether this statistics step runs the census: the first, and again once a parameter of a managed layer
+        is trainable that was not at any census (a call with a frozen weight makes an output without grad, which
+        it does not see), or once a batch of several examples follows a census on one (no broadcast along the
+        batch can show in a batch of one)."""
+        trainable = {id(p) for lay in self.layers.values() for p in lay.adapter.params if p.requires_grad}
+        runs, seen, single = self._census_runs
+        if runs and trainable <= seen and not (single and batch_size is not None and batch_size > 1):
+            return False
+        self._census_runs = (runs + 1, seen | trainable, batch_size == 1)
+        return True
+
     def start_census(self, batch_size: int | None = None) -> None:
         """Watch the calls of this statistics step (once) for uses of managed weights capture does not see."""
         owners: dict[int, set[int]] = {}
@@ -196,7 +210,10 @@ class Wiring:
     def _add_calls(self, layer: Layer, modules: dict[int, nn.Module]) -> str | None:
         """Capture ``F.linear(x, weight)`` inside each of ``modules``' forwards as uses of ``layer``; the reason it
         cannot be done ("" when there are other uses than such calls), or None once done."""
-        uses = [functional_use(layer.adapter, module) for module in modules.values()]
+        known = {id(use.module) for use in layer.uses if use.calls}  # added by an earlier census
+        if modules and all(id(m) in known for m in modules.values()):
+            return None
+        uses = [functional_use(layer.adapter, m) for m in modules.values() if id(m) not in known]
         if not uses:
             return ""
         if any(use is None for use in uses):

@@ -273,3 +273,19 @@ def test_a_projection_repeated_for_the_batch_stays_plain(batch: int) -> None:
     manager = _census(SharedRelative(), tokens, lambda out: F.cross_entropy(out.reshape(-1, V), tokens.reshape(-1)))
     assert set(manager.layers) == {"wte", "head"}
     assert "broadcast along the batch (repeat" in manager.skipped["query.weight"]
+
+
+@pytest.mark.parametrize("method", ["kfac", "shampoo"])
+def test_a_census_on_a_batch_of_one_is_made_again_on_a_larger_batch(method: str) -> None:
+    """A batch of one shows no broadcast along the batch (and its statistics are right): the census runs again at
+    the first statistics step with more examples, which used to keep ``wpe`` managed from batch-summed rows."""
+    torch.manual_seed(0)
+    model = Positions("row")
+    manager = PreconditionerManager(model, method, preconditioner_interval=1, warn=lambda m: None)
+    for batch in (1, B, B):
+        tokens = torch.randint(0, V, (batch, T))
+        manager.begin_step(batch_size=batch)
+        F.cross_entropy(model(tokens).reshape(-1, V), tokens.reshape(-1)).backward()
+        manager.step()
+        model.zero_grad()
+    assert "wpe" not in manager.layers and "broadcast along the batch" in manager.skipped["wpe.weight"]

@@ -83,3 +83,32 @@ def test_a_call_with_another_bias_leaves_the_layer_plain(bias: str) -> None:
         _step(model, manager, seed)
     assert set(manager.layers) == {"proj", "head"}
     assert "outside its modules" in manager.skipped["qkv.weight"]
+
+
+class First(nn.Module):
+    """A layer called as ``F.linear`` on the model's input (no grad): frozen, its call's output has none either."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(C, C), nn.Linear(C, V)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(F.linear(x, self.proj.weight, self.proj.bias)))
+
+
+@pytest.mark.parametrize("method", ["kfac", "shampoo"])
+def test_a_call_of_a_layer_frozen_at_the_census_is_found_once_it_is_unfrozen(method: str) -> None:
+    """The census ran once, while the layer was frozen, and never saw its call: unfrozen, it kept its plain gradient
+    for good (reported as never having run). The census runs again once a frozen layer becomes trainable."""
+    torch.manual_seed(0)
+    model = First()
+    model.proj.requires_grad_(False)
+    manager = PreconditionerManager(model, method, preconditioner_interval=1, warn=lambda m: None)
+    for seed in range(2):
+        _step(model, manager, seed)
+    model.proj.requires_grad_(True)
+    for seed in range(2, 5):
+        got = _step(model, manager, seed)
+    assert not torch.equal(got["proj.weight"], _step(model, None, 4)["proj.weight"])
+    assert set(manager.layers) == {"proj", "head"}
+    assert all(why.startswith("frozen") for why in manager.skipped.values())  # the set-up listing

@@ -163,6 +163,18 @@ def torchvision_resnet18() -> Case:
     return load("torchvision").models.resnet18(num_classes=4), _images(size=32), _classify
 
 
+def torchvision_swin() -> Case:
+    """torchvision's Swin Transformer, tiny: its attention calls ``F.linear`` on the ``qkv`` and ``proj`` layers'
+    weights and biases in a function, never the modules (captured from the second statistics step)."""
+    from tests.integration.thirdparty import load
+
+    swin = load("torchvision").models.swin_transformer
+    model = swin.SwinTransformer(
+        patch_size=[2, 2], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2], num_classes=4
+    )
+    return model, _images(size=16), _classify
+
+
 def timm_vit() -> Case:
     from tests.integration.thirdparty import load
 
@@ -213,11 +225,12 @@ CASES: dict[str, Callable[[], Case]] = {
     "litgpt pythia": lambda: litgpt(False),
     "litgpt llama": lambda: litgpt(True),
     "resnet18 (torchvision)": torchvision_resnet18,
+    "swin (torchvision)": torchvision_swin,
     "vit (timm)": timm_vit,
 }
 # SGD's learning rate per case (default 0.05): on one batch of four images, BatchNorm and a ViT make plain SGD itself
 # jump about at 0.05 (resnet18: 1.38, 1.76, 2.81, 0.02), so a falling loss over four steps needs a smaller one there
-LR = {"resnet18 (torchvision)": 0.02, "vit (timm)": 0.02}
+LR = {"resnet18 (torchvision)": 0.02, "vit (timm)": 0.02, "swin (torchvision)": 0.02}
 
 
 def coverage(
