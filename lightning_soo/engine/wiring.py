@@ -36,8 +36,8 @@ class Wiring:
     names: dict[int, str] = field(default_factory=dict)  # parameter id -> its (first) name
     census: Census | None = None
     _stance: Any = None  # the compiler's stance set for the census step (eager), restored when it closes
-    # censuses run, the managed parameters trainable at any of them, whether the last one saw a batch of one
-    _census_runs: tuple[int, set[int], bool] = field(default_factory=lambda: (0, set(), False))
+    # censuses run, the managed parameters frozen at the last one, whether it saw a batch of one
+    _census_runs: tuple[int, list[nn.Parameter], bool] = field(default_factory=lambda: (0, [], False))
     method: Any = None  # the preconditioner class, its options, the timings and the loss reduction: for rewiring
     options: StepOptions | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -102,14 +102,14 @@ class Wiring:
     # -- the census -----------------------------------------------------------------------------------
     def census_wanted(self, batch_size: int | None) -> bool:
         """Whether this statistics step runs the census: the first, and again once a parameter of a managed layer
-        is trainable that was not at any census (a call with a frozen weight makes an output without grad, which
-        it does not see), or once a batch of several examples follows a census on one (no broadcast along the
-        batch can show in a batch of one)."""
-        trainable = {id(p) for lay in self.layers.values() for p in lay.adapter.params if p.requires_grad}
-        runs, seen, single = self._census_runs
-        if runs and trainable <= seen and not (single and batch_size is not None and batch_size > 1):
-            return False
-        self._census_runs = (runs + 1, seen | trainable, batch_size == 1)
+        frozen at the last census is trainable (a call with a frozen weight makes an output without grad, which it
+        does not see), or once a batch of several examples follows a census on one (no broadcast along the batch
+        can show in a batch of one)."""
+        runs, frozen, single = self._census_runs
+        if runs and not any(p.requires_grad for p in frozen) and not (single and batch_size and batch_size > 1):
+            return False  # the usual step: nothing frozen at the census, so nothing to look at
+        frozen = [p for lay in self.layers.values() for p in lay.adapter.params if not p.requires_grad]
+        self._census_runs = (runs + 1, frozen, batch_size == 1)
         return True
 
     def start_census(self, batch_size: int | None = None) -> None:
