@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_soo.engine import batched, factored, state
+from lightning_soo.engine import batched, factored, report, state
 from lightning_soo.engine.damping import clip_cannot_protect, make_damping
 from lightning_soo.engine.distributed import DistributedPlan, reduce_statistics, world_size
 from lightning_soo.engine.layer import Layer, OptimizerLayers
@@ -203,8 +203,7 @@ class PreconditionerManager:
         ``preconditioner_interval`` steps or never (None: frozen)."""
         every = statistics_interval or self.schedule.statistics_interval
         phase: dict[str, Any] = {"frequent_interval": frequent_interval, "frequent_steps": frequent_steps}
-        phase["elapsed"] = elapsed
-        new = Schedule(every, preconditioner_interval, **phase)
+        new = Schedule(every, preconditioner_interval, **phase, elapsed=elapsed)
         new.load_state_dict(self.schedule.state_dict())  # a freeze already made stays
         self.schedule = new
 
@@ -359,28 +358,10 @@ class PreconditionerManager:
 
     def plain_parameters(self) -> dict[str, str]:
         """Parameters that keep their plain gradient, with the reason."""
-        plain = dict(self.skipped)
-        for layer in self.layers.values():
-            elsewhere = self.plan is not None and self.plan.broadcast_gradients and not self.plan.owns(layer)
-            if not layer.preconditioner.ready and not elsewhere and not (layer.catch_up or layer.retry):
-                why = layer.unready_reason()
-                for p in layer.adapter.params:
-                    plain.setdefault(self.wiring.param_name(p, layer.name), why)
-        return plain
-
-    def _retrying(self) -> bool:
-        return any(layer.retry for layer in self.layers.values())
+        return report.plain_parameters(self)
 
     def _report_plain(self) -> None:
-        if self._retrying():  # once the layers retried at the next statistics step had their chance
-            return
-        self._reported = True
-        plain = self.plain_parameters()
-        if plain or self.excluded:
-            lines = "\n".join(f"  {name}: {why}" for name, why in sorted(plain.items()))
-            if self.excluded:
-                lines += f"\n  excluded by you: {', '.join(sorted(self.excluded))}"
-            self.warn(f"{len(plain) + len(self.excluded)} parameter(s) keep their plain gradient:\n{lines}")
+        self._reported = report.report_plain(self)
 
     def freeze(self) -> None:
         """Stop collecting statistics and refreshing; remove the hooks. Preconditioning continues."""
