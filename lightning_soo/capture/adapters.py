@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_soo.capture.calls import CONV_TYPES
 from lightning_soo.capture.rows import (
     Count,
     IndexRows,
@@ -328,9 +329,6 @@ class EmbeddingAdapter(LayerAdapter):
         return Observation(IndexRows(x.reshape(-1), self.weight.param.shape[0], mask), d, n, n)
 
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
 def is_conv1d(module: nn.Module) -> bool:
     """Hugging Face's ``Conv1D`` by structure (no transformers import): a 2-d ``(nx, nf)`` weight and ``nf``."""
     w, nf = getattr(module, "weight", None), getattr(module, "nf", None)
@@ -346,7 +344,7 @@ def is_conv1d(module: nn.Module) -> bool:
 def make_adapter(module: nn.Module, weight_sharing: WeightSharing = "expand") -> LayerAdapter | None:
     """The adapter for ``module``, None for unsupported types; raises ``UnsupportedLayerError`` for refused
     configurations of supported types."""
-    supported = isinstance(module, (nn.Linear, nn.Embedding, *_CONV)) or is_conv1d(module)
+    supported = isinstance(module, (nn.Linear, nn.Embedding, *CONV_TYPES)) or is_conv1d(module)
     if supported and not isinstance(module._parameters.get("weight"), nn.Parameter):
         raise UnsupportedLayerError(
             "its weight is computed from other parameters (a parametrization such as weight_norm or spectral_norm): "
@@ -354,7 +352,7 @@ def make_adapter(module: nn.Module, weight_sharing: WeightSharing = "expand") ->
         )
     if isinstance(module, nn.Linear):
         return LinearAdapter(module, weight_sharing)
-    if isinstance(module, _CONV):
+    if isinstance(module, CONV_TYPES):
         return ConvAdapter(module, weight_sharing)
     if isinstance(module, nn.Embedding):
         return EmbeddingAdapter(module, weight_sharing)

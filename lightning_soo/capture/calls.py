@@ -15,7 +15,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import nn
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: the convolution layers capture supports (grouped and transposed ones are refused by their adapter)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: the functional API's originals (``Capture.attach_calls`` replaces them during a module's forward)
 ORIGINALS: dict[str, Any] = {name: getattr(F, name) for name in ("linear", "embedding", "conv1d", "conv2d", "conv3d")}
 _SIGNATURES = {
@@ -31,7 +32,7 @@ _DEFAULTS: dict[str, Any] = {
 
 def overridden_base(module: nn.Module) -> type[nn.Module] | None:
     """The torch layer class whose ``forward`` the class of ``module`` overrides (None: it does not)."""
-    base = next((b for b in (nn.Linear, nn.Embedding, *_CONV) if isinstance(module, b)), None)
+    base = next((b for b in (nn.Linear, nn.Embedding, *CONV_TYPES) if isinstance(module, b)), None)
     return base if base is not None and type(module).forward is not base.forward else None
 
 
@@ -39,7 +40,7 @@ def function_name(module: nn.Module) -> str:
     """The ``torch.nn.functional`` name of the call ``module``'s own forward makes (``linear``, ``conv2d``, ...)."""
     if isinstance(module, nn.Embedding):
         return "embedding"
-    if isinstance(module, _CONV):
+    if isinstance(module, CONV_TYPES):
         return f"conv{len(module.kernel_size)}d"
     return "linear"
 
@@ -75,7 +76,7 @@ def own_call(module: nn.Module, func: Any, args: tuple[Any, ...], kwargs: dict[s
         return False
     if name == "linear":
         return True
-    assert isinstance(module, _CONV)
+    assert isinstance(module, CONV_TYPES)
     nd = len(module.kernel_size)
     padding = b["padding"] if isinstance(b["padding"], str) else _tuple(b["padding"], nd)
     own = module.padding if isinstance(module.padding, str) else tuple(module.padding)

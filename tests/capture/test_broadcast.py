@@ -101,13 +101,8 @@ class SequenceFirst(nn.Module):
 @pytest.mark.usefixtures("float64")
 def test_a_broadcast_over_time_is_kept_where_the_batch_size_is_known() -> None:
     torch.manual_seed(0)
-    model = SequenceFirst().double()
-    manager = PreconditionerManager(model, "kfac", preconditioner_interval=1, warn=lambda m: None)
     tokens = torch.randint(0, V, (B, T))
-    for _ in range(2):
-        manager.begin_step(batch_size=B)
-        F.cross_entropy(model(tokens).reshape(-1, V), tokens.reshape(-1)).backward()
-        manager.step()
+    manager = _census(SequenceFirst().double(), tokens, lambda out: _lm_loss(out, tokens))
     assert set(manager.layers) == {"wte", "cond", "head"} and not manager.skipped
 
 
@@ -163,13 +158,8 @@ class Through(nn.Module):
 @pytest.mark.parametrize("op", ["scaled", "dropout", "normed", "linear", "tiled"])
 def test_the_census_follows_an_output_without_a_batch_dimension(op: str, batch: int) -> None:
     torch.manual_seed(0)
-    model = Through(op)
-    manager = PreconditionerManager(model, "kfac", preconditioner_interval=1, warn=lambda m: None)
     tokens = torch.randint(0, V, (batch, T))
-    for _ in range(2):
-        manager.begin_step(batch_size=batch)
-        F.cross_entropy(model(tokens).reshape(-1, V), tokens.reshape(-1)).backward()
-        manager.step()
+    manager = _census(Through(op), tokens, lambda out: _lm_loss(out, tokens))
     flagged = {name for name, why in manager.skipped.items() if "broadcast along the batch" in why}
     assert flagged == ({"wpe.weight", "proj.weight", "proj.bias"} if op == "linear" else {"wpe.weight"})
     assert set(manager.layers) == ({"wte", "head"} if op == "linear" else {"wte", "proj", "head"})
@@ -222,7 +212,12 @@ class NoBroadcast(nn.Module):
         return self.head(torch.tanh(x))
 
 
+def _lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, V), tokens.reshape(-1))
+
+
 def _census(model: nn.Module, x: Tensor, loss: Any) -> PreconditionerManager:
+    """Two statistics steps of K-FAC (the census is the first) on ``x``."""
     manager = PreconditionerManager(model, "kfac", preconditioner_interval=1, warn=lambda m: None)
     for _ in range(2):
         manager.begin_step(batch_size=x.shape[0])
@@ -242,7 +237,7 @@ def test_a_bias_broadcast_over_windows_folded_into_the_batch_stays_plain() -> No
 def test_dimensions_equal_to_the_batch_size_are_not_taken_for_it(n_rep: int) -> None:
     torch.manual_seed(0)
     tokens = torch.randint(0, V, (B, B))  # as many positions as examples
-    manager = _census(NoBroadcast(n_rep), tokens, lambda out: F.cross_entropy(out.reshape(-1, V), tokens.reshape(-1)))
+    manager = _census(NoBroadcast(n_rep), tokens, lambda out: _lm_loss(out, tokens))
     assert set(manager.layers) == {"wte", "k", "q", "conv", "gate", "cond", "head"}, manager.skipped
 
 
@@ -270,7 +265,7 @@ class SharedRelative(nn.Module):
 def test_a_projection_repeated_for_the_batch_stays_plain(batch: int) -> None:
     torch.manual_seed(0)
     tokens = torch.randint(0, V, (batch, T))
-    manager = _census(SharedRelative(), tokens, lambda out: F.cross_entropy(out.reshape(-1, V), tokens.reshape(-1)))
+    manager = _census(SharedRelative(), tokens, lambda out: _lm_loss(out, tokens))
     assert set(manager.layers) == {"wte", "head"}
     assert "broadcast along the batch (repeat" in manager.skipped["query.weight"]
 
