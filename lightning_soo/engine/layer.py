@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from lightning_soo.capture.adapters import Conv1DAdapter, IndexRows, LayerAdapter, LinearAdapter, Observation
 from lightning_soo.capture.discovery import Use
 from lightning_soo.capture.hooks import GradCallback, OnCall
-from lightning_soo.capture.rows import RowCount, count_tensor
+from lightning_soo.capture.rows import Count, RowCount, count_tensor
 from lightning_soo.engine import factored
+from lightning_soo.engine.examples import LossExamples
 from lightning_soo.engine.postprocess import mixed_lrs
 from lightning_soo.linalg import host_decides
 from lightning_soo.preconditioners.base import Preconditioner
@@ -57,6 +58,7 @@ class Layer:
     retried: bool = False
     seen: bool = False  # a call's output gradient reached the hooks (tells a layer never run from one with no rows)
     kept: factored.Kept = field(default_factory=factored.Kept)  # rows for a cheaper product (``engine.factored``)
+    passes: int = 0  # the last backward pass (``LossExamples.passes``) whose examples its statistics counted
 
     def unready_reason(self) -> str:
         """Why this layer has no preconditioner yet, for the report of parameters that keep their plain gradient."""
@@ -166,32 +168,55 @@ def _fast(layer: Layer, use: Use, x: Tensor, g: Tensor) -> bool:
     )
 
 
-def _fold(layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, mean: bool, timings: dict) -> None:
+def _fold(
+    layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, sink: _Sink, examples: LossExamples | None
+) -> None:
     """Fold one call's statistics into ``layer`` (in the backward pass). The usual call goes to the method's
     ``observe_dense`` in a few lines, where every line of Python shows (the hook runs once per layer and step,
     inside the backward pass: a K-FAC call on the deep MLP of width 128 took 337 µs in place against the general
-    path's 373); the others, and a batch with padding decided on the host, the general way."""
+    path's 373); the others, and a batch with padding decided on the host, the general way. ``examples``: the
+    loss's ``N`` replaces the call's own count of examples (``engine.examples``)."""
     if not layer.collecting:
         return
     layer.seen = True
     pre = layer.preconditioner
+    mean = sink.mean
     t0 = time.perf_counter()
     if rows is None and mean and _fast(layer, use, x, g):
         obs = layer.adapter.observe(x, g, pre.row_norms)
-        n = obs.n
-        if isinstance(n, RowCount) or (isinstance(n, int) and n > 0):  # a count for the close, or every row real
-            _keep_rows(layer, obs, True)
+        own = obs.n  # the rows' count (a dense adapter's examples are its rows)
+        obs, per = _loss_examples(layer, use, obs, examples, False)
+        usual = isinstance(own, RowCount) or (isinstance(own, int) and own > 0)  # every row real, or a count
+        if usual and obs.n is per and (isinstance(per, RowCount) or (isinstance(per, int) and per > 0)):
+            _keep_rows(layer, obs, True)  # for the close
             pre.observe_dense(obs)
-        else:  # padding, decided on the host (the mask's count is a tensor)
-            _fold_observation(layer, obs, False, mean, True)
+        else:  # padding, decided on the host (the mask's count is a tensor); a later call of the pass
+            _fold_observation(layer, obs, False, mean, True, per)
     else:
         with _no_autocast(g):
             xs = x if not x.is_floating_point() else x.to(pre.dtype)
             transposed = use.role == "transposed"
             weighted = pre.row_norms and not transposed
             obs = _fit(use.rows.observe(xs, g.to(pre.dtype), weighted), layer.adapter.shape, rows, transposed)
-            _fold_observation(layer, obs, transposed, mean, not transposed and rows is None)
-    timings["statistics"] += time.perf_counter() - t0
+            obs, per = _loss_examples(layer, use, obs, examples, transposed)
+            _fold_observation(layer, obs, transposed, mean, not transposed and rows is None, per)
+    sink.timings["statistics"] += time.perf_counter() - t0
+
+
+def _loss_examples(
+    layer: Layer, use: Use, obs: Observation, examples: LossExamples | None, transposed: bool
+) -> tuple[Observation, Count]:
+    """``obs`` with the loss's ``N`` as its count of examples where the method takes it (``examples``; the layer's
+    first call of the backward pass adds it to the divisor, later ones add rows only), and the count that undoes a
+    mean loss's ``1/N`` of its rows. A use in the swapped orientation (a tied head) keeps its own."""
+    if examples is None:
+        return obs, obs.n
+    n = examples.arrive(obs.n, use)  # a use: a tied head's embedding use is not the head called again
+    if transposed:
+        return obs, obs.n
+    first = layer.passes != examples.passes
+    layer.passes = examples.passes
+    return dataclasses.replace(obs, n=n if first else 0), n
 
 
 def _keep_rows(layer: Layer, obs: Observation, whole: bool) -> None:
@@ -204,14 +229,17 @@ def _keep_rows(layer: Layer, obs: Observation, whole: bool) -> None:
         layer.kept.another_use()
 
 
-def _fold_observation(layer: Layer, obs: Observation, transposed: bool, mean: bool, whole: bool) -> None:
-    """The general path's fold of one call's observation (``whole``: see ``_keep_rows``)."""
+def _fold_observation(
+    layer: Layer, obs: Observation, transposed: bool, mean: bool, whole: bool, per: Count | None = None
+) -> None:
+    """The general path's fold of one call's observation (``whole``: see ``_keep_rows``; ``per``: the count that
+    undoes a mean loss's ``1/N``, default ``obs.n``)."""
     pre = layer.preconditioner
     _keep_rows(layer, obs, whole)
     # undo the 1/N of a mean loss (per-example output gradients): a count the host knows goes into the products,
     # a count tensor to a method that applies it inside its statistics (``count_scaled_rows``), else to the rows
     # (a ``RowCount`` is reduced only where it is needed now: the rows, not the statistics)
-    n = obs.n
+    n = obs.n if per is None else per
     data = isinstance(n, Tensor | RowCount)
     by_scale = mean and not transposed and not data
     inside = mean and not transposed and data and pre.count_scaled_rows
@@ -219,7 +247,7 @@ def _fold_observation(layer: Layer, obs: Observation, transposed: bool, mean: bo
     if mean and not (by_scale or inside):
         d = d * (count_tensor(n) if isinstance(n, Tensor | RowCount) else n)
     if transposed:
-        pre.observe_transposed(obs.h, d, obs.rows, n)
+        pre.observe_transposed(obs.h, d, obs.rows, obs.n)
     else:
         pre.observe(obs, d, n if inside else float(n) if by_scale else 1.0)
 
@@ -227,13 +255,29 @@ def _fold_observation(layer: Layer, obs: Observation, transposed: bool, mean: bo
 _fold_eager = torch.compiler.disable(_fold)  # under torch.compile: run as plain Python, never traced
 
 
-def use_sink(layer: Layer, use: Use, timings: dict[str, float], mean: bool) -> OnCall:
-    """``on_call(x, rows)`` for one use of ``layer``: keeps the input, folds the statistics in the backward pass."""
+@dataclass
+class _Sink:
+    """What every sink of a manager shares: the timings, whether the loss is a mean."""
+
+    timings: dict[str, float]
+    mean: bool
+
+
+def use_sink(
+    layer: Layer, use: Use, timings: dict[str, float], mean: bool, examples: LossExamples | None = None
+) -> OnCall:
+    """``on_call(x, rows)`` for one use of ``layer``: keeps the input, folds the statistics in the backward pass
+    (``examples``: the loss's count of examples, for a method whose output-gradient statistics take it)."""
     weight = layer.adapter.weight.param
+    sink = _Sink(timings, mean)
+    if not layer.preconditioner.loss_examples:
+        examples = None
 
     def on_call(x: Tensor, rows: slice | None) -> GradCallback | None:
         if not layer.collecting or not weight.requires_grad:  # closed for this step, or frozen (fine-tuning)
             return None
-        return lambda g: _fold_eager(layer, use, x, g, rows, mean, timings)
+        if examples is not None:
+            examples.forward_call()
+        return lambda g: _fold_eager(layer, use, x, g, rows, sink, examples)
 
     return torch.compiler.disable(on_call)

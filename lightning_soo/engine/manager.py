@@ -244,9 +244,11 @@ class PreconditionerManager:
                 pre = layer.preconditioner
                 if pre.uses_grad and (g := layer.adapter.grad_matrix()) is not None:
                     pre.observe_grad(g.to(pre.dtype))
+            ratio = self.wiring.examples.ratio()  # the head called again in a pass: its further examples
             for cls in dict.fromkeys(type(layer.preconditioner) for layer in layers):  # equal shapes close as banks
                 group = [layer for layer in layers if type(layer.preconditioner) is cls]
-                kept = cls.close_many([layer.preconditioner for layer in group], output_scale)
+                scale = output_scale if ratio is None or not cls.loss_examples else output_scale * ratio**0.5
+                kept = cls.close_many([layer.preconditioner for layer in group], scale)
                 closed = [(layer, k) for layer, k in zip(group, kept, strict=True) if k is not None]
                 self._verdicts.add("stats", [c[0] for c in closed], [c[1] for c in closed], raised_when=False)
 

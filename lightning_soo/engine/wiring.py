@@ -15,6 +15,7 @@ from torch import nn
 from lightning_soo.capture import Capture, Census, discover
 from lightning_soo.capture.calls import function_name, overridden_base
 from lightning_soo.capture.discovery import functional_use
+from lightning_soo.engine.examples import LossExamples
 from lightning_soo.engine.layer import Layer, use_sink
 from lightning_soo.options import StepOptions
 
@@ -42,6 +43,7 @@ class Wiring:
     options: StepOptions | None = None
     timings: dict[str, float] = field(default_factory=dict)
     mean: bool = True
+    examples: LossExamples = field(default_factory=LossExamples)  # the loss's N of the current backward pass
     calls: dict[str, list[str]] = field(default_factory=dict)  # layer -> modules whose F.linear calls are its uses
     unseen: dict[str, list[bool]] = field(default_factory=dict)  # layer -> per added call use: seen firing yet?
     own_seen: dict[int, list[bool]] = field(default_factory=dict)  # module id -> its own call seen (overridden)
@@ -236,7 +238,7 @@ class Wiring:
             assert use is not None
             layer.uses.append(use)
             seen.append(False)
-            sink = _watched(use_sink(layer, use, self.timings, self.mean), seen, len(seen) - 1)
+            sink = _watched(use_sink(layer, use, self.timings, self.mean, self.examples), seen, len(seen) - 1)
             self.capture.attach_calls(use.module, {id(layer.adapter.weight.param): sink}, outside=owners)
         return None
 
@@ -307,7 +309,7 @@ def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str,
         if not pre.uses_hooks:
             continue
         for use in spec.uses:
-            sink = use_sink(layer, use, timings, mean)
+            sink = use_sink(layer, use, timings, mean, wiring.examples)
             if use.own:
                 sink = _watched(sink, wiring.own_seen.setdefault(id(use.module), [False]), 0)
             if use.calls:

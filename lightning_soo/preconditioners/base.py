@@ -44,6 +44,9 @@ class Preconditioner:
     #: takes an ``Observation``'s ``RowCount`` as it is (``Factor`` reduces it when the statistics close); for the
     #: others ``observe`` reduces it first (per-example Shampoo's own ``observe`` hands it to its factors as it is)
     lazy_counts: bool = False
+    #: the output-gradient statistics take the loss's count of examples (``engine.examples``) as their ``N``, not
+    #: each call's own: K-FAC-expand's ``B = (1/N) Σ_rows b bᵀ`` (False: each call's examples are its own)
+    loss_examples: bool = False
     #: statistics accumulate across steps; False: a refresh reads the last statistics step's alone (Gauss-Newton's
     #: examples), so a statistics step after which another comes before any refresh is not collected
     running_statistics: bool = True

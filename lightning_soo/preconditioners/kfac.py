@@ -104,6 +104,7 @@ class KFAC(Preconditioner):
     state_tensors = ("a", "b", "a_t", "b_t", "a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b")
     symmetric_statistics = True  # Σ h̄h̄ᵀ and Σ ggᵀ
     lazy_counts = True  # its factors reduce the padding rule's counts when the statistics close (per bank)
+    loss_examples = True  # B (Shampoo: both sides) averages the loss's examples, not the layer's rows
     count_scaled_rows = True  # B is quadratic in the output gradients: a count tensor is applied at the close
     state_numbers = ("damping", "rho_a", "rho_b")
     derived = ("a_inv", "b_inv", "lam_a", "q_a", "lam_b", "q_b", "damping", "rho_a", "rho_b")

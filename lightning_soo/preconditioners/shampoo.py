@@ -42,6 +42,7 @@ class Shampoo(Preconditioner):
     options_type = ShampooOptions
     options: ShampooOptions
     symmetric_statistics = True
+    loss_examples = True  # B (Shampoo: both sides) averages the loss's examples, not the layer's rows
     count_scaled_rows = True  # both sides are quadratic in the output gradients: a count tensor at the close
     config_keys = ("exponent", "damping_mode", "max_factor_dim", "statistics")
     supports_transposed = True

@@ -29,7 +29,7 @@ NOT_KERNELS = {"_local_scalar_dense", "scalar_tensor", "detach", "lift_fresh"}
 BUDGETS = {
     ("kfac", False): 35,
     ("kfac", True): 11,
-    ("shampoo", False): 43,
+    ("shampoo", False): 42,
     ("shampoo", True): 17,
     ("gauss_newton", False): 28,
     ("gauss_newton", True): 22,
