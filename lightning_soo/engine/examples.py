@@ -1,23 +1,24 @@
 """The loss's number of examples ``N`` in a backward pass, read off the layer nearest the loss.
 
-A mean loss's ``1/N`` is undone in the output-gradient statistics, and K-FAC-expand's output side is
-``B = (1/N) Σ_rows b bᵀ`` over every row of a layer with ``b = N·δ`` the per-example loss's gradient: its ``N`` is
-the loss's, not the layer's row count. They differ wherever a layer's rows are not the loss's examples: the token
-layers of an image classifier (ViT, ConvNeXt, MLP-Mixer: ``T`` rows per image, the head one), an
-encoder-decoder's encoder (source tokens; the loss counts target tokens), a mixture-of-experts layer's experts
-(their routed rows), a layer called ``k`` times in one forward pass. Counting rows there makes ``B`` a factor
-rows/``N`` off, and K-FAC's damping and update size per layer with it (a 1x1 convolution and the same
-permute-then-``Linear`` got different updates).
+A mean loss's ``1/N`` is undone in the output-gradient statistics: ``B = (1/N) Σ_rows b bᵀ`` with ``b = N·δ`` the
+per-example loss's gradient. A layer with fewer rows than the loss has examples, each row one example's (the
+experts of a mixture-of-experts layer: the rows routed to them; a branch run on part of the batch), takes the
+loss's ``N``: its empirical Fisher averages over every example, the zero gradients of those it never saw included.
+Counting its own rows instead made ``B`` a factor rows/``N`` too small (an expert's update larger by the inverse of
+its share of the tokens).
+
+A layer with more rows than the head (several per example: the tokens of an image classifier, a source longer
+than the target) keeps its own count of rows. There the Fisher's scale lies between K-FAC-expand's ``N`` (rows
+whose per-example gradients are uncorrelated) and the rows' count (fully correlated ones, as the pooled tokens of
+an image are); on a small ViT on digits the rows' count trained faster (README, Limits). A convolution's count is
+the batch, as before.
 
 The layer nearest the loss is the one whose output gradient autograd computes first after the forward pass: a
-classifier's head (one row per image), a language model's head (one row per token; rows whose output gradient is
-exactly zero are not examples, so a loss over some tokens only counts those). Its count (``Observation.n``, the
-adapter's number of examples: the batch for a convolution) is ``N`` for every layer of that backward pass: each
-layer's output-gradient rows are multiplied by it and its statistic's divisor takes it once per pass, however many
-calls and rows the layer has. The head itself is unchanged, and so is every layer whose count equals the head's.
-Where the head is called again in the pass (one loss over two calls' examples), the statistics are multiplied by
-the ratio of all its calls' count to the first's when they close (``ratio``): every layer's statistics folded
-before those calls arrived took the first's alone.
+classifier's head, a language model's head (rows whose output gradient is exactly zero are not examples, so a loss
+over some tokens only counts those). Its count (``Observation.n``) is ``N`` for the backward pass; a layer taking
+it adds it to its divisor once per pass, however many calls it has. Where the head is called again in the pass (a
+siamese model, a GAN's discriminator on real and fake images: one loss over both calls' examples), the statistics
+are multiplied at the close by the ratio of all its calls' count to the first's (``ratio``).
 
 A recomputed forward inside the backward pass (activation checkpointing) does not start a new pass. A first call
 whose count the host knows to be zero (every output-gradient row exactly zero: a branch multiplied by zero) is not the
@@ -39,11 +40,12 @@ class LossExamples:
     the head's further calls in a pass (a siamese or contrastive model, a GAN discriminator on real and fake images:
     one loss over both calls' examples), whose counts the close adds to ``N`` (``ratio``)."""
 
-    __slots__ = ("_closed", "_first", "_head", "_repeated", "_total", "count", "fresh", "passes")
+    __slots__ = ("_closed", "_first", "_head", "_repeated", "_total", "count", "fresh", "passes", "rows")
 
     def __init__(self) -> None:
         self.fresh = True  # a forward pass ran since the last output gradient: the next one is the head's
         self.count: Count = 0
+        self.rows = 0  # the head's rows in the pass (padding included): a call with more has several per example
         self.passes = 0
         self._head: object = None  # the use whose call set ``N``
         self._first: Count = 0  # the sum of the passes' ``N`` since the statistics last closed
@@ -56,16 +58,17 @@ class LossExamples:
         if not self.fresh and torch._C._current_graph_task_id() == -1:
             self.fresh = True
 
-    def arrive(self, n: Count, use: object) -> Count:
-        """An output gradient of a call of ``use`` (a layer's use) with ``n`` examples arrived: the first after a
-        forward pass sets ``N``, unless the host knows it has none (a branch the loss multiplies by zero); a further
-        call of the same use in the pass adds to the close's count. Returns ``N`` (``n`` for a call without any)."""
+    def arrive(self, n: Count, use: object, rows: int) -> Count:
+        """An output gradient of a call of ``use`` (a layer's use) with ``n`` examples in ``rows`` rows arrived:
+        the first after a forward pass sets ``N``, unless the host knows it has none (a branch the loss multiplies by
+        zero); a further call of the same use in the pass adds to the close's count. Returns ``N`` (``n`` for a
+        call without any)."""
         if self.fresh:
             if _none_on_host(n):
                 return n
             if self._closed:
                 self._first, self._total, self._repeated, self._closed = 0, 0, False, False
-            self.fresh, self.count, self._head = False, n, use
+            self.fresh, self.count, self._head, self.rows = False, n, use, rows
             self.passes += 1
             self._first, self._total = _plus(self._first, n), _plus(self._total, n)
         elif use is self._head:

@@ -206,13 +206,14 @@ def _fold(
 def _loss_examples(
     layer: Layer, use: Use, obs: Observation, examples: LossExamples | None, transposed: bool
 ) -> tuple[Observation, Count]:
-    """``obs`` with the loss's ``N`` as its count of examples where the method takes it (``examples``; the layer's
-    first call of the backward pass adds it to the divisor, later ones add rows only), and the count that undoes a
-    mean loss's ``1/N`` of its rows. A use in the swapped orientation (a tied head) keeps its own."""
+    """``obs`` with the loss's ``N`` as its count of examples where the method takes it (``examples``) and the call
+    has no more rows than the head's (the layer's first call of the backward pass adds ``N`` to the divisor, later
+    ones add rows only), and the count that undoes a mean loss's ``1/N`` of its rows. A call with more rows than
+    the head's (several per example), and a use in the swapped orientation (a tied head), keep their own."""
     if examples is None:
         return obs, obs.n
-    n = examples.arrive(obs.n, use)  # a use: a tied head's embedding use is not the head called again
-    if transposed:
+    n = examples.arrive(obs.n, use, obs.d.shape[0])  # a use: a tied head's embedding use is not the head again
+    if transposed or obs.d.shape[0] > examples.rows:
         return obs, obs.n
     first = layer.passes != examples.passes
     layer.passes = examples.passes

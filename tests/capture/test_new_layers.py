@@ -133,8 +133,7 @@ def test_multihead_attention_matches_its_linear_form(kind: str, batch_first: boo
 
 def test_cross_attention_packed_projection_is_its_own_definition() -> None:
     """Cross-attention with a packed ``in_proj``: one layer; A pools the query and key/value inputs, B the
-    zero-padded output gradients of the two blocks (the approximation in the docs), K-FAC-expand's
-    ``(1/N) Σ_rows b bᵀ`` with the loss's ``N``: the target tokens, the rows of ``out_proj``, nearest the loss."""
+    zero-padded output gradients of the two blocks, each over all rows (the approximation in the docs)."""
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(4, 2, batch_first=True)
     q, kv, target = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 3, 4)
@@ -149,13 +148,12 @@ def test_cross_attention_packed_projection_is_its_own_definition() -> None:
         lin.register_forward_hook(lambda m, a, o: _keep(o, outs))
     F.mse_loss(manual(q, kv, kv), target).backward()
     dq, dkv = (o.grad.reshape(-1, o.shape[-1]) for o in outs)
-    n = q.shape[0] * q.shape[1]  # the loss's examples: out_proj's rows
-    d = torch.cat([F.pad(dq, (0, 8)), F.pad(dkv, (4, 0))]) * n  # the 1/N undo
-
+    dq, dkv = dq * dq.shape[0], dkv * dkv.shape[0]  # the 1/N undo of each call
+    d = torch.cat([F.pad(dq, (0, 8)), F.pad(dkv, (4, 0))])
     h = torch.cat([q.reshape(-1, 4), kv.reshape(-1, 4)])
     h = torch.cat([h, torch.ones(h.shape[0], 1)], 1)
     torch.testing.assert_close(pre.a, h.T @ h / h.shape[0])
-    torch.testing.assert_close(pre.b, d.T @ d / n)
+    torch.testing.assert_close(pre.b, d.T @ d / d.shape[0])
 
 
 def _keep(out: Tensor, outs: list, x: Tensor | None = None, inputs: list | None = None) -> None:
