@@ -1,9 +1,11 @@
 """Which layers of a model can be preconditioned, how each is captured, and why the other parameters cannot.
 
-A managed layer is one weight (a parameter or a block of rows of one) and its bias, preconditioned once per step
-from the statistics of all its uses. A use is a module call whose forward hook sees the input and output
-(``nn.Linear``, ``nn.Conv*``, ``nn.Embedding``, Hugging Face's ``Conv1D``) or an ``F.linear`` call inside an
-``nn.MultiheadAttention`` forward (its projections never run as modules); ``F.linear`` calls on a managed weight
+A managed layer is one weight (a parameter, a block of rows of one, or one expert ``p[e]`` of a 3-d one) and its
+bias, preconditioned once per step from the statistics of all its uses. A use is a module call whose forward hook
+sees the input and output (``nn.Linear``, ``nn.Conv*``, ``nn.Embedding``, Hugging Face's ``Conv1D``) or a
+functional call inside a module's forward: ``F.linear`` inside ``nn.MultiheadAttention`` (its projections never run
+as modules), the own call of a layer whose class overrides forward or of a router (``calls``), an expert's
+``F.linear(x, p[e])`` inside the module holding ``p``; ``F.linear`` calls on a managed weight
 elsewhere are found by the census (``hooks``) and added by ``functional_use``. A use is ``"normal"`` when its input
 side is the layer's input side, ``"transposed"`` when the orientation is swapped: a weight tied between an
 ``nn.Embedding`` (layer ``W = weightᵀ``, vocabulary on the input side) and an ``nn.Linear`` head (vocabulary on

@@ -13,9 +13,10 @@ Three mechanisms:
   ``nn.Embedding``, ``Conv1D``).
 * ``Capture.attach_calls``: ``F.linear`` calls made inside a module's forward on given weights.
   ``nn.MultiheadAttention`` makes its projections this way (inside ``F.multi_head_attention_forward``, on its
-  parameters or on row blocks of them), and so does a model whose head is ``F.linear(x, wte.weight)``. During
-  the module's forward ``torch.nn.functional.linear`` is replaced by a function that hands calls on those
-  weights to their sinks, with the row block the weight is of the parameter.
+  parameters or on row blocks of them), and so does a model whose head is ``F.linear(x, wte.weight)``, a
+  mixture-of-experts router, and the experts of a 3-d parameter (``F.linear(x, p[e])``). During the module's
+  forward ``torch.nn.functional.linear`` is replaced by a function that hands calls on those weights to their
+  sinks, with the row block the weight is of the parameter (an expert's slice goes to that expert's sink).
 * ``Census``: once, on the first statistics step, a ``TorchFunctionMode`` sees every torch call that uses a
   managed parameter, and reports the uses made outside the modules that capture it (``F.linear(x, wte.weight)``
   in a parent's forward, ``x @ w.T``). An ``F.linear`` call on the whole weight without a bias is then captured
