@@ -177,6 +177,27 @@ def test_other_uses_stay_plain(method: str, router: str, experts: str, why: tupl
     assert all(torch.isfinite(p).all() and not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.usefixtures("float64")
+def test_unrouted_experts_are_named_and_excluded_ones_kept_apart() -> None:
+    """An expert no row was routed to is named by its layer (the others of its parameter are preconditioned); an
+    ``exclude`` pattern on the 3-d parameter's name keeps all its experts apart, and state round-trips."""
+    torch.manual_seed(1)
+    model = Net(linear=False)
+    manager, _ = _train(model, "kfac", steps=2)  # the second: an unready layer's retry
+    plain = manager.plain_parameters()
+    assert model.routed == [{1, 2, 3}, {1, 2, 3}]  # expert 0 got no row
+    assert set(plain) == {"experts.up.0", "experts.down.0"}
+    assert "no row routed to this expert" in plain["experts.up.0"]
+    saved = manager.state_dict()
+    again = PreconditionerManager(model, "kfac", preconditioner_interval=1, warn=lambda m: None)
+    again.load_state_dict(saved)
+    assert again.layers["experts.up.1"].preconditioner.ready and not again.layers["experts.up.0"].preconditioner.ready
+    excluded = PreconditionerManager(Net(linear=False), "kfac", exclude=["experts.down"], warn=lambda m: None)
+    assert excluded.excluded == {"experts.down": "excluded by you"}
+    assert not any(name.startswith("experts.down") for name in excluded.layers)
+    assert {f"experts.up.{e}" for e in range(E)} <= set(excluded.layers)
+
+
 def test_transformers_grouped_experts_stay_plain_with_the_call_named() -> None:
     """transformers' default experts implementation (``grouped_mm``: every expert in one grouped product on the
     whole 3-d parameter) is not ``F.linear`` on a slice: the experts stay plain, the router is preconditioned."""
