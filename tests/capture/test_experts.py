@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_soo import PreconditionerManager
+from lightning_soo import PreconditionerManager, linalg
+from lightning_soo.preconditioners.gauss_newton import GaussNewton
+from tests.engine.test_sync import counting
 
 C, H, E, V, B, T = 5, 4, 4, 6, 2, 3
 
@@ -196,6 +198,49 @@ def test_unrouted_experts_are_named_and_excluded_ones_kept_apart() -> None:
     assert excluded.excluded == {"experts.down": "excluded by you"}
     assert not any(name.startswith("experts.down") for name in excluded.layers)
     assert {f"experts.up.{e}" for e in range(E)} <= set(excluded.layers)
+
+
+class FixedRoutes(nn.Module):
+    """Experts called on fixed rows (every E-th token), weighted by the router: the model reads nothing on the host,
+    so every synchronisation counted is the library's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router, self.experts, self.head = Router(), Experts(), nn.Linear(C, V)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, C)
+        probs = torch.softmax(self.router(flat), -1)
+        parts = [self.experts(flat[e::E], e) * probs[e::E, e : e + 1] for e in range(E)]
+        return self.head(torch.tanh(torch.cat(parts)))
+
+
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "gauss_newton", "psgd"])
+def test_experts_add_no_synchronisation(method: str) -> None:
+    """On the accelerator's path, steps that do not refresh keep at most one host synchronisation with experts and
+    a router (``tests/engine/test_sync.py``'s count)."""
+    torch.manual_seed(0)
+    model = FixedRoutes()
+    manager = PreconditionerManager(model, method, preconditioner_interval=1000, warn=lambda m: None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(8, C), torch.randint(0, V, (8,))
+    target = torch.cat([y[e::E] for e in range(E)])
+    counts = []
+    host, linalg.HOST_DECIDES_ON_CPU = linalg.HOST_DECIDES_ON_CPU, False
+    running, GaussNewton.running_statistics = GaussNewton.running_statistics, True  # collect every step
+    try:
+        for _ in range(4):
+            opt.zero_grad()
+            with counting() as count:
+                manager.begin_step()
+                F.cross_entropy(model(x), target).backward()
+                manager.step(opt)
+            opt.step()
+            counts.append(count[0])
+    finally:
+        linalg.HOST_DECIDES_ON_CPU, GaussNewton.running_statistics = host, running
+    assert len(manager.layers) == 2 * E + 2
+    assert max(counts[2:]) <= 1, counts
 
 
 def test_transformers_grouped_experts_stay_plain_with_the_call_named() -> None:
