@@ -137,7 +137,9 @@ def discover(
     plain: dict[str, str] = {}
     excluded: dict[str, str] = {}
     inside_attention: set[int] = set()
-    names = {id(p): eager_name(n) for n, p in model.named_parameters(remove_duplicate=False)}
+    names: dict[int, str] = {}  # parameter -> its first name (as ``named_parameters()`` lists a shared one)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), eager_name(n))
 
     def skip(mname: str, module: nn.Module, reason: str) -> None:
         """Every direct parameter of ``module`` stays plain, and those of its parametrizations (weight_norm's)."""

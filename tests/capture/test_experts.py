@@ -200,6 +200,16 @@ def test_unrouted_experts_are_named_and_excluded_ones_kept_apart() -> None:
     assert {f"experts.up.{e}" for e in range(E)} <= set(excluded.layers)
 
 
+def test_a_3d_parameter_shared_by_two_modules_stays_plain() -> None:
+    """The experts of a 3-d parameter held by two modules (each calling its slices) stay plain: a use in the other
+    module is not one capture sees."""
+    shared = nn.ModuleDict({"a": Experts(), "b": Experts()})
+    shared["b"].up = shared["a"].up
+    manager = PreconditionerManager(shared, "kfac", warn=lambda m: None)
+    assert "3-d parameter also in Experts 'b'" in manager.skipped["a.up"]
+    assert sorted(manager.layers) == sorted(f"{m}.down.{e}" for m in "ab" for e in range(E))
+
+
 class FixedRoutes(nn.Module):
     """Experts called on fixed rows (every E-th token), weighted by the router: the model reads nothing on the host,
     so every synchronisation counted is the library's."""
