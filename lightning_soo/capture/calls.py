@@ -48,8 +48,8 @@ def functional_linear(module: nn.Module) -> bool:
     if isinstance(module, (nn.Linear, nn.Embedding, *CONV_TYPES, nn.MultiheadAttention)):
         return False
     weight, bias = module._parameters.get("weight"), getattr(module, "bias", None)
-    if not isinstance(weight, nn.Parameter) or weight.dim() != 2:
-        return False
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 2 or type(module).__name__ == "Conv1D":
+        return False  # Hugging Face's ``Conv1D`` is a layer of its own (``addmm`` on a transposed weight)
     return bias is None or (isinstance(bias, nn.Parameter) and bias.shape == weight.shape[:1])
 
 
