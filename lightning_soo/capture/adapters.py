@@ -3,8 +3,9 @@
 Every managed layer is a matrix weight ``W`` of shape ``d_out x d_in`` in the orientation of ``nn.Linear``
 (bias appended as a last column, the homogeneous coordinate). The weight may be a whole parameter, a block of rows
 of one (``nn.MultiheadAttention``'s packed ``in_proj_weight`` is one layer, its separate ``q/k/v_proj_weight`` are
-three, their bias a block of ``in_proj_bias``), or a parameter stored transposed (``nn.Embedding``: ``W = weightᵀ``;
-Hugging Face's ``Conv1D``: ``W = weightᵀ``). An adapter knows how to
+three, their bias a block of ``in_proj_bias``), one expert's matrix ``param[e]`` of a 3-d parameter (a
+mixture-of-experts layer), or a parameter stored transposed (``nn.Embedding``: ``W = weightᵀ``; Hugging Face's
+``Conv1D``: ``W = weightᵀ``). An adapter knows how to
 
 * turn one call's input and output gradient into an ``Observation``: input rows ``h̄`` (``rows x d_in``, a trailing
   1 when the call adds a bias), output-gradient rows ``δ`` (``rows x d_out``), and how many rows and examples they
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_soo.capture.calls import CONV_TYPES
+from lightning_soo.capture.calls import CONV_TYPES, functional_linear
 from lightning_soo.capture.rows import (
     Count,
     IndexRows,
@@ -57,10 +58,10 @@ class UnsupportedLayerError(ValueError):
 
 @dataclass
 class Part:
-    """A parameter, or the block ``rows`` of its first dimension."""
+    """A parameter, or the block ``rows`` of its first dimension (an index: one expert's matrix of a 3-d one)."""
 
     param: nn.Parameter
-    rows: slice | None = None
+    rows: slice | int | None = None
 
     def of(self, t: Tensor) -> Tensor:
         return t if self.rows is None else t[self.rows]
@@ -358,4 +359,6 @@ def make_adapter(module: nn.Module, weight_sharing: WeightSharing = "expand") ->
         return EmbeddingAdapter(module, weight_sharing)
     if is_conv1d(module):
         return Conv1DAdapter(module, weight_sharing)
+    if functional_linear(module):  # a router: captured at its F.linear call, if the census finds only that one
+        return LinearAdapter(module, weight_sharing)
     return None

@@ -6,6 +6,11 @@ from a mask (OPT), scale the output (Gemma's and BART's word embeddings), pad th
 module call's input and output are then not the layer's; the functional call made inside is. Such a layer is
 captured at that call (``Capture.attach_calls``), and the census checks once that the override uses its weight
 (and bias) in that call only, with the module's own settings (``own_call``); any other use leaves it plain.
+
+Two more forms are captured at their ``F.linear`` calls the same way (mixture-of-experts models): a module of any
+class whose 2-d ``weight`` (and 1-d ``bias``) is used only as ``F.linear(x, self.weight[, self.bias])`` (a router,
+``functional_linear``), and each expert slice ``param[e]`` of a module's 3-d parameter used only as
+``F.linear(x, param[e])`` (``expert_index``): each expert is a linear layer of its own.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 #: the convolution layers capture supports (grouped and transposed ones are refused by their adapter)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -34,6 +39,36 @@ def overridden_base(module: nn.Module) -> type[nn.Module] | None:
     """The torch layer class whose ``forward`` the class of ``module`` overrides (None: it does not)."""
     base = next((b for b in (nn.Linear, nn.Embedding, *CONV_TYPES) if isinstance(module, b)), None)
     return base if base is not None and type(module).forward is not base.forward else None
+
+
+def functional_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a candidate linear layer of a class capture does not know (a mixture-of-experts router): a
+    2-d parameter ``weight`` and no bias, or a 1-d parameter ``bias`` of its rows. The census checks that its forward
+    uses them only as ``F.linear(x, self.weight[, self.bias])``; any other use leaves it plain."""
+    if isinstance(module, (nn.Linear, nn.Embedding, *CONV_TYPES, nn.MultiheadAttention)):
+        return False
+    weight, bias = module._parameters.get("weight"), getattr(module, "bias", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 2 or type(module).__name__ == "Conv1D":
+        return False  # Hugging Face's ``Conv1D`` is a layer of its own (``addmm`` on a transposed weight)
+    return bias is None or (isinstance(bias, nn.Parameter) and bias.shape == weight.shape[:1])
+
+
+def expert_index(weight: Tensor, base: Tensor) -> int | None:
+    """``e`` where ``weight`` is the view ``base[e]`` of a 3-d ``base`` (one expert's matrix), else None: its shape,
+    strides and offset say so (no host read of tensor data)."""
+    if base.dim() != 3 or weight.shape != base.shape[1:] or weight.stride() != base.stride()[1:]:
+        return None
+    offset = weight.data_ptr() - base.data_ptr()
+    step = base.element_size() * base.stride(0)
+    e, rest = divmod(offset, step) if step else (0, offset)
+    return e if rest == 0 and 0 <= e < base.shape[0] else None
+
+
+def expert_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], arg: Tensor, base: Tensor) -> bool:
+    """Whether ``func(*args, **kwargs)`` is ``F.linear(x, base[e])`` with ``arg`` as that weight and no bias: an
+    expert's own call."""
+    b = _bound("linear", args, kwargs) if func is ORIGINALS["linear"] else None
+    return b is not None and b["weight"] is arg and b["bias"] is None and expert_index(arg, base) is not None
 
 
 def function_name(module: nn.Module) -> str:
@@ -72,7 +107,7 @@ def own_call(module: nn.Module, func: Any, args: tuple[Any, ...], kwargs: dict[s
         return (pad, b["max_norm"], b["scale_grad_by_freq"], b["sparse"]) == (
             module.padding_idx, module.max_norm, module.scale_grad_by_freq, module.sparse
         )  # fmt: skip
-    if b["bias"] is not module.bias:
+    if b["bias"] is not getattr(module, "bias", None):
         return False
     if name == "linear":
         return True

@@ -1,9 +1,11 @@
 """Which layers of a model can be preconditioned, how each is captured, and why the other parameters cannot.
 
-A managed layer is one weight (a parameter or a block of rows of one) and its bias, preconditioned once per step
-from the statistics of all its uses. A use is a module call whose forward hook sees the input and output
-(``nn.Linear``, ``nn.Conv*``, ``nn.Embedding``, Hugging Face's ``Conv1D``) or an ``F.linear`` call inside an
-``nn.MultiheadAttention`` forward (its projections never run as modules); ``F.linear`` calls on a managed weight
+A managed layer is one weight (a parameter, a block of rows of one, or one expert ``p[e]`` of a 3-d one) and its
+bias, preconditioned once per step from the statistics of all its uses. A use is a module call whose forward hook
+sees the input and output (``nn.Linear``, ``nn.Conv*``, ``nn.Embedding``, Hugging Face's ``Conv1D``) or a
+functional call inside a module's forward: ``F.linear`` inside ``nn.MultiheadAttention`` (its projections never run
+as modules), the own call of a layer whose class overrides forward or of a router (``calls``), an expert's
+``F.linear(x, p[e])`` inside the module holding ``p``; ``F.linear`` calls on a managed weight
 elsewhere are found by the census (``hooks``) and added by ``functional_use``. A use is ``"normal"`` when its input
 side is the layer's input side, ``"transposed"`` when the orientation is swapped: a weight tied between an
 ``nn.Embedding`` (layer ``W = weightᵀ``, vocabulary on the input side) and an ``nn.Linear`` head (vocabulary on
@@ -30,7 +32,7 @@ from lightning_soo.capture.adapters import (
     WeightSharing,
     make_adapter,
 )
-from lightning_soo.capture.calls import overridden_base
+from lightning_soo.capture.calls import functional_linear, overridden_base
 
 Role = Literal["normal", "transposed"]
 
@@ -49,9 +51,20 @@ class Use:
 
 
 def _use(module: nn.Module, rows: LayerAdapter, role: Role = "normal") -> Use:
-    """The use of a layer module's call: hooked, or its own functional call where its class overrides forward."""
-    own = overridden_base(module) is not None
+    """The use of a layer module's call: hooked, or its own functional call where its class overrides forward or is
+    not a torch layer (a router whose forward calls ``F.linear`` on its weight)."""
+    own = overridden_base(module) is not None or functional_linear(module)
     return Use(module, rows, role, calls=own, own=own)
+
+
+def _expert_specs(name: str, module: nn.Module, param: nn.Parameter, sharing: WeightSharing) -> list[LayerSpec]:
+    """One linear layer per expert ``param[e]`` of a 3-d parameter of ``module``, captured at the
+    ``F.linear(x, param[e])`` calls of ``module``'s forward; the census checks that they are its only uses."""
+    specs = []
+    for e in range(param.shape[0]):
+        adapter = LinearAdapter(module, sharing, weight=Part(param, e))
+        specs.append(LayerSpec(f"{name}.{e}", adapter, [Use(module, adapter, calls=True, own=True)]))
+    return specs
 
 
 @dataclass
@@ -124,7 +137,9 @@ def discover(
     plain: dict[str, str] = {}
     excluded: dict[str, str] = {}
     inside_attention: set[int] = set()
-    names = {id(p): eager_name(n) for n, p in model.named_parameters(remove_duplicate=False)}
+    names: dict[int, str] = {}  # parameter -> its first name (as ``named_parameters()`` lists a shared one)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), eager_name(n))
 
     def skip(mname: str, module: nn.Module, reason: str) -> None:
         """Every direct parameter of ``module`` stays plain, and those of its parametrizations (weight_norm's)."""
@@ -135,6 +150,7 @@ def discover(
             plain.setdefault(f"{mname}.{pname}" if mname else pname, f"{type(module).__name__}: {reason}")
 
     broken: dict[int, str] = {}  # tied weights with a use capture cannot see
+    experts: dict[int, nn.Module] = {}  # 3-d parameter -> its module (its experts are layers)
     for raw_name, module in model.named_modules(remove_duplicate=False):
         mname = eager_name(raw_name)
         if id(module) in inside_attention:
@@ -146,6 +162,19 @@ def discover(
             skip(mname, module, str(err))
             continue
         if adapter is None and not attention:
+            for pname, p in module.named_parameters(recurse=False):  # the experts of a mixture-of-experts layer
+                if p.dim() != 3 or p.shape[0] < 2:
+                    continue
+                seen = id(p) in experts  # in another module, or in this one registered under two names
+                if experts.setdefault(id(p), module) is not module:
+                    broken[id(p)] = f"3-d parameter also in {type(module).__name__} '{mname}', a use not captured"
+                if seen:
+                    continue
+                full = f"{mname}.{pname}" if mname else pname
+                if any(fnmatch.fnmatchcase(n, pat) for n in (mname, full) for pat in exclude):
+                    excluded[full] = "excluded by you"
+                    continue
+                specs.extend(_expert_specs(full, module, p, weight_sharing))
             continue
         if any(fnmatch.fnmatchcase(mname, pat) for pat in exclude):
             for pname, _ in module.named_parameters():

@@ -13,9 +13,10 @@ Three mechanisms:
   ``nn.Embedding``, ``Conv1D``).
 * ``Capture.attach_calls``: ``F.linear`` calls made inside a module's forward on given weights.
   ``nn.MultiheadAttention`` makes its projections this way (inside ``F.multi_head_attention_forward``, on its
-  parameters or on row blocks of them), and so does a model whose head is ``F.linear(x, wte.weight)``. During
-  the module's forward ``torch.nn.functional.linear`` is replaced by a function that hands calls on those
-  weights to their sinks, with the row block the weight is of the parameter.
+  parameters or on row blocks of them), and so does a model whose head is ``F.linear(x, wte.weight)``, a
+  mixture-of-experts router, and the experts of a 3-d parameter (``F.linear(x, p[e])``). During the module's
+  forward ``torch.nn.functional.linear`` is replaced by a function that hands calls on those weights to their
+  sinks, with the row block the weight is of the parameter (an expert's slice goes to that expert's sink).
 * ``Census``: once, on the first statistics step, a ``TorchFunctionMode`` sees every torch call that uses a
   managed parameter, and reports the uses made outside the modules that capture it (``F.linear(x, wte.weight)``
   in a parent's forward, ``x @ w.T``). An ``F.linear`` call on the whole weight without a bias is then captured
@@ -26,7 +27,7 @@ Three mechanisms:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from lightning_soo.capture.calls import ORIGINALS, own_call
+from lightning_soo.capture.calls import ORIGINALS, expert_call, expert_index, own_call
 
 GradCallback = Callable[[Tensor], None]
 #: ``on_call(x, rows)``: the call's input and the block of the layer's output rows it makes (None: all)
@@ -92,13 +93,16 @@ class Capture:
         outside: Sequence[nn.Module] = (),
         function: str = "linear",
         own: bool = False,
+        experts: Mapping[int, Mapping[int, OnCall]] | None = None,
     ) -> None:
         """Capture the ``F.<function>`` calls (``linear`` by default; ``embedding``, ``conv2d``, ...) ``module``'s
         forward makes on the given weights (or on blocks of their rows): ``weights`` maps a parameter id to its
         sink. During the forward (a pre-hook and an always-called forward hook) ``torch.nn.functional.<function>``
         is replaced by a function that hands those calls to their sinks. Calls made inside the ``outside`` modules
         (the weight's own modules, captured by their hooks) are not handed over twice. ``own``: only ``module``'s
-        own call (``calls.own_call``: its weight, bias and settings) is handed over."""
+        own call (``calls.own_call``: its weight, bias and settings) is handed over. ``experts`` maps a 3-d
+        parameter's id to its experts' sinks: a call on its slice ``p[e]`` goes to expert ``e``'s."""
+        by_expert = experts or {}
         saved: list[Any] = []
         depth = [0]
         busy = [False]  # a Python functional (``F.embedding``) dispatches a torch-function mode to its global name
@@ -118,11 +122,17 @@ class Capture:
             if not isinstance(out, Tensor) or not out.requires_grad or not isinstance(weight, Tensor):
                 return out
             base = weight if weight._base is None else weight._base
-            on_call = weights.get(id(base))
+            sinks = by_expert.get(id(base)) if weight._base is not None else None
+            if sinks is not None:  # an expert's call, or another use the census leaves plain
+                e = expert_index(weight, base)
+                on_call = None if e is None else sinks.get(e)
+            else:
+                on_call = weights.get(id(base))
             if own and on_call is not None and not own_call(module, ORIGINALS[function], args, kwargs):
                 return out  # other settings: the census leaves the layer plain
             if on_call is not None and isinstance(x, Tensor):
-                _hook_output(out, on_call(x.detach(), _row_block(weight, base)))
+                rows = None if sinks is not None else _row_block(weight, base)
+                _hook_output(out, on_call(x.detach(), rows))
             return out
 
         # run eagerly under torch.compile: which weight a call is on is known from real tensors only
@@ -200,8 +210,10 @@ class Census(TorchFunctionMode):
         batch_size: int | None = None,
         own: dict[int, nn.Module] | None = None,
         biases: dict[int, int] | None = None,
+        experts: set[int] | None = None,
     ) -> None:
         super().__init__()
+        self.experts = experts or set()  # 3-d parameters whose experts are layers: only ``F.linear(x, p[e])`` is theirs
         self.biases = biases or {}  # weight id -> its layer's bias id (a call outside may pass it: torchvision's Swin)
         self.own = own or {}  # module id -> a layer module whose class overrides forward: its own call is checked
         self.unmatched: dict[int, str] = {}  # parameter id -> a use inside such a module that is not its own call
@@ -309,7 +321,9 @@ class Census(TorchFunctionMode):
                 if owners is None:
                     continue
                 if inner in owners:
-                    if inner in self.own:
+                    if id(base) in self.experts:
+                        self._expert_use(id(base), func, args, kwargs, arg, out, inner)
+                    elif inner in self.own:
                         own = own_call(self.own[inner], func, args, kwargs) if own is None else own
                         self._own_use(id(base), own, func, out, inner)
                     continue
@@ -343,6 +357,19 @@ class Census(TorchFunctionMode):
             return
         self.own_seen.add(module)
         self._outputs[id(out)] = (out, self._made_by.get(module, set()))
+
+    def _expert_use(
+        self, pid: int, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], arg: Tensor, out: Tensor, module: int
+    ) -> None:
+        """A use of a 3-d parameter inside its module: a view of it (``p[e]``, whose own uses are seen as calls), or
+        an expert's ``F.linear(x, p[e])``; any other use (``p[e] @ x``, a bias, ``grouped_mm``) leaves it plain."""
+        base = arg if arg._base is None else arg._base
+        if out is base or out._base is base:  # a view, or the parameter read back (capture's ``weight._base``)
+            return
+        if expert_call(func, args, kwargs, arg, base):
+            self.own_seen.add(module)
+        else:
+            self.unmatched.setdefault(pid, _call_name(func))
 
     def close(self) -> dict[int, str]:
         """Remove the hooks; returns ``foreign`` (``calls`` keeps only parameters with no other foreign use)."""

@@ -30,9 +30,12 @@ def plain_parameters(manager: Reporting) -> dict[str, str]:
     for layer in manager.layers.values():
         elsewhere = plan is not None and plan.broadcast_gradients and not plan.owns(layer)
         if not layer.preconditioner.ready and not elsewhere and not (layer.catch_up or layer.retry):
+            expert = isinstance(layer.adapter.weight.rows, int)  # one expert of a 3-d parameter: named by its layer
             why = layer.unready_reason()
+            if expert and not layer.seen:
+                why = f"{type(layer.module).__name__}: no statistics captured (no row routed to this expert yet)"
             for p in layer.adapter.params:
-                plain.setdefault(manager.wiring.param_name(p, layer.name), why)
+                plain.setdefault(layer.name if expert else manager.wiring.param_name(p, layer.name), why)
     return plain
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_soo.capture import Capture, Census, discover
+from lightning_soo.capture import Capture, Census, LayerAdapter, discover
 from lightning_soo.capture.calls import function_name, overridden_base
 from lightning_soo.capture.discovery import functional_use
 from lightning_soo.engine.examples import LossExamples
@@ -126,7 +126,8 @@ class Wiring:
             for lay in self.layers.values()
             if lay.adapter.bias is not None and lay.adapter.bias.rows is None and not lay.adapter.transposed
         }
-        self.census = Census(self.model, owners, batch_size, own, biases)
+        experts = {id(lay.adapter.weight.param) for lay in self.layers.values() if _expert(lay.adapter)}
+        self.census = Census(self.model, owners, batch_size, own, biases, experts)
         # a compiled model runs this step eagerly: Dynamo tracing the census's Python fails on some models (ConvNeXt:
         # ``___get_torch_function_mode_stack_at``). Not with nn.MultiheadAttention: the replaced
         # ``linear`` its functional code calls is seen under Dynamo only when the first trace has the census's mode
@@ -196,6 +197,16 @@ class Wiring:
         base = overridden_base(layer.module)
         kind = base.__name__ if base is not None else type(layer.module).__name__
         hit = next((census.unmatched[id(p)] for p in layer.adapter.params if id(p) in census.unmatched), None)
+        if hit is not None and _expert(layer.adapter):
+            return (
+                "a 3-d parameter whose experts are linear layers only where it is used as F.linear(x, p[e]) on one "
+                f"expert's slice, with no bias, in {kind}.forward; it is also used another way (`{hit}`)"
+            )
+        if hit is not None and base is None:
+            return (
+                f"{kind}.forward uses its weight or bias other than through F.linear(x, self.weight"
+                f"{', self.bias' if layer.adapter.has_bias else ''}) (`{hit}`): not a linear layer capture can see"
+            )
         if hit is not None:
             return (
                 f"its class overrides {kind}.forward, which uses its weight or bias other than through the "
@@ -204,8 +215,9 @@ class Wiring:
             )
         if any(id(u.module) in census.own_seen and not self.own_seen[id(u.module)][0] for u in layer.uses if u.own):
             return (
-                f"its class overrides {kind}.forward and makes its F.{function_name(layer.module)} call through a "
-                "name bound before the model was built, which capture does not see"
+                f"{f'its class overrides {kind}.forward and ' if base is not None else f'{kind}.forward '}makes its "
+                f"F.{function_name(layer.module)} call through a name bound before the model was built, which capture "
+                "does not see"
             )
         return ""
 
@@ -294,6 +306,7 @@ def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str,
     # a module whose functional calls are captured -> (module, function, own, {weight id: sink}): attention, and
     # subclasses overriding forward (their own call)
     attention: dict[int, tuple[nn.Module, str, bool, dict[int, Any]]] = {}
+    experts: dict[int, tuple[nn.Module, dict[int, dict[int, Any]]]] = {}  # module -> 3-d parameter -> expert -> sink
     for spec in specs:
         adapter = spec.adapter
         w = adapter.weight.param
@@ -312,11 +325,20 @@ def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str,
             sink = use_sink(layer, use, timings, mean, wiring.examples)
             if use.own:
                 sink = _watched(sink, wiring.own_seen.setdefault(id(use.module), [False]), 0)
-            if use.calls:
+            if isinstance(e := adapter.weight.rows, int):  # one expert of a 3-d parameter
+                experts.setdefault(id(use.module), (use.module, {}))[1].setdefault(id(w), {})[e] = sink
+            elif use.calls:
                 fn = function_name(use.module) if use.own else "linear"
                 attention.setdefault(id(use.module), (use.module, fn, use.own, {}))[3][id(w)] = sink
             else:
                 wiring.capture.attach(use.module, sink)
     for module, function, own, weights in attention.values():
         wiring.capture.attach_calls(module, weights, function=function, own=own)
+    for module, sinks in experts.values():
+        wiring.capture.attach_calls(module, {}, experts=sinks)
     return wiring
+
+
+def _expert(adapter: LayerAdapter) -> bool:
+    """The layer is one expert ``p[e]`` of a 3-d parameter."""
+    return isinstance(adapter.weight.rows, int)

@@ -67,6 +67,28 @@ def gemma() -> Case:
     return GemmaForCausalLM(config), _tokens(), _lm_loss
 
 
+def moe(kind: str, experts: str = "eager") -> Case:
+    """A mixture-of-experts model (Mixtral, Qwen2-MoE: a shared expert besides, OLMoE): experts as 3-d parameters,
+    a router of its own class, four experts, two per token. ``eager``: its experts run as a loop of
+    ``F.linear(x, p[e])`` calls; transformers' default (``grouped_mm``) leaves them plain."""
+    import transformers
+
+    config_class, model_class = {
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+        "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+        "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+    }[kind]
+    config = getattr(transformers, config_class)(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        num_local_experts=4, num_experts=4, num_experts_per_tok=2, max_position_embeddings=T,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = getattr(transformers, model_class)(config)
+    model.set_experts_implementation(experts)
+    return model, _tokens(), _lm_loss
+
+
 def _seq2seq_loss(model: nn.Module, tokens: Tensor) -> Tensor:
     return model(input_ids=tokens[:, :-1], labels=tokens[:, 1:].contiguous()).loss
 
@@ -219,6 +241,8 @@ CASES: dict[str, Callable[[], Case]] = {
     "llama tied": lambda: llama(True),
     "gemma": gemma,
     "bart": bart,
+    "mixtral (eager experts)": lambda: moe("mixtral"),
+    "qwen2-moe (eager experts)": lambda: moe("qwen2_moe"),
     "nanogpt tied": nanogpt,
     "nanogpt F.linear head": lambda: (NanoGPT(functional=True), _tokens(), _lm_loss),
     "TransformerEncoder": encoder,
