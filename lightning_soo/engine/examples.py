@@ -10,8 +10,9 @@ its share of the tokens).
 A layer with more rows than the head (several per example: the tokens of an image classifier, a source longer
 than the target) keeps its own count of rows. There the Fisher's scale lies between K-FAC-expand's ``N`` (rows
 whose per-example gradients are uncorrelated) and the rows' count (fully correlated ones, as the pooled tokens of
-an image are); on a small ViT on digits the rows' count trained faster (README, Limits). A convolution's count is
-the batch, as before.
+an image are); on a small ViT on digits the rows' count trained faster (README, Limits). A convolution's examples
+are the batch: it takes ``N`` when the head has as many (a CNN classifier, a GAN's discriminator), with the same
+numbers as before but for a head called twice.
 
 The layer nearest the loss is the one whose output gradient autograd computes first after the forward pass: a
 classifier's head, a language model's head (rows whose output gradient is exactly zero are not examples, so a loss
@@ -45,7 +46,7 @@ class LossExamples:
     def __init__(self) -> None:
         self.fresh = True  # a forward pass ran since the last output gradient: the next one is the head's
         self.count: Count = 0
-        self.rows = 0  # the head's rows in the pass (padding included): a call with more has several per example
+        self.rows = 0  # the head's examples at most (rows, padding included): a call with more has several per example
         self.passes = 0
         self._head: object = None  # the use whose call set ``N``
         self._first: Count = 0  # the sum of the passes' ``N`` since the statistics last closed
@@ -59,7 +60,7 @@ class LossExamples:
             self.fresh = True
 
     def arrive(self, n: Count, use: object, rows: int) -> Count:
-        """An output gradient of a call of ``use`` (a layer's use) with ``n`` examples in ``rows`` rows arrived:
+        """An output gradient of a call of ``use`` (a layer's use) with ``n`` examples of at most ``rows`` arrived:
         the first after a forward pass sets ``N``, unless the host knows it has none (a branch the loss multiplies by
         zero); a further call of the same use in the pass adds to the close's count. Returns ``N`` (``n`` for a
         call without any)."""

@@ -207,13 +207,15 @@ def _loss_examples(
     layer: Layer, use: Use, obs: Observation, examples: LossExamples | None, transposed: bool
 ) -> tuple[Observation, Count]:
     """``obs`` with the loss's ``N`` as its count of examples where the method takes it (``examples``) and the call
-    has no more rows than the head's (the layer's first call of the backward pass adds ``N`` to the divisor, later
-    ones add rows only), and the count that undoes a mean loss's ``1/N`` of its rows. A call with more rows than
-    the head's (several per example), and a use in the swapped orientation (a tied head), keep their own."""
+    has no more examples than the head's (rows; a convolution's batch): the layer's first call of the backward pass
+    adds ``N`` to the divisor, later ones add rows only; and the count that undoes a mean loss's ``1/N`` of its
+    rows. A call with more rows than the head's (several per example), and a use in the swapped orientation (a tied
+    head), keep their own."""
     if examples is None:
         return obs, obs.n
-    n = examples.arrive(obs.n, use, obs.d.shape[0])  # a use: a tied head's embedding use is not the head again
-    if transposed or obs.d.shape[0] > examples.rows:
+    size = obs.n if isinstance(obs.n, int) else obs.d.shape[0]  # its examples at most: a convolution's batch, rows
+    n = examples.arrive(obs.n, use, size)  # a use: a tied head's embedding use is not the head again
+    if transposed or size > examples.rows:
         return obs, obs.n
     first = layer.passes != examples.passes
     layer.passes = examples.passes

@@ -204,3 +204,36 @@ def test_experts_match_one_layer_on_the_same_rows(method: str) -> None:
             manager.step()
         grads.append(model.a.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+class Discriminator(nn.Module):
+    """A convolution over 4x4 maps, pooled, then a one-logit head: called on real and fake images in one loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+
+def test_a_discriminator_on_real_and_fake_counts_both_batches() -> None:
+    """A GAN discriminator's step: one loss over 3 real and 3 fake images. The convolution's examples are the batch:
+    its B is ``(1/6) Σ_positions (6δ)(6δ)ᵀ`` over both calls' positions (it was a quarter of that)."""
+    torch.manual_seed(0)
+    model = Discriminator()
+    real, fake = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    outs: list[Tensor] = []
+
+    def keep(m: nn.Module, args: tuple, out: Tensor) -> None:
+        out.retain_grad()
+        outs.append(out)
+
+    model.conv.register_forward_hook(keep)
+    manager = PreconditionerManager(model, "kfac", factor_decay=0.0, kl_clip=None, warn=lambda m: None)
+    manager.begin_step()
+    logits = torch.cat([model(real), model(fake)])
+    F.binary_cross_entropy_with_logits(logits, torch.cat([torch.ones(3, 1), torch.zeros(3, 1)])).backward()
+    manager.step()
+    d = torch.cat([o.grad.permute(0, 2, 3, 1).reshape(-1, 3) for o in outs]) * 6
+    torch.testing.assert_close(manager.layers["conv"].preconditioner.b, d.T @ d / 6, rtol=1e-10, atol=1e-13)
