@@ -103,7 +103,7 @@ class FactorBank:
 
 def _bankable(sides: Sides | None) -> bool:
     """Every factor dense, decided on the device, with rows this step and a running value (not a first fold)."""
-    if not sides or not linalg.stacks_on(sides[0][0]._sum.device):
+    if not sides or not linalg.stacks_on(sides[0][0].device):
         return False
     return all(not f.diagonal and f.pending and f._value is not None for f, _ in sides)
 

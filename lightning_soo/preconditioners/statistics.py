@@ -47,8 +47,8 @@ class Factor:
     def __init__(self, dim: int, *, diagonal: bool, dtype: torch.dtype, device: torch.device) -> None:
         self.dim, self.diagonal = dim, diagonal
         self.dtype, self.device = dtype, device
-        shape = (dim,) if diagonal else (dim, dim)
-        self._sum = torch.zeros(shape, dtype=dtype, device=device)
+        self._shape = (dim,) if diagonal else (dim, dim)
+        self._sum_t: Tensor | None = None  # allocated at the first rows (``_sum``): a layer the census drops never has
         self._count = torch.zeros((), dtype=dtype, device=device)  # a tensor so ranks can sum it with the sums
         self._tally: Tensor | RowCount | None = None  # the step's count (the padding rule's): the first as it is
         self._squared = False  # the step sum still owes a factor of the count squared (``add``'s ``squared``)
@@ -61,6 +61,19 @@ class Factor:
         self._n = 0.0  # the step's count as a number (where the host decides: all of it)
         self._moved = False  # the step's count was moved into ``_count`` (to be summed across ranks)
         self.bank: Any = None  # the ``banks.FactorBank`` whose stacked tensors hold this factor's, if any
+
+    @property
+    def _sum(self) -> Tensor:
+        """The step sum, allocated when first needed: layers built at set-up and left plain by the census at the first
+        step (a mixture-of-experts model's 3-d experts under ``grouped_mm``) cost no memory."""
+        s = self._sum_t
+        if s is None:
+            s = self._sum_t = torch.zeros(self._shape, dtype=self.dtype, device=self.device)
+        return s
+
+    @_sum.setter
+    def _sum(self, t: Tensor) -> None:
+        self._sum_t = t
 
     @property
     def value(self) -> Tensor | None:

@@ -262,6 +262,8 @@ def test_transformers_grouped_experts_stay_plain_with_the_call_named() -> None:
     torch.manual_seed(0)
     model, tokens, loss_fn = moe("mixtral", experts="grouped_mm")
     manager = PreconditionerManager(model, "kfac", warn=lambda m: None)
+    candidates = [layer.preconditioner for layer in manager.layers.values()]
+    assert all(f._sum_t is None for p in candidates for f in p._factors)  # no statistics memory before rows
     manager.begin_step(batch_size=tokens.shape[0])
     loss_fn(model, tokens).backward()
     manager.step()
@@ -269,3 +271,6 @@ def test_transformers_grouped_experts_stay_plain_with_the_call_named() -> None:
         assert f"model.layers.{i}.mlp.gate" in manager.layers
         for name in ("gate_up_proj", "down_proj"):
             assert "grouped_mm" in manager.skipped[f"model.layers.{i}.mlp.experts.{name}"]
+    kept = {id(layer.preconditioner) for layer in manager.layers.values()}
+    dropped = [p for p in candidates if id(p) not in kept]
+    assert dropped and all(f._sum_t is None for p in dropped for f in p._factors)  # the census's drops cost none
