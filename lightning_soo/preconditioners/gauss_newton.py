@@ -32,87 +32,7 @@ from lightning_soo import linalg
 from lightning_soo.capture.adapters import Count, IndexRows, Rows
 from lightning_soo.options import GaussNewtonOptions
 from lightning_soo.preconditioners.base import Preconditioner
-
-
-class RowBasis:
-    """Per-example gradients ``g_n = δ_n h_nᵀ`` kept as their factors ``H`` (dense or one-hot) and ``Δ``."""
-
-    def __init__(self, h: Rows, d: Tensor) -> None:
-        self.h, self.d = h, d
-
-    @property
-    def n(self) -> int:
-        return self.d.shape[0]
-
-    def tensors(self) -> list[Tensor]:
-        return [self.h.index if isinstance(self.h, IndexRows) else self.h, self.d]
-
-    def gram(self) -> Tensor:
-        dd = self.d @ self.d.mT
-        if isinstance(self.h, IndexRows):
-            return dd * (self.h.index.unsqueeze(1) == self.h.index.unsqueeze(0)).to(dd.dtype)
-        return dd * (self.h @ self.h.mT)
-
-    def project(self, v: Tensor) -> Tensor:
-        """``Uᵀ vec(V)``: ``δ_nᵀ V h_n`` for every example."""
-        if isinstance(self.h, IndexRows):
-            return (self.d * v[:, self.h.index].mT).sum(1)
-        if self.h.shape[1] <= self.d.shape[1]:
-            return (self.d @ v).mul_(self.h).sum(1)  # in place: the product is new
-        return (self.h @ v.mT).mul_(self.d).sum(1)
-
-    def combine(self, w: Tensor, shape: tuple[int, int]) -> Tensor:
-        """``U w = Σ_n w_n δ_n h_nᵀ``."""
-        dw = self.d * w.unsqueeze(1)
-        if isinstance(self.h, IndexRows):
-            out = torch.zeros(shape, dtype=dw.dtype, device=dw.device)
-            return out.index_add_(1, self.h.index, dw.mT)
-        return dw.mT @ self.h
-
-    def remove(self, g: Tensor, w: Tensor, rho: float) -> Tensor:
-        """``(G − U w) / ρ`` (dense rows: one ``addmm``)."""
-        if isinstance(self.h, IndexRows):
-            return (g - self.combine(w, g.shape)) / rho
-        return torch.addmm(g, (self.d * w.unsqueeze(1)).mT, self.h, beta=1.0 / rho, alpha=-1.0 / rho)
-
-    def select(self, keep: Tensor) -> RowBasis:
-        h = IndexRows(self.h.index[keep], self.h.size) if isinstance(self.h, IndexRows) else self.h[keep]
-        return RowBasis(h, self.d[keep])
-
-
-class DenseBasis:
-    """Per-example gradients materialised as ``U`` (``N x d_out x d_in``)."""
-
-    def __init__(self, u: Tensor) -> None:
-        self.u = u
-
-    @property
-    def n(self) -> int:
-        return self.u.shape[0]
-
-    def tensors(self) -> list[Tensor]:
-        return [self.u]
-
-    def gram(self) -> Tensor:
-        flat = self.u.flatten(1)
-        return flat @ flat.mT
-
-    def project(self, v: Tensor) -> Tensor:
-        return self.u.flatten(1) @ v.reshape(-1)
-
-    def combine(self, w: Tensor, shape: tuple[int, int]) -> Tensor:
-        return (w @ self.u.flatten(1)).reshape(shape)
-
-    def remove(self, g: Tensor, w: Tensor, rho: float) -> Tensor:
-        """``(G − U w) / ρ`` in one ``addmv``."""
-        flat = torch.addmv(g.reshape(-1), self.u.flatten(1).mT, w, beta=1.0 / rho, alpha=-1.0 / rho)
-        return flat.reshape(g.shape)
-
-    def select(self, keep: Tensor) -> DenseBasis:
-        return DenseBasis(self.u[keep])
-
-
-Basis = RowBasis | DenseBasis
+from lightning_soo.preconditioners.basis import Basis, DenseBasis, RowBasis, materialise
 
 
 def _scaled(t: Tensor, scale: float | Tensor) -> Tensor:
@@ -128,13 +48,6 @@ def _floating(basis: Basis) -> list[Tensor]:
 def _owned(t: Tensor) -> Tensor:
     """``t``, copied when it is a view (of the layer's input: the caller may overwrite it before the next refresh)."""
     return t.clone() if t._base is not None else t
-
-
-def _materialise(h: Rows, d: Tensor, n: int) -> Tensor:
-    """Per-example gradients ``Σ_{t ∈ n} δ_t h_tᵀ`` of ``n`` examples with equally many rows each."""
-    if isinstance(h, IndexRows):
-        h = torch.nn.functional.one_hot(h.index, h.size).to(d.dtype)
-    return d.reshape(n, -1, d.shape[1]).mT @ h.reshape(n, -1, h.shape[1])
 
 
 class GaussNewton(Preconditioner):
@@ -172,7 +85,7 @@ class GaussNewton(Preconditioner):
         chunks = self._chunks
         if self._pending is None and chunks:
             if any(d.shape[0] != n for _, d, n, _ in chunks):  # an example spans several rows
-                self._pending = [torch.cat([_materialise(h, _scaled(d, s), n) for h, d, n, s in chunks])]
+                self._pending = [torch.cat([materialise(h, _scaled(d, s), n) for h, d, n, s in chunks])]
             else:
                 hs = [h.index if isinstance(h, IndexRows) else h for h, _, _, _ in chunks]
                 ds = [_scaled(d, s) for _, d, _, s in chunks]
