@@ -169,7 +169,14 @@ def _fast(layer: Layer, use: Use, x: Tensor, g: Tensor) -> bool:
 
 
 def _fold(
-    layer: Layer, use: Use, x: Tensor, g: Tensor, rows: slice | None, sink: _Sink, examples: LossExamples | None
+    layer: Layer,
+    use: Use,
+    x: Tensor,
+    g: Tensor,
+    rows: slice | None,
+    mean: bool,
+    timings: dict[str, float],
+    examples: LossExamples | None,
 ) -> None:
     """Fold one call's statistics into ``layer`` (in the backward pass). The usual call goes to the method's
     ``observe_dense`` in a few lines, where every line of Python shows (the hook runs once per layer and step,
@@ -180,14 +187,12 @@ def _fold(
         return
     layer.seen = True
     pre = layer.preconditioner
-    mean = sink.mean
     t0 = time.perf_counter()
     if rows is None and mean and _fast(layer, use, x, g):
         obs = layer.adapter.observe(x, g, pre.row_norms)
         own = obs.n  # the rows' count (a dense adapter's examples are its rows)
         obs, per = _loss_examples(layer, use, obs, examples, False)
-        usual = isinstance(own, RowCount) or (isinstance(own, int) and own > 0)  # every row real, or a count
-        if usual and obs.n is per and (isinstance(per, RowCount) or (isinstance(per, int) and per > 0)):
+        if _usual(own) and obs.n is per and _usual(per):
             _keep_rows(layer, obs, True)  # for the close
             pre.observe_dense(obs)
         else:  # padding, decided on the host (the mask's count is a tensor); a later call of the pass
@@ -200,7 +205,12 @@ def _fold(
             obs = _fit(use.rows.observe(xs, g.to(pre.dtype), weighted), layer.adapter.shape, rows, transposed)
             obs, per = _loss_examples(layer, use, obs, examples, transposed)
             _fold_observation(layer, obs, transposed, mean, not transposed and rows is None, per)
-    sink.timings["statistics"] += time.perf_counter() - t0
+    timings["statistics"] += time.perf_counter() - t0
+
+
+def _usual(n: Count) -> bool:
+    """A count the usual path takes: every row real (a number above zero), or a count for the close."""
+    return isinstance(n, RowCount) or (isinstance(n, int) and n > 0)
 
 
 def _loss_examples(
@@ -258,21 +268,12 @@ def _fold_observation(
 _fold_eager = torch.compiler.disable(_fold)  # under torch.compile: run as plain Python, never traced
 
 
-@dataclass
-class _Sink:
-    """What every sink of a manager shares: the timings, whether the loss is a mean."""
-
-    timings: dict[str, float]
-    mean: bool
-
-
 def use_sink(
     layer: Layer, use: Use, timings: dict[str, float], mean: bool, examples: LossExamples | None = None
 ) -> OnCall:
     """``on_call(x, rows)`` for one use of ``layer``: keeps the input, folds the statistics in the backward pass
     (``examples``: the loss's count of examples, for a method whose output-gradient statistics take it)."""
     weight = layer.adapter.weight.param
-    sink = _Sink(timings, mean)
     if not layer.preconditioner.loss_examples:
         examples = None
 
@@ -281,6 +282,6 @@ def use_sink(
             return None
         if examples is not None:
             examples.forward_call()
-        return lambda g: _fold_eager(layer, use, x, g, rows, sink, examples)
+        return lambda g: _fold_eager(layer, use, x, g, rows, mean, timings, examples)
 
     return torch.compiler.disable(on_call)
