@@ -14,8 +14,9 @@ from lightning_soo.capture.adapters import (
     UnsupportedLayerError,
     make_adapter,
 )
+from lightning_soo.capture.census import Census
 from lightning_soo.capture.discovery import LayerSpec, Use, discover
-from lightning_soo.capture.hooks import Capture, Census
+from lightning_soo.capture.hooks import Capture
 
 __all__ = [
     "Capture",

@@ -10,13 +10,16 @@ captured at that call (``Capture.attach_calls``), and the census checks once tha
 Two more forms are captured at their ``F.linear`` calls the same way (mixture-of-experts models): a module of any
 class whose 2-d ``weight`` (and 1-d ``bias``) is used only as ``F.linear(x, self.weight[, self.bias])`` (a router,
 ``functional_linear``), and each expert slice ``param[e]`` of a module's 3-d parameter used only as
-``F.linear(x, param[e])`` (``expert_index``): each expert is a linear layer of its own.
+``F.linear(x, param[e])`` (``expert_index``): each expert is a linear layer of its own. transformers' default
+experts implementation makes one grouped product of all experts instead, ``grouped_mm(x, param.transpose(-2, -1),
+offs=offs)`` on rows sorted by expert (``grouped_call``): expert ``e``'s rows are ``x[offs[e-1]:offs[e]]``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,6 +27,8 @@ from torch import Tensor, nn
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: the functional API's originals (``Capture.attach_calls`` replaces them during a module's forward)
 ORIGINALS: dict[str, Any] = {name: getattr(F, name) for name in ("linear", "embedding", "conv1d", "conv2d", "conv3d")}
+#: torch's grouped product (``F.grouped_mm`` calls it by this name; None in a torch without it)
+GROUPED_MM: Any = getattr(torch, "_grouped_mm", None)
 _SIGNATURES = {
     "linear": ("input", "weight", "bias"),
     "embedding": ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
@@ -69,6 +74,41 @@ def expert_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], arg: T
     expert's own call."""
     b = _bound("linear", args, kwargs) if func is ORIGINALS["linear"] else None
     return b is not None and b["weight"] is arg and b["bias"] is None and expert_index(arg, base) is not None
+
+
+def grouped_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], arg: Tensor, base: Tensor) -> bool:
+    """Whether ``func(*args, **kwargs)`` is ``torch._grouped_mm(x, base.transpose(-2, -1), offs=offs)`` with ``arg``
+    as that weight (2-d rows sorted by group, no bias, no output dtype): every expert's ``F.linear(x_e, base[e])``
+    in one call."""
+    b = grouped_arguments(func, args, kwargs)
+    return b is not None and b[1] is arg and expert_transposed(arg, base)
+
+
+def grouped_arguments(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(x, weight, offs)`` of a ``torch._grouped_mm`` call of 2-d rows by a 3-d weight, grouped by ``offs``,
+    without a bias or an output dtype (None: another call)."""
+    if GROUPED_MM is None or func is not GROUPED_MM:
+        return None
+    names = ("self", "mat2", "offs", "bias", "out_dtype")
+    if len(args) > len(names) or any(k not in names for k in kwargs):
+        return None
+    b = {**dict.fromkeys(names), **dict(zip(names, args, strict=False)), **kwargs}
+    x, weight, offs = b["self"], b["mat2"], b["offs"]
+    if b["bias"] is not None or b["out_dtype"] is not None or not isinstance(offs, Tensor):
+        return None
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or x.dim() != 2 or weight.dim() != 3:
+        return None
+    return x, weight, offs
+
+
+def expert_transposed(weight: Tensor, base: Tensor) -> bool:
+    """Whether ``weight`` is the view ``base.transpose(-2, -1)`` of a 3-d ``base`` (shape and strides: no host
+    read of tensor data)."""
+    if base.dim() != 3 or weight.dim() != 3 or weight.data_ptr() != base.data_ptr():
+        return False
+    e, o, i = base.shape
+    s0, s1, s2 = base.stride()
+    return tuple(weight.shape) == (e, i, o) and weight.stride() == (s0, s2, s1)
 
 
 def function_name(module: nn.Module) -> str:

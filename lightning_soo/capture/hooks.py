@@ -7,7 +7,7 @@ output requires grad). Unlike ``register_full_backward_hook`` this works when an
 validation, sanity checks and ``torch.no_grad`` cost one flag check per layer call; which layers are still
 collecting is the sink's business (capture is per layer).
 
-Three mechanisms:
+Two mechanisms:
 
 * ``Capture.attach``: a forward hook on a module whose forward makes the call (``nn.Linear``, ``nn.Conv*``,
   ``nn.Embedding``, ``Conv1D``).
@@ -16,13 +16,12 @@ Three mechanisms:
   parameters or on row blocks of them), and so does a model whose head is ``F.linear(x, wte.weight)``, a
   mixture-of-experts router, and the experts of a 3-d parameter (``F.linear(x, p[e])``). During the module's
   forward ``torch.nn.functional.linear`` is replaced by a function that hands calls on those weights to their
-  sinks, with the row block the weight is of the parameter (an expert's slice goes to that expert's sink).
-* ``Census``: once, on the first statistics step, a ``TorchFunctionMode`` sees every torch call that uses a
-  managed parameter, and reports the uses made outside the modules that capture it (``F.linear(x, wte.weight)``
-  in a parent's forward, ``x @ w.T``). An ``F.linear`` call on the whole weight without a bias is then captured
-  from the next statistics step on (``calls``); a parameter with any other such use stays plain, never gets one
-  use's curvature applied to the gradient of all. It also reports a managed module whose output is broadcast
-  along the batch (``broadcast``): that layer has no per-example output gradients. Other steps carry no mode.
+  sinks, with the row block the weight is of the parameter (an expert's slice goes to that expert's sink). The
+  experts' grouped product (``grouped_mm(x, p.transpose(-2, -1), offs=offs)``, transformers' default) is
+  captured the same way at ``torch._grouped_mm``, each expert's block of rows to its sink.
+
+The census of the first statistics step, which checks that these calls are a weight's only uses, is
+``capture.census``.
 """
 
 from __future__ import annotations
@@ -33,10 +32,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from lightning_soo.capture.calls import ORIGINALS, expert_call, expert_index, own_call
+from lightning_soo.capture.calls import (
+    GROUPED_MM,
+    ORIGINALS,
+    expert_index,
+    expert_transposed,
+    grouped_arguments,
+    own_call,
+)
 
 GradCallback = Callable[[Tensor], None]
 #: ``on_call(x, rows)``: the call's input and the block of the layer's output rows it makes (None: all)
@@ -139,12 +144,21 @@ class Capture:
         call = torch.compiler.disable(call)
         call.soo_function = function  # type: ignore[attr-defined]  # what the census's check takes it for
 
+        grouped = self._grouped(by_expert, depth) if by_expert and GROUPED_MM is not None else None
+        saved_grouped: list[Any] = []
+
         def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
             if self.active and torch.is_grad_enabled():
                 saved.append(getattr(F, function))
                 setattr(F, function, call)  # the functional module's names are looked up at call time
+                if grouped is not None:
+                    saved_grouped.append(torch._grouped_mm)
+                    torch._grouped_mm = grouped  # ``F.grouped_mm`` calls it by this name
 
         def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if saved_grouped:
+                torch._grouped_mm = saved_grouped.pop()
+                grouped.ends.clear()  # type: ignore[union-attr]
             if saved:
                 setattr(F, function, saved.pop())
 
@@ -161,6 +175,49 @@ class Capture:
             self._handles.append(other.register_forward_pre_hook(enter))
             self._handles.append(other.register_forward_hook(leave, always_call=True))
 
+    def _grouped(self, by_expert: Mapping[int, Mapping[int, OnCall]], depth: list[int]) -> Any:
+        """The stand-in for ``torch._grouped_mm`` during an experts module's forward: a grouped product of rows
+        sorted by expert with ``p.transpose(-2, -1)`` (transformers' ``grouped_mm`` experts) hands each expert's
+        rows ``x[offs[e-1]:offs[e]]`` to its sink, and the same rows of the output's gradient. The offsets are read
+        on the host once per forward (one synchronisation per experts module on statistics steps; the module's
+        products share one ``offs``): the rows of each expert are then known sizes, as in the eager loop."""
+        ends: dict[int, tuple[Tensor, list[int]]] = {}  # id(offs) -> (offs, its values), for one forward
+
+        def grouped(*args: Any, **kwargs: Any) -> Any:
+            out = GROUPED_MM(*args, **kwargs)
+            if depth[0] or not self.active or not torch.is_grad_enabled():
+                return out
+            found = grouped_arguments(GROUPED_MM, args, kwargs)
+            if found is None or not isinstance(out, Tensor) or not out.requires_grad:
+                return out
+            x, weight, offs = found
+            base = weight._base
+            sinks = by_expert.get(id(base)) if base is not None else None
+            if sinks is None or base is None or not expert_transposed(weight, base):
+                return out  # another use: the census leaves the experts plain
+            known = ends.get(id(offs))
+            if known is None or known[0] is not offs:
+                known = ends[id(offs)] = (offs, [int(v) for v in offs.tolist()])  # reads the device
+            parts = []
+            start = 0
+            for e, end in enumerate(known[1]):
+                on_call = sinks.get(e)
+                callback = on_call(x[start:end].detach(), None) if end > start and on_call is not None else None
+                if callback is not None:
+                    parts.append((start, end, callback))
+                start = max(start, end)
+
+            def split(grad: Tensor) -> None:
+                for a, b, callback in parts:
+                    callback(grad[a:b])
+
+            if parts:
+                _hook_output(out, split)
+            return out
+
+        grouped.ends = ends  # type: ignore[attr-defined]
+        return torch.compiler.disable(grouped)
+
     def detach(self) -> None:
         """Remove every hook this object registered."""
         for handle in self._handles:
@@ -175,214 +232,3 @@ def _row_block(weight: Tensor, base: Tensor) -> slice | None:
         return None
     start = (weight.data_ptr() - base.data_ptr()) // (base.element_size() * base.stride(0))
     return slice(start, start + weight.shape[0])
-
-
-#: torch calls that broadcast their operands, by name
-_BROADCASTING = frozenset(
-    f"{prefix}{op}{suffix}" if prefix else op
-    for op in ("add", "sub", "mul", "truediv", "matmul")
-    for prefix, suffix in (("", ""), ("__", "__"), ("__r", "__"), ("__i", "__"))
-) | {"add_", "sub_", "mul_", "div", "div_", "where", "addcmul", "lerp", "expand", "expand_as", "broadcast_to", "repeat"}
-_BROADCASTING |= {"scaled_dot_product_attention", "masked_fill"}  # an attention bias or mask of the layer's
-
-
-#: calls that only reshape or retype a tensor: the census follows a managed module's output through them
-_RESHAPING = frozenset(
-    {"view", "reshape", "permute", "transpose", "unsqueeze", "squeeze", "flatten", "unflatten", "contiguous"}
-    | {"__getitem__", "to", "float", "half", "bfloat16", "type_as", "clone", "movedim", "view_as", "reshape_as"}
-)
-
-
-class Census(TorchFunctionMode):
-    """Finds the uses of managed parameters that capture does not see.
-
-    ``owners`` maps a parameter id to the modules whose calls capture it; a torch call that takes the parameter (or
-    a view of it) and returns a tensor that requires grad is a use, seen when the innermost module running is one of
-    those owners (tracked by pre- and post-forward hooks during the census). ``foreign`` collects the others as
-    parameter id -> description; ``calls`` maps a parameter id to the modules in whose forward it was used only
-    as ``F.linear(x, weight)`` (the whole parameter, no bias), which ``Capture.attach_calls`` can capture.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        owners: dict[int, set[int]],
-        batch_size: int | None = None,
-        own: dict[int, nn.Module] | None = None,
-        biases: dict[int, int] | None = None,
-        experts: set[int] | None = None,
-    ) -> None:
-        super().__init__()
-        self.experts = experts or set()  # 3-d parameters whose experts are layers: only ``F.linear(x, p[e])`` is theirs
-        self.biases = biases or {}  # weight id -> its layer's bias id (a call outside may pass it: torchvision's Swin)
-        self.own = own or {}  # module id -> a layer module whose class overrides forward: its own call is checked
-        self.unmatched: dict[int, str] = {}  # parameter id -> a use inside such a module that is not its own call
-        self.own_seen: set[int] = set()  # modules whose own call was seen (with grad)
-        self.batch_size = batch_size  # the step's, where known: which broadcast dimension is the batch
-        self.owners = owners
-        self.stack: list[int] = []
-        self.foreign: dict[int, str] = {}
-        self.calls: dict[int, dict[int, nn.Module]] = {}
-        self._other: set[int] = set()  # parameters with a foreign use that is not a capturable F.linear call
-        self.broadcast: dict[int, str] = {}  # parameter id -> the call that broadcast its module's output
-        self._made_by: dict[int, set[int]] = {}  # module id -> the managed parameters whose calls it makes
-        for pid, modules in owners.items():
-            for mid in modules:
-                self._made_by.setdefault(mid, set()).add(pid)
-        self._outputs: dict[int, tuple[Tensor, set[int]]] = {}  # the census step's outputs of those modules
-        self._handles = [
-            nn.modules.module.register_module_forward_pre_hook(lambda m, a: self.stack.append(id(m))),
-            nn.modules.module.register_module_forward_hook(self._pop, always_call=True),
-        ]
-        self._model_modules = {id(m): m for m in model.modules()}
-
-    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.stack:
-            self.stack.pop()
-        pids = self._made_by.get(id(module))
-        if pids and isinstance(output, Tensor):
-            made = self._outputs.get(id(output))  # made from another layer's output too (``wpe`` -> Linear)
-            self._outputs[id(output)] = (output, pids | made[1] if made and made[0] is output else pids)
-
-    def _batchless(self, t: Tensor) -> bool:
-        """``t`` has no batch dimension: a leading 1, or no dimension of the step's batch size where it is known."""
-        batch = self.batch_size
-        return t.dim() > 1 and (t.shape[0] == 1 or (batch is not None and batch > 1 and batch not in t.shape))
-
-    def _copies_for_batch(self, name: str, arg: Tensor, out: Tensor) -> bool:
-        """``repeat``/``tile`` copying ``arg`` for every example: ``arg`` has no batch dimension, or its leading
-        dimension is copied a multiple of the batch size times (DeBERTa's ``repeat(b, 1, 1)`` of a
-        ``(heads, 2k, d)`` tensor whose sizes happen to include the batch size)."""
-        if name not in ("repeat", "tile") or out.numel() <= arg.numel():
-            return False
-        if self._batchless(arg):
-            return True
-        batch, lead = self.batch_size, out.dim() - arg.dim()
-        copies = out.shape[0] // (arg.shape[0] if lead == 0 else 1)
-        return batch is not None and batch > 1 and copies % batch == 0
-
-    def _along_batch(self, arg: Tensor, out: Tensor) -> bool:
-        """Whether ``out`` copies ``arg`` along its batch dimension: the first dimension of ``out`` of a multiple of
-        the step's batch size (dimension 0 where it is not known) is one that ``arg`` lacks or has of size 1, or a
-        dimension of exactly the batch size is, and ``arg`` has none of that size (a sequence-first model's position
-        embedding). A dimension ``arg`` spreads that only happens to equal the batch size while ``arg`` keeps a
-        batch dimension before it (grouped-query attention's ``expand`` of keys) is not one."""
-        lead = out.dim() - arg.dim()  # arg's dimensions align with out's last ones
-        spread = [i for i in range(out.dim()) if out.shape[i] > 1 and (i < lead or arg.shape[i - lead] == 1)]
-        if not spread:
-            return False
-        batch = self.batch_size
-        if batch is None or batch < 2:
-            return 0 in spread
-        multiples = [i for i in range(out.dim()) if out.shape[i] % batch == 0]
-        if multiples and multiples[0] in spread:
-            return True
-        return any(out.shape[i] == batch for i in spread) and batch not in arg.shape
-
-    def _watch_broadcast(self, func: Any, args: tuple[Any, ...], out: Tensor) -> None:
-        """A managed module's output broadcast along the batch dimension (``wpe(arange(t))`` added to every
-        sequence): the gradient each of its rows gets is a sum over examples (``_along_batch`` says which dimension
-        is the batch's). Shape-only calls (``permute``, ``unsqueeze``, ``view``, ...) of an output are followed, and
-        so are calls that keep its shape (scaled, masked, activated) and calls on an output without a batch
-        dimension that keep its leading shape (normalised, through another layer: T5's relative-position bias,
-        ``Linear(wpe(pos))``, Swin-V2's position-bias MLP)."""
-        name = getattr(func, "__name__", "")
-        for arg in args:
-            made = self._outputs.get(id(arg)) if isinstance(arg, Tensor) else None
-            if made is None or made[0] is not arg:
-                continue
-            batchless = self._batchless(arg)
-            same = out.shape == arg.shape
-            if name in _RESHAPING or same or (batchless and out.shape[:-1] == arg.shape[:-1]):
-                self._outputs[id(out)] = (out, made[1])
-            if self._copies_for_batch(name, arg, out):
-                for pid in made[1]:
-                    self.broadcast.setdefault(pid, f"{name} {tuple(arg.shape)} -> {tuple(out.shape)}")
-            if name in _BROADCASTING and not same and self._along_batch(arg, out):
-                for pid in made[1]:
-                    self.broadcast.setdefault(pid, f"{name} {tuple(arg.shape)} -> {tuple(out.shape)}")
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        # ``F.embedding`` (Python) dispatches to its global name, which capture may have replaced: call the original,
-        # so that a call capture does not see (``embedding`` bound by name) is not captured here either
-        func = ORIGINALS.get(getattr(func, "soo_function", ""), func)
-        out = func(*args, **(kwargs or {}))
-        if not isinstance(out, Tensor) or not out.requires_grad:
-            return out
-        if self._outputs and not isinstance(func, type):
-            self._watch_broadcast(func, (*args, *(kwargs or {}).values()), out)
-        inner = next((m for m in reversed(self.stack) if m in self._model_modules), None)
-        kwargs = kwargs or {}
-        own: bool | None = None  # whether this is the own call of ``inner`` (a subclass overriding forward)
-        for arg in (*args, *kwargs.values()):
-            if isinstance(arg, Tensor) and arg is not out:
-                base = arg if arg._base is None else arg._base
-                owners = self.owners.get(id(base))
-                if owners is None:
-                    continue
-                if inner in owners:
-                    if id(base) in self.experts:
-                        self._expert_use(id(base), func, args, kwargs, arg, out, inner)
-                    elif inner in self.own:
-                        own = own_call(self.own[inner], func, args, kwargs) if own is None else own
-                        self._own_use(id(base), own, func, out, inner)
-                    continue
-                self.foreign.setdefault(id(base), _call_name(func))
-                role = self._linear_role(func, args, kwargs, arg, base) if inner is not None else None
-                if role == "weight" and inner is not None:
-                    self.calls.setdefault(id(base), {})[inner] = self._model_modules[inner]
-                elif role != "bias":
-                    self._other.add(id(base))
-        return out
-
-    def _linear_role(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], arg: Tensor, base: Tensor) -> str:
-        """What ``arg`` is in a capturable ``F.linear(x, weight, bias)``: the whole ``weight`` of a layer with its own
-        bias or none (as the layer has), or that ``bias``; "" for any other use."""
-        if func is not ORIGINALS["linear"] or arg is not base:
-            return ""
-        weight = args[1] if len(args) > 1 else kwargs.get("weight")
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        if not isinstance(weight, Tensor) or weight._base is not None:
-            return ""
-        own_bias = self.biases.get(id(weight))
-        if (bias is None) != (own_bias is None) or (bias is not None and id(bias) != own_bias):
-            return ""
-        return "weight" if arg is weight else "bias"
-
-    def _own_use(self, pid: int, own: bool, func: Any, out: Tensor, module: int) -> None:
-        """A use of a managed parameter inside a module that overrides forward: its own call (whose output the
-        broadcast check follows), or another use, which leaves the layer plain."""
-        if not own:
-            self.unmatched.setdefault(pid, _call_name(func))
-            return
-        self.own_seen.add(module)
-        self._outputs[id(out)] = (out, self._made_by.get(module, set()))
-
-    def _expert_use(
-        self, pid: int, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], arg: Tensor, out: Tensor, module: int
-    ) -> None:
-        """A use of a 3-d parameter inside its module: a view of it (``p[e]``, whose own uses are seen as calls), or
-        an expert's ``F.linear(x, p[e])``; any other use (``p[e] @ x``, a bias, ``grouped_mm``) leaves it plain."""
-        base = arg if arg._base is None else arg._base
-        if out is base or out._base is base:  # a view, or the parameter read back (capture's ``weight._base``)
-            return
-        if expert_call(func, args, kwargs, arg, base):
-            self.own_seen.add(module)
-        else:
-            self.unmatched.setdefault(pid, _call_name(func))
-
-    def close(self) -> dict[int, str]:
-        """Remove the hooks; returns ``foreign`` (``calls`` keeps only parameters with no other foreign use)."""
-        for handle in self._handles:
-            handle.remove()
-        for pid in self._other:
-            self.calls.pop(pid, None)
-        self._outputs.clear()
-        return self.foreign
-
-
-def _call_name(func: Any) -> str:
-    """A torch call's name for a message: an attribute read (``w.T``) as ``.T``, not its getter's ``__get__``."""
-    name = getattr(func, "__name__", str(func))
-    attribute = getattr(getattr(func, "__self__", None), "__name__", None) if name == "__get__" else None
-    return f".{attribute}" if isinstance(attribute, str) else name

@@ -200,7 +200,8 @@ class Wiring:
         if hit is not None and _expert(layer.adapter):
             return (
                 "a 3-d parameter whose experts are linear layers only where it is used as F.linear(x, p[e]) on one "
-                f"expert's slice, with no bias, in {kind}.forward; it is also used another way (`{hit}`)"
+                "expert's slice, with no bias, or as grouped_mm(x, p.transpose(-2, -1), offs=offs) on rows sorted by "
+                f"expert, in {kind}.forward; it is also used another way (`{hit}`)"
             )
         if hit is not None and base is None:
             return (

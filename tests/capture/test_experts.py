@@ -253,14 +253,15 @@ def test_experts_add_no_synchronisation(method: str) -> None:
     assert max(counts[2:]) <= 1, counts
 
 
-def test_transformers_grouped_experts_stay_plain_with_the_call_named() -> None:
-    """transformers' default experts implementation (``grouped_mm``: every expert in one grouped product on the
-    whole 3-d parameter) is not ``F.linear`` on a slice: the experts stay plain, the router is preconditioned."""
+def test_transformers_batched_experts_stay_plain_with_the_call_named() -> None:
+    """transformers' ``batched_mm`` experts (each row's expert matrix gathered, ``p[ids]``, then ``bmm``) are not
+    ``F.linear`` on a slice nor a grouped product: the experts stay plain, the router is preconditioned, and the
+    candidates the census drops hold no statistics memory."""
     pytest.importorskip("transformers")
     from tests.integration.real_models import moe
 
     torch.manual_seed(0)
-    model, tokens, loss_fn = moe("mixtral", experts="grouped_mm")
+    model, tokens, loss_fn = moe("mixtral", experts="batched_mm")
     manager = PreconditionerManager(model, "kfac", warn=lambda m: None)
     candidates = [layer.preconditioner for layer in manager.layers.values()]
     assert all(f._sum_t is None for p in candidates for f in p._factors)  # no statistics memory before rows
@@ -270,7 +271,7 @@ def test_transformers_grouped_experts_stay_plain_with_the_call_named() -> None:
     for i in range(2):
         assert f"model.layers.{i}.mlp.gate" in manager.layers
         for name in ("gate_up_proj", "down_proj"):
-            assert "grouped_mm" in manager.skipped[f"model.layers.{i}.mlp.experts.{name}"]
+            assert "`__getitem__`" in manager.skipped[f"model.layers.{i}.mlp.experts.{name}"]
     kept = {id(layer.preconditioner) for layer in manager.layers.values()}
     dropped = [p for p in candidates if id(p) not in kept]
     assert dropped and all(f._sum_t is None for p in dropped for f in p._factors)  # the census's drops cost none

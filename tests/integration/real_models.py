@@ -70,7 +70,7 @@ def gemma() -> Case:
 def moe(kind: str, experts: str = "eager") -> Case:
     """A mixture-of-experts model (Mixtral, Qwen2-MoE: a shared expert besides, OLMoE): experts as 3-d parameters,
     a router of its own class, four experts, two per token. ``eager``: its experts run as a loop of
-    ``F.linear(x, p[e])`` calls; transformers' default (``grouped_mm``) leaves them plain."""
+    ``F.linear(x, p[e])`` calls; transformers' default (``grouped_mm``): one grouped product of all experts."""
     import transformers
 
     config_class, model_class = {
@@ -241,7 +241,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "llama tied": lambda: llama(True),
     "gemma": gemma,
     "bart": bart,
-    "mixtral (eager experts)": lambda: moe("mixtral"),
+    "mixtral (grouped_mm experts)": lambda: moe("mixtral", experts="grouped_mm"),
     "qwen2-moe (eager experts)": lambda: moe("qwen2_moe"),
     "nanogpt tied": nanogpt,
     "nanogpt F.linear head": lambda: (NanoGPT(functional=True), _tokens(), _lm_loss),

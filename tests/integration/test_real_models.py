@@ -1,5 +1,5 @@
 """Model code people train (torchvision's resnet18 and Swin, timm's ViT, transformers' GPT-2, Llama tied and
-untied, Gemma, BART, ViT and ResNet, Mixtral and Qwen2-MoE with eager experts, litgpt Pythia- and Llama-style,
+untied, Gemma, BART, ViT and ResNet, Mixtral (grouped_mm experts) and Qwen2-MoE (eager), litgpt Pythia- and Llama-style,
 ``nn.TransformerEncoder``, a nanoGPT-style tied model), tiny and randomly initialised: coverage (share of trainable
 elements whose gradient was rewritten, measured by comparing gradients before and after), finite and falling
 losses, and ``CurvatureScheduler()`` with defaults and ``PSGDCallback(fit="hessian")`` training them under
