@@ -27,6 +27,10 @@ from torch import Tensor, nn
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: the functional API's originals (``Capture.attach_calls`` replaces them during a module's forward)
 ORIGINALS: dict[str, Any] = {name: getattr(F, name) for name in ("linear", "embedding", "conv1d", "conv2d", "conv3d")}
+#: the product ``x @ w`` (the torch-function mode sees ``Tensor.matmul`` for the operator)
+MATMULS: tuple[Any, ...] = (torch.Tensor.matmul, torch.Tensor.__matmul__)
+#: the additions ``h + b`` calls
+ADDS: tuple[Any, ...] = (torch.Tensor.add, torch.add, torch.Tensor.__add__, torch.Tensor.__radd__)
 #: torch's grouped product (``F.grouped_mm`` calls it by this name; None in a torch without it)
 GROUPED_MM: Any = getattr(torch, "_grouped_mm", None)
 _SIGNATURES = {
@@ -74,6 +78,35 @@ def expert_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], arg: T
     expert's own call."""
     b = _bound("linear", args, kwargs) if func is ORIGINALS["linear"] else None
     return b is not None and b["weight"] is arg and b["bias"] is None and expert_index(arg, base) is not None
+
+
+def transposed_view(t: Tensor, weight: Any) -> bool:
+    """Whether ``t`` is ``weight.T`` (a 2-d weight's transposed view: shape, strides and storage, no data read)."""
+    return isinstance(weight, Tensor) and (
+        t._base is weight and weight.dim() == 2 and t.shape == weight.shape[::-1]
+        and t.stride() == weight.stride()[::-1] and t.data_ptr() == weight.data_ptr()
+    )  # fmt: skip
+
+
+def own_product(module: nn.Module, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether ``func(*args, **kwargs)`` is ``x @ module.weight.T`` (``FalconLinear``'s form of a linear layer, its
+    bias added to the product after: ``adds_bias``)."""
+    return (
+        function_name(module) == "linear" and func in MATMULS and len(args) == 2 and not kwargs
+        and isinstance(args[0], Tensor) and isinstance(args[1], Tensor) and transposed_view(args[1], module.weight)
+    )  # fmt: skip
+
+
+def adds_bias(
+    module: nn.Module, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], products: list[Tensor]
+) -> bool:
+    """Whether ``func(*args, **kwargs)`` adds ``module.bias`` to one of ``products`` (its ``x @ weight.T``)."""
+    bias = getattr(module, "bias", None)
+    if func not in ADDS or kwargs or len(args) != 2 or bias is None:
+        return False
+    a, b = args
+    other = b if a is bias else a if b is bias else None
+    return other is not None and any(other is t for t in products)
 
 
 def grouped_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], arg: Tensor, base: Tensor) -> bool:

@@ -14,7 +14,15 @@ from typing import Any
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_soo.capture.calls import ORIGINALS, expert_call, grouped_call, own_call
+from lightning_soo.capture.calls import (
+    ORIGINALS,
+    adds_bias,
+    expert_call,
+    grouped_call,
+    own_call,
+    own_product,
+    transposed_view,
+)
 
 #: torch calls that broadcast their operands, by name
 _BROADCASTING = frozenset(
@@ -69,6 +77,7 @@ class Census(TorchFunctionMode):
             for mid in modules:
                 self._made_by.setdefault(mid, set()).add(pid)
         self._outputs: dict[int, tuple[Tensor, set[int]]] = {}  # the census step's outputs of those modules
+        self._products: dict[int, list[Tensor]] = {}  # module id -> its ``x @ self.weight.T`` outputs (this step)
         self._handles = [
             nn.modules.module.register_module_forward_pre_hook(lambda m, a: self.stack.append(id(m))),
             nn.modules.module.register_module_forward_hook(self._pop, always_call=True),
@@ -163,7 +172,9 @@ class Census(TorchFunctionMode):
                     if id(base) in self.experts:
                         self._expert_use(id(base), func, args, kwargs, arg, out, inner)
                     elif inner in self.own:
-                        own = own_call(self.own[inner], func, args, kwargs) if own is None else own
+                        if out is base or transposed_view(out, self.own[inner].weight):
+                            continue  # capture's ``weight._base``; ``self.weight.T``, whose use is the product
+                        own = self._own_form(inner, func, args, kwargs, out) if own is None else own
                         self._own_use(id(base), own, func, out, inner)
                     continue
                 self.foreign.setdefault(id(base), _call_name(func))
@@ -187,6 +198,18 @@ class Census(TorchFunctionMode):
         if (bias is None) != (own_bias is None) or (bias is not None and id(bias) != own_bias):
             return ""
         return "weight" if arg is weight else "bias"
+
+    def _own_form(self, inner: int, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> bool:
+        """Whether a call inside a module that overrides forward (or a router) is its own computation: its
+        functional call with its settings (``own_call``), or ``x @ self.weight.T`` and then ``+ self.bias`` on
+        that product (``FalconLinear``)."""
+        module = self.own[inner]
+        if own_call(module, func, args, kwargs):
+            return True
+        if own_product(module, func, args, kwargs):
+            self._products.setdefault(inner, []).append(out)
+            return True
+        return adds_bias(module, func, args, kwargs, self._products.get(inner, []))
 
     def _own_use(self, pid: int, own: bool, func: Any, out: Tensor, module: int) -> None:
         """A use of a managed parameter inside a module that overrides forward: its own call (whose output the
@@ -218,6 +241,7 @@ class Census(TorchFunctionMode):
         for pid in self._other:
             self.calls.pop(pid, None)
         self._outputs.clear()
+        self._products.clear()
         return self.foreign
 
 

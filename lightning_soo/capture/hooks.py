@@ -36,11 +36,13 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_soo.capture.calls import (
     GROUPED_MM,
+    MATMULS,
     ORIGINALS,
     expert_index,
     expert_transposed,
     grouped_arguments,
     own_call,
+    own_product,
 )
 
 GradCallback = Callable[[Tensor], None]
@@ -144,22 +146,27 @@ class Capture:
         call = torch.compiler.disable(call)
         call.soo_function = function  # type: ignore[attr-defined]  # what the census's check takes it for
 
+        # more names replaced during the forward: the experts' grouped product, a linear layer's ``x @ weight.T``
         grouped = self._grouped(by_expert, depth) if by_expert and GROUPED_MM is not None else None
-        saved_grouped: list[Any] = []
+        patches = [(torch, "_grouped_mm", grouped)] if grouped is not None else []  # ``F.grouped_mm`` calls it so
+        if own and function == "linear" and id(module.weight) in weights:
+            patches += self._products(module, weights[id(module.weight)], depth)
+        saved_patches: list[list[Any]] = []
 
         def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
             if self.active and torch.is_grad_enabled():
                 saved.append(getattr(F, function))
                 setattr(F, function, call)  # the functional module's names are looked up at call time
-                if grouped is not None:
-                    saved_grouped.append(torch._grouped_mm)
-                    torch._grouped_mm = grouped  # ``F.grouped_mm`` calls it by this name
+                saved_patches.append([getattr(target, name) for target, name, _ in patches])
+                for target, name, replacement in patches:
+                    setattr(target, name, replacement)
 
         def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if saved_grouped:
-                torch._grouped_mm = saved_grouped.pop()
-                grouped.ends.clear()  # type: ignore[union-attr]
             if saved:
+                for (target, name, _), original in zip(patches, saved_patches.pop(), strict=True):
+                    setattr(target, name, original)
+                if grouped is not None:
+                    grouped.ends.clear()
                 setattr(F, function, saved.pop())
 
         def enter(mod: nn.Module, args: tuple[Any, ...]) -> None:
@@ -174,6 +181,27 @@ class Capture:
         for other in outside:
             self._handles.append(other.register_forward_pre_hook(enter))
             self._handles.append(other.register_forward_hook(leave, always_call=True))
+
+    def _products(self, module: nn.Module, on_call: OnCall, depth: list[int]) -> list[tuple[Any, str, Any]]:
+        """A stand-in for the product ``x @ module.weight.T`` (the operator) during the
+        forward of a linear layer that computes itself that way (``FalconLinear``; its bias, added after, gets the
+        same output gradient): the call's input and output go to the layer's sink, as an ``F.linear`` call's."""
+
+        def stand_in(original: Any) -> Any:
+            def product(a: Any, b: Any, *rest: Any, **kw: Any) -> Any:
+                out = original(a, b, *rest, **kw)
+                if rest or kw or depth[0] or not self.active or not torch.is_grad_enabled():
+                    return out
+                if isinstance(out, Tensor) and out.requires_grad and own_product(module, MATMULS[0], (a, b), {}):
+                    _hook_output(out, on_call(a.detach(), None))
+                return out
+
+            return torch.compiler.disable(product)
+
+        # only the operator: the torch-function mode finds ``Tensor.matmul`` by name, so replacing it would hand the
+        # census the stand-in
+        patches = [(torch.Tensor, "__matmul__", stand_in(torch.Tensor.__matmul__))]
+        return patches
 
     def _grouped(self, by_expert: Mapping[int, Mapping[int, OnCall]], depth: list[int]) -> Any:
         """The stand-in for ``torch._grouped_mm`` during an experts module's forward: a grouped product of rows

@@ -203,22 +203,25 @@ class Wiring:
                 "expert's slice, with no bias, or as grouped_mm(x, p.transpose(-2, -1), offs=offs) on rows sorted by "
                 f"expert, in {kind}.forward; it is also used another way (`{hit}`)"
             )
+        bias = ", self.bias" if layer.adapter.has_bias else ""
+        linear = function_name(layer.module) == "linear"
+        product = f" or x @ self.weight.T{' + self.bias' if bias else ''}" if linear else ""
         if hit is not None and base is None:
             return (
-                f"{kind}.forward uses its weight or bias other than through F.linear(x, self.weight"
-                f"{', self.bias' if layer.adapter.has_bias else ''}) (`{hit}`): not a linear layer capture can see"
+                f"{kind}.forward uses its weight or bias other than through F.linear(x, self.weight{bias}){product} "
+                f"(`{hit}`): not a linear layer capture can see"
             )
         if hit is not None:
             return (
                 f"its class overrides {kind}.forward, which uses its weight or bias other than through the "
-                f"F.{function_name(layer.module)} call {kind}.forward makes with its settings (`{hit}`): "
+                f"F.{function_name(layer.module)} call {kind}.forward makes with its settings{product} (`{hit}`): "
                 "capture would not see the layer's own computation"
             )
         if any(id(u.module) in census.own_seen and not self.own_seen[id(u.module)][0] for u in layer.uses if u.own):
             return (
                 f"{f'its class overrides {kind}.forward and ' if base is not None else f'{kind}.forward '}makes its "
-                f"F.{function_name(layer.module)} call through a name bound before the model was built, which capture "
-                "does not see"
+                f"F.{function_name(layer.module)} call through a name bound before the model was built"
+                f"{', or its product as x.matmul(w.T)' if product else ''}, which capture does not see"
             )
         return ""
 
