@@ -78,6 +78,8 @@ class Census(TorchFunctionMode):
                 self._made_by.setdefault(mid, set()).add(pid)
         self._outputs: dict[int, tuple[Tensor, set[int]]] = {}  # the census step's outputs of those modules
         self._products: dict[int, list[Tensor]] = {}  # module id -> its ``x @ self.weight.T`` outputs (this step)
+        self._made: dict[int, tuple[Any, Tensor]] = {}  # module id -> the product's input and the result, this call
+        self.forward_form: set[int] = set()  # modules whose product is on their input and is their output (+ bias)
         self._handles = [
             nn.modules.module.register_module_forward_pre_hook(lambda m, a: self.stack.append(id(m))),
             nn.modules.module.register_module_forward_hook(self._pop, always_call=True),
@@ -87,6 +89,12 @@ class Census(TorchFunctionMode):
     def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
         if self.stack:
             self.stack.pop()
+        product = self._made.pop(id(module), None)
+        if product is not None:  # ``x @ self.weight.T (+ self.bias)``: on the module's input, its output?
+            if args and args[0] is product[0] and output is product[1]:
+                self.forward_form.add(id(module))
+            else:
+                self.unmatched.setdefault(id(module.weight), "x @ self.weight.T not on its own input and output")
         pids = self._made_by.get(id(module))
         if pids and isinstance(output, Tensor):
             made = self._outputs.get(id(output))  # made from another layer's output too (``wpe`` -> Linear)
@@ -208,8 +216,13 @@ class Census(TorchFunctionMode):
             return True
         if own_product(module, func, args, kwargs):
             self._products.setdefault(inner, []).append(out)
+            self._made[inner] = (args[0], out)
             return True
-        return adds_bias(module, func, args, kwargs, self._products.get(inner, []))
+        if adds_bias(module, func, args, kwargs, self._products.get(inner, [])):
+            made = self._made.get(inner)
+            self._made[inner] = (made[0] if made is not None else None, out)
+            return True
+        return False
 
     def _own_use(self, pid: int, own: bool, func: Any, out: Tensor, module: int) -> None:
         """A use of a managed parameter inside a module that overrides forward: its own call (whose output the

@@ -78,6 +78,10 @@ class Capture:
     def __init__(self) -> None:
         self.active = False
         self._handles: list[RemovableHandle] = []
+        #: linear layers written ``x @ self.weight.T (+ self.bias)`` on their input, whose module call the census
+        #: found to be the layer's own: captured by a forward hook (seen under ``torch.compile``, which does not
+        #: call a replaced ``@``), not at the product
+        self.by_forward: set[int] = set()
 
     @property
     def attached(self) -> bool:
@@ -151,6 +155,7 @@ class Capture:
         patches = [(torch, "_grouped_mm", grouped)] if grouped is not None else []  # ``F.grouped_mm`` calls it so
         if own and function == "linear" and id(module.weight) in weights:
             patches += self._products(module, weights[id(module.weight)], depth)
+            self._handles.append(module.register_forward_hook(self._by_forward(weights[id(module.weight)])))
         saved_patches: list[list[Any]] = []
 
         def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
@@ -192,6 +197,8 @@ class Capture:
                 out = original(a, b, *rest, **kw)
                 if rest or kw or depth[0] or not self.active or not torch.is_grad_enabled():
                     return out
+                if id(module) in self.by_forward:
+                    return out  # its forward hook hands the call over
                 if isinstance(out, Tensor) and out.requires_grad and own_product(module, MATMULS[0], (a, b), {}):
                     _hook_output(out, on_call(a.detach(), None))
                 return out
@@ -202,6 +209,17 @@ class Capture:
         # census the stand-in
         patches = [(torch.Tensor, "__matmul__", stand_in(torch.Tensor.__matmul__))]
         return patches
+
+    def _by_forward(self, on_call: OnCall) -> Any:
+        """The forward hook of a layer in ``by_forward``: its module call's input and output are the layer's."""
+
+        def forward_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if id(mod) not in self.by_forward or not self.active or not torch.is_grad_enabled():
+                return
+            if isinstance(output, Tensor) and output.requires_grad and args and isinstance(args[0], Tensor):
+                _hook_output(output, on_call(args[0].detach(), None))
+
+        return forward_hook
 
     def _grouped(self, by_expert: Mapping[int, Mapping[int, OnCall]], depth: list[int]) -> Any:
         """The stand-in for ``torch._grouped_mm`` during an experts module's forward: a grouped product of rows

@@ -157,6 +157,7 @@ class Wiring:
         if census is None:
             return False
         foreign = census.foreign
+        self.capture.by_forward |= census.forward_form  # from now on captured by their forward hooks
         removed = False
         for name, layer in list(self.layers.items()):
             own_why = self._own_calls_why(layer, census)
