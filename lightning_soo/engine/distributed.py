@@ -17,7 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_soo.capture.rows import Count
 from lightning_soo.engine.layer import Layer
+from lightning_soo.preconditioners.statistics import Factor
 
 
 def world_size() -> int:
@@ -107,11 +109,17 @@ def all_gather_rows(tensors: Sequence[Tensor]) -> tuple[list[Tensor], int]:
     return [torch.cat(parts) for parts in out], sent
 
 
-def reduce_statistics(layers: Sequence[Layer]) -> int:
+def reduce_statistics(layers: Sequence[Layer], examples: Count = 0) -> int:
     """Sum (or, for methods that keep examples, gather) this step's statistics of ``layers`` across ranks;
-    returns the bytes sent."""
+    returns the bytes sent.
+
+    Ranks may route differently (a mixture of experts): a layer this rank saw no call of in the step counts the
+    rank's ``examples`` (the loss's ``N``) where its method takes it, since the other ranks' rows are averaged over
+    those examples too, and a flag per factor (rows on this rank) travels with the sums, so a factor with rows on
+    any rank folds on every rank (one read of the flags, on a rank that lacked rows for some factor)."""
     tensors: list[Tensor] = []
     symmetric: list[bool] = []
+    factors: list[Factor] = []
     sent = 0
     gather: list[tuple[Layer, list[Tensor]]] = []
     for layer in layers:
@@ -122,6 +130,12 @@ def reduce_statistics(layers: Sequence[Layer]) -> int:
         if rows is not None:
             gather.append((layer, rows))
             continue
+        held = pre.statistics_factors()
+        if held and not layer.own_count and not any(f.pending for f, _ in held):  # no call of it on this rank
+            for f, loss_examples in held:
+                if loss_examples:
+                    f.count_examples(examples)
+        factors.extend(f for f, _ in held)
         stats = pre.statistics_tensors()
         if stats is None:
             raise RuntimeError(
@@ -137,7 +151,16 @@ def reduce_statistics(layers: Sequence[Layer]) -> int:
         for layer, rows in gather:
             layer.preconditioner.gathered(result[offset : offset + len(rows)])
             offset += len(rows)
-    return sent + (all_reduce_sum(tensors, symmetric) if tensors else 0)
+    if factors:
+        flags = torch.tensor([f.pending for f in factors], dtype=tensors[0].dtype, device=tensors[0].device)
+        tensors.append(flags)
+        symmetric.append(False)
+    sent += all_reduce_sum(tensors, symmetric) if tensors else 0
+    if not all(f.pending for f in factors):
+        for f, ranks in zip(factors, flags.tolist(), strict=True):
+            if ranks > 0 and not f.pending:
+                f.rows_elsewhere()
+    return sent
 
 
 def broadcast_buckets(buckets: dict[int, list[Tensor]]) -> int:

@@ -76,6 +76,10 @@ class LossExamples:
             self._total, self._repeated = _plus(self._total, n), True
         return self.count
 
+    def step_count(self) -> Count:
+        """The loss's examples in the backward passes whose statistics close now (the sum of their ``N``)."""
+        return self._first
+
     def ratio(self) -> float | Tensor | None:
         """At a close of statistics: the head's examples over the ``N`` its first calls set (None: no further
         calls), by which the output-gradient statistics of the passes since the last close are multiplied."""

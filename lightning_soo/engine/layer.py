@@ -59,6 +59,7 @@ class Layer:
     seen: bool = False  # a call's output gradient reached the hooks (tells a layer never run from one with no rows)
     kept: factored.Kept = field(default_factory=factored.Kept)  # rows for a cheaper product (``engine.factored``)
     passes: int = 0  # the last backward pass (``LossExamples.passes``) whose examples its statistics counted
+    own_count: bool = False  # its calls have more rows than the head: they keep their own count (``engine.examples``)
 
     def unready_reason(self) -> str:
         """Why this layer has no preconditioner yet, for the report of parameters that keep their plain gradient."""
@@ -225,6 +226,7 @@ def _loss_examples(
         return obs, obs.n
     size = obs.n if isinstance(obs.n, int) else obs.d.shape[0]  # its examples at most: a convolution's batch, rows
     n = examples.arrive(obs.n, use, size)  # a use: a tied head's embedding use is not the head again
+    layer.own_count = layer.own_count if transposed else size > examples.rows
     if transposed or size > examples.rows:
         return obs, obs.n
     first = layer.passes != examples.passes

@@ -239,7 +239,8 @@ class PreconditionerManager:
     def _close_statistics(self, layers: list[Layer], output_scale: float | Tensor) -> None:
         with self._timer.phase("statistics"):
             if world_size() > 1:
-                self.counters["bytes_reduced"] = self.counters.get("bytes_reduced", 0) + reduce_statistics(layers)
+                sent = reduce_statistics(layers, self.wiring.examples.step_count())
+                self.counters["bytes_reduced"] = self.counters.get("bytes_reduced", 0) + sent
             for layer in layers:
                 pre = layer.preconditioner
                 if pre.uses_grad and (g := layer.adapter.grad_matrix()) is not None:

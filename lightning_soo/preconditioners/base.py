@@ -13,7 +13,7 @@ the mini-batch gradient itself (``observe_grad``). The manager drives the life c
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -21,6 +21,9 @@ from torch import Tensor
 from lightning_soo.capture.adapters import Count, EmbeddingAdapter, LayerAdapter, Observation, Rows
 from lightning_soo.capture.rows import RowCount
 from lightning_soo.options import StepOptions
+
+if TYPE_CHECKING:
+    from lightning_soo.preconditioners.statistics import Factor
 
 
 class Preconditioner:
@@ -192,6 +195,12 @@ class Preconditioner:
         (data parallelism); ``[]`` when every rank already has the same statistics (e.g. from the all-reduced
         gradient), None when the method cannot be distributed."""
         return None
+
+    def statistics_factors(self) -> list[tuple[Factor, bool]]:
+        """The factors behind ``statistics_tensors``, each with whether its count is the loss's ``N``
+        (``loss_examples``): on a rank where the layer saw no call in a step, those count the rank's examples, and
+        every factor that had rows on another rank folds them (``distributed.reduce_statistics``); [] for none."""
+        return []
 
     def gather_tensors(self) -> list[Tensor] | None:
         """This step's statistics as tensors to be concatenated along dim 0 across ranks (methods that keep the

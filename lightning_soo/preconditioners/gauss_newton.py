@@ -95,7 +95,10 @@ class GaussNewton(Preconditioner):
         return self._pending
 
     def gather_tensors(self) -> list[Tensor] | None:
-        return self._pack() or []
+        """This rank's basis; without rows (an expert no token was routed to here) ``[H, Δ]`` of none, the form of
+        a linear layer's rows (each an example), which the other ranks' rows of such a layer take too."""
+        empty = torch.empty((0, self.d_in), dtype=self.dtype, device=self.device)
+        return self._pack() or [empty, torch.empty((0, self.d_out), dtype=self.dtype, device=self.device)]
 
     def gathered(self, tensors: list[Tensor]) -> None:
         self._pending = tensors

@@ -215,6 +215,9 @@ class KFAC(Preconditioner):
     def statistics_tensors(self) -> list[Tensor]:
         return [t for f in self._factors for t in f.statistics_tensors()]
 
+    def statistics_factors(self) -> list[tuple[Factor, bool]]:
+        return [(f, f is self._b) for f in self._factors]  # B takes the loss's N; the swapped uses keep their own
+
     def discard_statistics(self) -> None:
         for f in self._factors:
             f.reset()

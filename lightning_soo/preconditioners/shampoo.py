@@ -29,6 +29,7 @@ from lightning_soo.options import ShampooOptions, StepOptions
 from lightning_soo.preconditioners.banks import Sides, close_banked
 from lightning_soo.preconditioners.base import Preconditioner
 from lightning_soo.preconditioners.blocks import BlockSide
+from lightning_soo.preconditioners.statistics import Factor
 
 
 def _row_norms(rows: Tensor) -> Tensor:
@@ -129,6 +130,9 @@ class Shampoo(Preconditioner):
 
     def statistics_tensors(self) -> list[Tensor]:
         return self.left.statistics_tensors() + self.right.statistics_tensors()
+
+    def statistics_factors(self) -> list[tuple[Factor, bool]]:
+        return [(f, True) for side in self.sides for f in side.factors]  # both sides take the loss's N
 
     def close_statistics(self, output_scale: float | Tensor) -> Tensor | bool | None:
         if not (self.left.pending and self.right.pending):

@@ -137,6 +137,18 @@ class Factor:
             self._moved = True
         return [self._as_sum(), self._count]
 
+    def count_examples(self, count: Count) -> None:
+        """Add ``count`` to the divisor without rows (their rows are zero): under data parallelism, the examples of a
+        rank on which the layer saw no call, which the other ranks' rows are averaged over too."""
+        if host_decides(self._sum) and not self._moved:
+            self._n += float(count)
+        else:
+            self._add_count(count)
+
+    def rows_elsewhere(self) -> None:
+        """Another rank had rows for this factor in this step, summed into it: it folds like a factor with rows."""
+        self._pending = True
+
     def add(
         self,
         rows: Rows,
