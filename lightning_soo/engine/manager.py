@@ -161,6 +161,8 @@ class PreconditionerManager:
             self._open = False
             if self.wiring.finish_census() | self.wiring.check_calls():
                 self._optimizers.clear()
+                if not self.layers and (message := self.wiring.setup_warning(self.method.__name__)):
+                    self.warn(f"after the census of the first statistics step, {message}")  # no refresh to report
         if self._cycle < 0:
             raise RuntimeError("PreconditionerManager.step() called before begin_step()")
         if lr is None and optimizer is not None and optimizer.param_groups:

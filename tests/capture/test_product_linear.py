@@ -154,3 +154,29 @@ def test_product_form_under_torch_compile() -> None:
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name, w in weights[0].items():
         torch.testing.assert_close(weights[1][name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_census_that_leaves_nothing_says_so() -> None:
+    """Every layer left plain by the census (here: each weight also used outside its module) is said at once, with
+    the reasons: no refresh ever comes to report it (Falcon under Gauss-Newton said nothing before)."""
+
+    class Reused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(C, C), nn.Linear(C, V)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(torch.tanh(self.a(x))) + x @ self.a.weight.T @ self.b.weight.T
+
+    messages: list[str] = []
+    model = Reused()
+    manager = PreconditionerManager(model, "kfac", warn=messages.append)
+    x, y = torch.randn(B, C), torch.randint(0, V, (B,))
+    for _ in range(2):
+        manager.begin_step(batch_size=B)
+        F.cross_entropy(model(x), y).backward()
+        manager.step()
+    assert not manager.layers
+    [message] = messages
+    assert message.startswith("after the census of the first statistics step, Reused has no layer KFAC")
+    assert "a.weight" in message and "b.weight" in message
