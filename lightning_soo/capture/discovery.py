@@ -162,9 +162,11 @@ def discover(
             skip(mname, module, str(err))
             continue
         if adapter is None and not attention:
+            if isinstance(module, parametrize.ParametrizationList):
+                continue  # weight_norm's ``original0/1``: plain with their module (``skip``)
             for pname, p in module.named_parameters(recurse=False):  # the experts of a mixture-of-experts layer
-                if p.dim() != 3 or p.shape[0] < 2:
-                    continue
+                if p.dim() != 3 or p.shape[0] < 2 or min(p.shape[1:]) < 2:
+                    continue  # experts are matrices: not a per-head scale ``(heads, 1, 1)``
                 seen = id(p) in experts  # in another module, or in this one registered under two names
                 if experts.setdefault(id(p), module) is not module:
                     broken[id(p)] = f"3-d parameter also in {type(module).__name__} '{mname}', a use not captured"

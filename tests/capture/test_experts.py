@@ -275,3 +275,38 @@ def test_transformers_batched_experts_stay_plain_with_the_call_named() -> None:
     kept = {id(layer.preconditioner) for layer in manager.layers.values()}
     dropped = [p for p in candidates if id(p) not in kept]
     assert dropped and all(f._sum_t is None for p in dropped for f in p._factors)  # the census's drops cost none
+
+
+@pytest.mark.parametrize("method", ["kfac", "psgd"])
+def test_3d_parameters_that_are_not_experts(method: str) -> None:
+    """A weight-normed convolution's ``original1`` (a 3-d parametrization parameter) and a per-head scale
+    ``(heads, 1, 1)`` are not experts: plain with their own reasons, their gradients untouched (PSGD rewrote the
+    convolution's as 32 "experts" while the report called it plain)."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(C, 8, 3, padding=1))
+            self.scale = nn.Parameter(torch.ones(2, 1, 1))
+            self.head = nn.Linear(8, V)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.tanh(self.conv(x.mT)).mT.reshape(x.shape[0], 2, -1, 8) * self.scale
+            return self.head(h.reshape(x.shape[0], -1, 8))
+
+    torch.manual_seed(0)
+    model = Scaled()
+    manager = PreconditionerManager(model, method, preconditioner_interval=1, warn=lambda m: None)
+    x, y = torch.randn(B, 4, C), torch.randint(0, V, (B, 4))
+    for _ in range(2):
+        model.zero_grad()
+        manager.begin_step(batch_size=B)
+        F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1)).backward()
+        plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+        manager.step()
+    assert set(manager.layers) == {"head"}
+    reasons = manager.plain_parameters()
+    assert "computed from other parameters" in reasons["conv.parametrizations.weight.original1"]
+    assert "not in a supported module" in reasons["scale"]
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, plain[name]) == (not name.startswith("head")), name
