@@ -77,6 +77,7 @@ class Census(TorchFunctionMode):
             for mid in modules:
                 self._made_by.setdefault(mid, set()).add(pid)
         self._outputs: dict[int, tuple[Tensor, set[int]]] = {}  # the census step's outputs of those modules
+        self._per_example: set[int] = set()  # those of them (ids) made from the batch: rows one per example
         self._products: dict[int, list[Tensor]] = {}  # module id -> its ``x @ self.weight.T`` outputs (this step)
         self._made: dict[int, tuple[Any, Tensor]] = {}  # module id -> the product's input and the result, this call
         self.forward_form: set[int] = set()  # modules whose product is on their input and is their output (+ bias)
@@ -99,6 +100,10 @@ class Census(TorchFunctionMode):
         if pids and isinstance(output, Tensor):
             made = self._outputs.get(id(output))  # made from another layer's output too (``wpe`` -> Linear)
             self._outputs[id(output)] = (output, pids | made[1] if made and made[0] is output else pids)
+            x = args[0] if args else None
+            batch = self.batch_size
+            if isinstance(x, Tensor) and x.dim() > 0 and batch is not None and batch > 1 and x.shape[0] == batch:
+                self._per_example.add(id(output))  # called on the batch: its rows are the examples'
 
     def _batchless(self, t: Tensor) -> bool:
         """``t`` has no batch dimension: a leading 1, or no dimension of the step's batch size where it is known."""
@@ -151,7 +156,10 @@ class Census(TorchFunctionMode):
             same = out.shape == arg.shape
             if name in _RESHAPING or same or (batchless and out.shape[:-1] == arg.shape[:-1]):
                 self._outputs[id(out)] = (out, made[1])
-            if self._copies_for_batch(name, arg, out):
+                if id(arg) in self._per_example and (same or name in _RESHAPING):
+                    self._per_example.add(id(out))
+            if self._copies_for_batch(name, arg, out) and not (id(arg) in self._per_example and out.dim() == arg.dim()):
+                # copies of rows one per example (Llama-4's ``repeat(experts, 1)`` of its tokens) are no broadcast
                 for pid in made[1]:
                     self.broadcast.setdefault(pid, f"{name} {tuple(arg.shape)} -> {tuple(out.shape)}")
             if name in _BROADCASTING and not same and self._along_batch(arg, out):
@@ -254,6 +262,7 @@ class Census(TorchFunctionMode):
         for pid in self._other:
             self.calls.pop(pid, None)
         self._outputs.clear()
+        self._per_example.clear()
         self._products.clear()
         return self.foreign
 

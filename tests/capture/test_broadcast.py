@@ -284,3 +284,30 @@ def test_a_census_on_a_batch_of_one_is_made_again_on_a_larger_batch(method: str)
         manager.step()
         model.zero_grad()
     assert "wpe" not in manager.layers and "broadcast along the batch" in manager.skipped["wpe.weight"]
+
+
+class RepeatedTokens(nn.Module):
+    """Llama-4's mixture of experts: the ``(b·t, C)`` token rows (one per example's token) ``repeat(experts, 1)``,
+    one copy per expert, and a position table ``(t, C)`` ``repeat(b, 1)`` to the same rows (a broadcast)."""
+
+    def __init__(self, experts: int) -> None:
+        super().__init__()
+        self.experts = experts
+        self.wte, self.proj, self.wpe = nn.Embedding(V, C), nn.Linear(C, C), nn.Embedding(T, C)
+        self.head = nn.Linear(C, V)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        b, t = tokens.shape
+        rows = self.proj(self.wte(tokens)).reshape(b * t, C)
+        copies = rows.repeat(self.experts, 1).view(self.experts, b * t, C).mean(0)
+        positions = self.wpe(torch.arange(t)).repeat(b, 1)
+        return self.head(torch.tanh(copies + positions)).view(b, t, V)
+
+
+@pytest.mark.parametrize("experts", [3, 4, 8])  # 4 and 8: multiples of the batch size
+def test_rows_of_the_batch_repeated_are_no_broadcast(experts: int) -> None:
+    torch.manual_seed(0)
+    tokens = torch.randint(0, V, (4, T))
+    manager = _census(RepeatedTokens(experts), tokens, lambda out: _lm_loss(out, tokens))
+    assert set(manager.layers) == {"wte", "proj", "head"}, manager.skipped
+    assert "broadcast along the batch (repeat" in manager.skipped["wpe.weight"]
