@@ -151,8 +151,13 @@ class Capture:
         call.soo_function = function  # type: ignore[attr-defined]  # what the census's check takes it for
 
         # more names replaced during the forward: the experts' grouped product, a linear layer's ``x @ weight.T``
-        grouped = self._grouped(by_expert, depth) if by_expert and GROUPED_MM is not None else None
-        patches = [(torch, "_grouped_mm", grouped)] if grouped is not None else []  # ``F.grouped_mm`` calls it so
+        patches = []
+        if by_expert and GROUPED_MM is not None:  # ``F.grouped_mm`` calls it by this name
+            patches.append((torch, "_grouped_mm", self._grouped(by_expert, depth, GROUPED_MM)))
+            if (fallback := _transformers_fallback()) is not None:  # what transformers calls in its place
+                patches.append(
+                    (torch.ops.transformers, "grouped_mm_fallback", self._grouped(by_expert, depth, fallback))
+                )
         if own and function == "linear" and id(module.weight) in weights:
             patches += self._products(module, weights[id(module.weight)], depth)
             self._handles.append(module.register_forward_hook(self._by_forward(weights[id(module.weight)])))
@@ -170,8 +175,8 @@ class Capture:
             if saved:
                 for (target, name, _), original in zip(patches, saved_patches.pop(), strict=True):
                     setattr(target, name, original)
-                if grouped is not None:
-                    grouped.ends.clear()
+                for _, _, replacement in patches:
+                    getattr(replacement, "ends", {}).clear()
                 setattr(F, function, saved.pop())
 
         def enter(mod: nn.Module, args: tuple[Any, ...]) -> None:
@@ -221,8 +226,9 @@ class Capture:
 
         return forward_hook
 
-    def _grouped(self, by_expert: Mapping[int, Mapping[int, OnCall]], depth: list[int]) -> Any:
-        """The stand-in for ``torch._grouped_mm`` during an experts module's forward: a grouped product of rows
+    def _grouped(self, by_expert: Mapping[int, Mapping[int, OnCall]], depth: list[int], original: Any) -> Any:
+        """The stand-in for ``torch._grouped_mm`` (or ``original``, one of its meaning) during an experts module's
+        forward: a grouped product of rows
         sorted by expert with ``p.transpose(-2, -1)`` (transformers' ``grouped_mm`` experts) hands each expert's
         rows ``x[offs[e-1]:offs[e]]`` to its sink, and the same rows of the output's gradient. The offsets are read
         on the host once per forward (one synchronisation per experts module on statistics steps; the module's
@@ -230,7 +236,7 @@ class Capture:
         ends: dict[int, tuple[Tensor, list[int]]] = {}  # id(offs) -> (offs, its values), for one forward
 
         def grouped(*args: Any, **kwargs: Any) -> Any:
-            out = GROUPED_MM(*args, **kwargs)
+            out = original(*args, **kwargs)
             if depth[0] or not self.active or not torch.is_grad_enabled():
                 return out
             found = grouped_arguments(GROUPED_MM, args, kwargs)
@@ -261,8 +267,9 @@ class Capture:
                 _hook_output(out, split)
             return out
 
+        grouped = torch.compiler.disable(grouped)
         grouped.ends = ends  # type: ignore[attr-defined]
-        return torch.compiler.disable(grouped)
+        return grouped
 
     def detach(self) -> None:
         """Remove every hook this object registered."""
@@ -270,6 +277,13 @@ class Capture:
             handle.remove()
         self._handles.clear()
         self.active = False
+
+
+def _transformers_fallback() -> Any:
+    """transformers' grouped product for where ``grouped_mm`` cannot run (under ``torch.compile`` in another dtype
+    than bfloat16, misaligned CPU tensors): a custom op of the same arguments and meaning (None: not registered)."""
+    namespace = getattr(torch.ops, "transformers", None)
+    return getattr(namespace, "grouped_mm_fallback", None) if namespace is not None else None
 
 
 def _row_block(weight: Tensor, base: Tensor) -> slice | None:

@@ -40,6 +40,10 @@ class Experts(nn.Module):
             spans = [(e, a, b) for e, (a, b) in enumerate(bounds) if b > a]  # rows in order, as x's
             h = torch.tanh(torch.cat([F.linear(x[a:b], self.up[e]) for e, a, b in spans]))
             return torch.cat([F.linear(h[a:b], self.down[e]) for e, a, b in spans])
+        if self.mode == "transformers":  # its dispatcher: F.grouped_mm, or its own op (compiled float32)
+            from transformers.integrations.moe import _grouped_linear
+
+            return _grouped_linear(torch.tanh(_grouped_linear(x, self.up, offs)), self.down, offs)
         h = torch.tanh(F.grouped_mm(x, self.up.transpose(-2, -1), offs=offs))
         down = self.down if self.mode == "transposed" else self.down.transpose(-2, -1)
         return F.grouped_mm(h, down, offs=offs)
@@ -178,3 +182,22 @@ def test_transformers_grouped_mm_experts_equal_eager(kind: str, method: str) -> 
     for name, g in grads[1].items():
         scale = grads[0][name].abs().max().clamp_min(1e-12)
         assert (g - grads[0][name]).abs().max() <= tol * scale, name
+
+
+@pytest.mark.parametrize("method", ["kfac", "shampoo"])
+def test_transformers_dispatch_under_torch_compile(method: str) -> None:
+    """Compiled in float32, transformers' experts call its own grouped op (``grouped_mm_fallback``) instead of
+    ``F.grouped_mm``: captured too, so compiled steps collect the experts' statistics as eager ones do (before: the
+    experts' statistics stopped at the census step, which runs eagerly, and stayed stale)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    eager = Net("transformers")
+    compiled = copy.deepcopy(eager)
+    compiled.forward = torch.compile(compiled.forward)  # type: ignore[method-assign]
+    _, want, _ = _train(eager, method)
+    manager, got, _ = _train(compiled, method)
+    assert not manager.skipped and len(manager.layers) == 2 + 2 * E
+    for step, (g_got, g_want) in enumerate(zip(got, want, strict=True)):
+        for name, g in g_got.items():
+            scale = g_want[name].abs().max().clamp_min(1e-12)
+            assert (g - g_want[name]).abs().max() <= 1e-4 * scale, f"{name} at step {step}"
