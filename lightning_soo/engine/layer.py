@@ -135,15 +135,17 @@ class _no_autocast:
 
 def _fit(obs: Observation, shape: tuple[int, int], rows: slice | None, transposed: bool) -> Observation:
     """Place one call's rows in the layer's coordinates: the output-gradient columns of a row block, and a zero
-    bias column for a call without the layer's bias."""
+    bias column for a call without the layer's bias. That column is on the layer's input side: the inputs' of a
+    use in the layer's orientation, the output gradients' of one in the swapped orientation (a tied embedding
+    after its head with a bias: the embedding's gradient has no part in the head's bias)."""
     d_out, d_in = (shape[1], shape[0]) if transposed else shape
     d, h = obs.d, obs.h
     short = not isinstance(h, IndexRows) and h.shape[1] < d_in
-    if not short and (rows is None or d.shape[1] == d_out):
+    if not short and d.shape[1] == d_out:
         return obs
-    if rows is not None and d.shape[1] != d_out:
+    if d.shape[1] != d_out:  # a row block's columns, or the swapped orientation's missing bias column (the last)
         full = d.new_zeros(d.shape[0], d_out)
-        full[:, rows] = d
+        full[:, rows if rows is not None else slice(0, d.shape[1])] = d
         d = full
     if short and not isinstance(h, IndexRows):
         h = torch.cat([h, h.new_zeros(h.shape[0], d_in - h.shape[1])], dim=1)

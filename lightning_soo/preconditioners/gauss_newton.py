@@ -14,7 +14,10 @@ kept and ``K = (H Hᵀ) ∘ (Δ Δᵀ)`` (cost ``N²(d_in + d_out)``), ``(Uᵀ v
 product (cost ``N·L·d_out·d_in``, memory ``N·D``), ``K = UᵀU`` costs ``N²·D`` and each step ``4·N·D``.
 
 Damping is absolute or (``damping_mode="relative"``) relative to the largest eigenvalue of ``E[ggᵀ]``, which
-makes it independent of the loss's scale. The curvature is that of the latest statistics step (no running
+makes it independent of the loss's scale. A largest eigenvalue below what the working dtype resolves
+(``tiny / eps``: 9.9e-32 in float32; a layer whose gradients are zero or rounding noise) counts as no curvature:
+``ρ`` is then the damping itself, as for a step of exactly zero gradients, where the relative ``ρ`` underflowed and
+``1/ρ`` overflowed. No ``ρ`` is below that bound. The curvature is that of the latest statistics step (no running
 average: the Woodbury form needs the examples). More than ``max_examples`` examples in a step: an evenly spaced
 subset is kept (the notice says so). A module called several times per forward pass has each call's rows treated
 as further examples. Rows whose output gradient is exactly zero are dropped when the step closes (the padding rule of
@@ -71,6 +74,8 @@ class GaussNewton(Preconditioner):
         self.chol: Tensor | None = None  # Cholesky factor of K + NρI
         self._rho: tuple[Tensor, Tensor] | None = None  # (the factor it belongs to, ρ as a device tensor)
         self.damping = 0.0
+        info = torch.finfo(self.dtype)
+        self.resolution = info.tiny / info.eps  # the smallest curvature (and ρ) the dtype resolves
 
     # -- statistics -------------------------------------------------------------------------------------
     def observe_inputs(self, rows: Rows, count: Count) -> Rows:
@@ -193,7 +198,8 @@ class GaussNewton(Preconditioner):
             tops = linalg.largest_eigenvalue_many([grams[i] for i in relative])
             for i, top in zip(relative, tops, strict=True):  # relative to λ_max of E[ggᵀ], that of K / N
                 scale = top / todo[i].latest.n  # type: ignore[union-attr]
-                rhos[i] = damping * scale if scale > 0 else damping
+                rhos[i] = damping * scale if scale > todo[i].resolution else damping  # below: no curvature
+            rhos = [max(rho, p.resolution) for p, rho in zip(todo, rhos, strict=True)]  # 1/ρ stays finite
             for p, s, rho in zip(todo, grams, rhos, strict=True):
                 s.diagonal().add_(p.latest.n * rho)  # type: ignore[union-attr]
             for p, chol, rho in zip(todo, linalg.cholesky_many(grams), rhos, strict=True):
