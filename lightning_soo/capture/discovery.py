@@ -209,7 +209,8 @@ def discover(
         rows = adapter if keep_own else LinearAdapter(module, weight_sharing, weight=adapter.weight)
         known.uses.append(_use(module, rows, "normal" if same else "transposed"))
         if adapter.has_bias and (not same or known.adapter.bias is None):  # not part of the tied layer
-            plain[f"{mname}.bias" if mname else "bias"] = (
+            bias = adapter.bias.param  # type: ignore[union-attr]
+            plain[names.get(id(bias), f"{mname}.bias" if mname else "bias")] = (  # its first name: reported once
                 f"{type(module).__name__}: bias of a module whose weight is tied"
             )
             rows.bias = None

@@ -167,3 +167,28 @@ def test_head_first_with_bias_under_gauss_newton_stays_plain_and_psgd_takes_it()
         manager.step()
         assert torch.equal(_layer_grad(model), plain) == (manager is gn)
         assert model.fc.weight.grad is not None and torch.isfinite(_layer_grad(model)).all()
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's MLM head: the embedding first, the decoder's weight tied to it, its bias a parameter of the head
+    registered again as ``decoder.bias`` (one tensor, two names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(V, D)
+        self.fc = nn.Linear(D, D)
+        self.bias = nn.Parameter(torch.zeros(V))
+        self.decoder = nn.Linear(D, V)
+        self.decoder.weight, self.decoder.bias = self.wte.weight, self.bias
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.decoder(torch.tanh(self.fc(self.wte(tokens))))
+
+
+def test_a_tied_heads_bias_with_two_names_is_reported_once() -> None:
+    """The MLM head's bias (``bias`` and ``decoder.bias``) keeps its plain gradient with the tied-weight reason,
+    under its first name only (it was listed twice, the second time as "not in a supported module")."""
+    manager = PreconditionerManager(MaskedLMHead(), "kfac", warn=lambda m: None)
+    assert {k: v for k, v in manager.plain_parameters().items() if "bias" in k and "fc" not in k} == {
+        "bias": "Linear: bias of a module whose weight is tied"
+    }
