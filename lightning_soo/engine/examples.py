@@ -71,9 +71,9 @@ class LossExamples:
                 self._first, self._total, self._repeated, self._closed = 0, 0, False, False
             self.fresh, self.count, self._head, self.rows = False, n, use, rows
             self.passes += 1
-            self._first, self._total = _plus(self._first, n), _plus(self._total, n)
+            self._first, self._total = add_counts(self._first, n), add_counts(self._total, n)
         elif use is self._head:
-            self._total, self._repeated = _plus(self._total, n), True
+            self._total, self._repeated = add_counts(self._total, n), True
         return self.count
 
     def step_count(self) -> Count:
@@ -94,7 +94,8 @@ class LossExamples:
         return torch.as_tensor(total_t) / torch.as_tensor(first_t).clamp(min=1)
 
 
-def _plus(a: Count, b: Count) -> Count:
+def add_counts(a: Count, b: Count) -> Count:
+    """``a + b`` as a number where both are, else as a tensor (no device read)."""
     if isinstance(a, int) and isinstance(b, int):
         return a + b
     if isinstance(a, int) and a == 0:
@@ -108,3 +109,13 @@ def _none_on_host(n: Count) -> bool:
         return n == 0
     t = n.peaks if isinstance(n, RowCount) else n
     return host_decides(t) and float(n) == 0.0
+
+
+def missed_count(total: Count, counted: Count) -> Count | None:
+    """``total - counted``: the loss's examples of the passes a layer was not called in (None: none, known on the
+    host)."""
+    if isinstance(total, int) and isinstance(counted, int):
+        return total - counted if total != counted else None
+    t = count_tensor(total) if isinstance(total, Tensor | RowCount) else total
+    c = count_tensor(counted) if isinstance(counted, Tensor | RowCount) else counted
+    return t - c

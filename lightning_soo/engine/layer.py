@@ -35,7 +35,7 @@ from lightning_soo.capture.discovery import Use
 from lightning_soo.capture.hooks import GradCallback, OnCall
 from lightning_soo.capture.rows import Count, RowCount, count_tensor
 from lightning_soo.engine import factored
-from lightning_soo.engine.examples import LossExamples
+from lightning_soo.engine.examples import LossExamples, add_counts, missed_count
 from lightning_soo.engine.postprocess import mixed_lrs
 from lightning_soo.linalg import host_decides
 from lightning_soo.preconditioners.base import Preconditioner
@@ -60,6 +60,7 @@ class Layer:
     kept: factored.Kept = field(default_factory=factored.Kept)  # rows for a cheaper product (``engine.factored``)
     passes: int = 0  # the last backward pass (``LossExamples.passes``) whose examples its statistics counted
     own_count: bool = False  # its calls have more rows than the head: they keep their own count (``engine.examples``)
+    counted: Count = 0  # the loss's examples of the passes it was called in since its statistics last closed
 
     def unready_reason(self) -> str:
         """Why this layer has no preconditioner yet, for the report of parameters that keep their plain gradient."""
@@ -233,7 +234,28 @@ def _loss_examples(
         return obs, obs.n
     first = layer.passes != examples.passes
     layer.passes = examples.passes
+    if first:
+        layer.counted = add_counts(layer.counted, n)
     return dataclasses.replace(obs, n=n if first else 0), n
+
+
+def count_missed_passes(layers: list[Layer], examples: LossExamples) -> None:
+    """At a close of statistics: a layer taking the loss's ``N`` that was called in some of the step's backward
+    passes only (an expert no token of one micro-batch was routed to) adds the ``N`` of the others to its divisor,
+    which averages over every example of the step (``B = (1/ΣN) Σ_rows bbᵀ``); the rows it lacks there are zero.
+    A layer not called at all folds nothing (its preconditioner stays; under data parallelism
+    ``distributed.reduce_statistics`` counts this rank's examples where another rank had rows)."""
+    total = examples.step_count()
+    for layer in layers:
+        counted, layer.counted = layer.counted, 0
+        if layer.own_count or (isinstance(counted, int) and counted == 0):
+            continue
+        missed = missed_count(total, counted)
+        if missed is None:
+            continue
+        for factor, takes_n in layer.preconditioner.statistics_factors():
+            if takes_n and factor.pending:
+                factor.count_examples(missed)
 
 
 def _keep_rows(layer: Layer, obs: Observation, whole: bool) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning_soo.engine import batched, factored, report, state
 from lightning_soo.engine.damping import clip_cannot_protect, make_damping
 from lightning_soo.engine.distributed import DistributedPlan, reduce_statistics, world_size
-from lightning_soo.engine.layer import Layer, OptimizerLayers
+from lightning_soo.engine.layer import Layer, OptimizerLayers, count_missed_passes
 from lightning_soo.engine.postprocess import Verdicts, settled, write_updates
 from lightning_soo.engine.schedule import ChangeMonitor, Schedule
 from lightning_soo.engine.timing import PhaseTimer
@@ -240,6 +240,7 @@ class PreconditionerManager:
 
     def _close_statistics(self, layers: list[Layer], output_scale: float | Tensor) -> None:
         with self._timer.phase("statistics"):
+            count_missed_passes(layers, self.wiring.examples)  # an expert routed in some micro-batches only
             if world_size() > 1:
                 sent = reduce_statistics(layers, self.wiring.examples.step_count())
                 self.counters["bytes_reduced"] = self.counters.get("bytes_reduced", 0) + sent

@@ -139,7 +139,13 @@ class Factor:
 
     def count_examples(self, count: Count) -> None:
         """Add ``count`` to the divisor without rows (their rows are zero): under data parallelism, the examples of a
-        rank on which the layer saw no call, which the other ranks' rows are averaged over too."""
+        rank on which the layer saw no call, which the other ranks' rows are averaged over too; of the backward
+        passes a layer was not called in (``engine.layer.count_missed_passes``). Rows already added keep their own
+        weight: a mean kept on the host turns back into a sum, and rows owed their count's square get it now."""
+        if self._squared:
+            self._sum.mul_(self._counted().square())
+            self._squared = False
+        self._as_sum()
         if host_decides(self._sum) and not self._moved:
             self._n += float(count)
         else:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_soo import PreconditionerManager
+from lightning_soo import PreconditionerManager, linalg
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -27,9 +27,9 @@ class Routed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: (batch, tokens, 3) -> (batch, tokens, 4)
         h = torch.tanh(self.inp(x))
-        c = self.cut
-        h = torch.cat([torch.tanh(self.a(h[:, :c])), torch.tanh(self.b(h[:, c:]))], 1)
-        return self.head(h)
+        c = self.cut  # an expert without tokens is not called (as a mixture-of-experts loop skips it)
+        parts = [torch.tanh(e(p)) for e, p in ((self.a, h[:, :c]), (self.b, h[:, c:])) if p.shape[1]]
+        return self.head(torch.cat(parts, 1))
 
 
 class EncoderDecoder(nn.Module):
@@ -237,3 +237,31 @@ def test_a_discriminator_on_real_and_fake_counts_both_batches() -> None:
     manager.step()
     d = torch.cat([o.grad.permute(0, 2, 3, 1).reshape(-1, 3) for o in outs]) * 6
     torch.testing.assert_close(manager.layers["conv"].preconditioner.b, d.T @ d / 6, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device-path"])
+def test_an_expert_missing_from_a_micro_batch_averages_every_example(
+    host: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accumulation of two micro-batches where expert ``a`` gets no token in the second (not called there): its B
+    still averages the step's every example, ``(1/ΣN) Σ_rows`` (before: only the ``N`` of the micro-batch it was
+    called in, B twice too large here); ``b``, called in both, and ``a``'s A are unchanged. On the CPU's path and the
+    accelerator's (counts as tensors, a mean loss's count squared at the close)."""
+    monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
+    torch.manual_seed(0)
+    x1, y1, x2, y2 = (
+        torch.randn(4, 5, 3),
+        torch.randint(0, 4, (4, 5)),
+        torch.randn(4, 5, 3),
+        torch.randint(0, 4, (4, 5)),
+    )
+
+    def first(m: Routed) -> Tensor:
+        m.cut = 2
+        return F.cross_entropy(m(x1).reshape(-1, 4), y1.reshape(-1))
+
+    def second(m: Routed) -> Tensor:
+        m.cut = 0  # every token to ``b``
+        return F.cross_entropy(m(x2).reshape(-1, 4), y2.reshape(-1))
+
+    _check_definition(Routed(), [first, second], [20, 20])
