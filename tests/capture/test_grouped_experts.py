@@ -201,3 +201,35 @@ def test_transformers_dispatch_under_torch_compile(method: str) -> None:
         for name, g in g_got.items():
             scale = g_want[name].abs().max().clamp_min(1e-12)
             assert (g - g_want[name]).abs().max() <= 1e-4 * scale, f"{name} at step {step}"
+
+
+def test_bfloat16_experts_under_torch_compile_collect_every_step() -> None:
+    """Compiled in bfloat16, transformers' experts call ``F.grouped_mm``, which Dynamo traces into: the replaced
+    ``torch._grouped_mm`` it calls is seen, so every compiled statistics step's expert statistics are those of its
+    own rows (the step sums equal eager's to bfloat16 rounding; a stale capture would keep the census step's)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    eager = Net("transformers").to(torch.bfloat16)
+    compiled = copy.deepcopy(eager)
+    compiled.forward = torch.compile(compiled.forward)  # type: ignore[method-assign]
+    sums = []
+    for model in (eager, compiled):
+        manager = PreconditionerManager(model, "kfac", preconditioner_interval=1, warn=lambda m: None)
+        gen = torch.Generator().manual_seed(0)
+        steps = []
+        for _ in range(4):
+            x, y = torch.randn(12, C, generator=gen), torch.randint(0, V, (12,), generator=gen)
+            model.zero_grad()
+            manager.begin_step(batch_size=12)
+            F.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
+            layers = [manager.layers[f"experts.{n}.{e}"] for n in ("up", "down") for e in range(E)]
+            steps.append(
+                [f._sum_t.float().norm() if f.pending else None for lay in layers for f in lay.preconditioner._factors]
+            )
+            manager.step()
+        sums.append(steps)
+    for step, (want, got) in enumerate(zip(*sums, strict=True)):
+        assert sum(w is not None for w in want) >= 2 * E and [w is None for w in want] == [g is None for g in got]
+        for w, g in zip(want, got, strict=True):
+            if w is not None:
+                assert abs(float(g) - float(w)) <= 2e-2 * float(w) + 1e-6, step
