@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_soo.capture.calls import (
+    ADDS,
     ORIGINALS,
     adds_bias,
     expert_call,
+    grouped_arguments,
     grouped_call,
     own_call,
     own_product,
@@ -58,9 +61,15 @@ class Census(TorchFunctionMode):
         own: dict[int, nn.Module] | None = None,
         biases: dict[int, int] | None = None,
         experts: set[int] | None = None,
+        transposed: set[int] | None = None,
+        paired: dict[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.experts = experts or set()  # 3-d parameters whose experts are layers: only ``F.linear(x, p[e])`` is theirs
+        self.transposed = transposed or set()  # those stored ``(E, in, out)``: grouped on the parameter itself
+        self.paired = paired or {}  # an expert bias ``(E, out)`` -> its 3-d weight: added per row after the product
+        self._grouped: dict[int, tuple[Tensor, int, Tensor]] = {}  # grouped product -> (it, its weight, offsets)
+        self._gathers: dict[int, tuple[Tensor, int, Tensor]] = {}  # ``bias[ids]`` -> (it, the bias, ids)
         self.biases = biases or {}  # weight id -> its layer's bias id (a call outside may pass it: torchvision's Swin)
         self.own = own or {}  # module id -> a layer module whose class overrides forward: its own call is checked
         self.unmatched: dict[int, str] = {}  # parameter id -> a use inside such a module that is not its own call
@@ -178,6 +187,8 @@ class Census(TorchFunctionMode):
         inner = next((m for m in reversed(self.stack) if m in self._model_modules), None)
         kwargs = kwargs or {}
         own: bool | None = None  # whether this is the own call of ``inner`` (a subclass overriding forward)
+        if self._gathers:
+            self._gathered_use(func, args, kwargs)
         for arg in (*args, *kwargs.values()):
             if isinstance(arg, Tensor) and arg is not out:
                 base = arg if arg._base is None else arg._base
@@ -187,6 +198,8 @@ class Census(TorchFunctionMode):
                 if inner in owners:
                     if id(base) in self.experts:
                         self._expert_use(id(base), func, args, kwargs, arg, out, inner)
+                    elif id(base) in self.paired:
+                        self._expert_bias_use(id(base), func, args, arg, out)
                     elif inner in self.own:
                         if out is base or transposed_view(out, self.own[inner].weight):
                             continue  # capture's ``weight._base``; ``self.weight.T``, whose use is the product
@@ -250,10 +263,45 @@ class Census(TorchFunctionMode):
         base = arg if arg._base is None else arg._base
         if out is base or out._base is base:  # a view, or the parameter read back (capture's ``weight._base``)
             return
-        if expert_call(func, args, kwargs, arg, base) or grouped_call(func, args, kwargs, arg, base):
-            self.own_seen.add(module)
+        grouped = grouped_arguments(func, args, kwargs)
+        if pid in self.transposed:  # ``grouped_mm(x, p, offs=offs)`` on the parameter itself
+            ok = grouped is not None and grouped[1] is base
+        else:
+            ok = expert_call(func, args, kwargs, arg, base) or grouped_call(func, args, kwargs, arg, base)
+        if not ok:
+            self.unmatched.setdefault(pid, _call_name(func))
+            return
+        self.own_seen.add(module)
+        if grouped is not None:
+            self._grouped[id(out)] = (out, pid, grouped[2])
+
+    def _expert_bias_use(self, pid: int, func: Any, args: tuple[Any, ...], arg: Tensor, out: Tensor) -> None:
+        """A use of an expert bias ``(E, out)`` inside its module: the rows' biases gathered by their experts,
+        ``bias[ids]`` (to be added to its weight's grouped product: ``_gathered_use``); any other use leaves the
+        experts plain (the eager ``x @ p[e] + b[e]``, whose ``@`` compiled code would not let capture see)."""
+        base = arg if arg._base is None else arg._base
+        if out is base or out._base is base:  # a view (``b[e]``, whose uses are seen as calls), or read back
+            return
+        ids = args[1] if func is Tensor.__getitem__ and len(args) == 2 and args[0] is arg else None
+        if isinstance(ids, Tensor) and ids.dim() == 1 and not ids.is_floating_point() and out.dim() == 2:
+            self._gathers[id(out)] = (out, pid, ids)
         else:
             self.unmatched.setdefault(pid, _call_name(func))
+
+    def _gathered_use(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> None:
+        """A use of gathered expert biases: added (in place) to their weight's grouped product, each row its own
+        expert's (the ids, read on the host once here, are the experts of the rows as the offsets group them), is
+        the bias of those experts' layers; any other use leaves them plain."""
+        for arg in (*args, *(kwargs or {}).values()):
+            gathered = self._gathers.get(id(arg)) if isinstance(arg, Tensor) else None
+            if gathered is None or gathered[0] is not arg:
+                continue
+            _, pid, ids = gathered
+            other = args[0] if len(args) == 2 and args[1] is arg and not kwargs else None
+            made = self._grouped.get(id(other)) if func in ADDS or func is Tensor.add_ else None
+            if made is None or made[0] is not other or made[1] != self.paired[pid] or not _by_expert(ids, made[2]):
+                self.unmatched.setdefault(pid, _call_name(func))
+            del self._gathers[id(arg)]
 
     def close(self) -> dict[int, str]:
         """Remove the hooks; returns ``foreign`` (``calls`` keeps only parameters with no other foreign use)."""
@@ -261,9 +309,13 @@ class Census(TorchFunctionMode):
             handle.remove()
         for pid in self._other:
             self.calls.pop(pid, None)
+        for _, pid, _ in self._gathers.values():  # gathered and never added to the product
+            self.unmatched.setdefault(pid, "__getitem__")
         self._outputs.clear()
         self._per_example.clear()
         self._products.clear()
+        self._grouped.clear()
+        self._gathers.clear()
         return self.foreign
 
 
@@ -272,3 +324,11 @@ def _call_name(func: Any) -> str:
     name = getattr(func, "__name__", str(func))
     attribute = getattr(getattr(func, "__self__", None), "__name__", None) if name == "__get__" else None
     return f".{attribute}" if isinstance(attribute, str) else name
+
+
+def _by_expert(ids: Tensor, offs: Tensor) -> bool:
+    """Whether the rows' ``ids`` are the experts the offsets group them by (``e`` for the rows before
+    ``offs[e]``; rows past the last offset are no expert's). Reads the device: the census's step only."""
+    counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
+    expected = torch.repeat_interleave(torch.arange(offs.numel(), device=ids.device), counts.to(ids.device))
+    return ids.shape[0] >= expected.shape[0] and bool(torch.equal(ids[: expected.shape[0]].long(), expected))

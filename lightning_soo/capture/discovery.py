@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_soo.capture.adapters import (
+    Conv1DAdapter,
     EmbeddingAdapter,
     LayerAdapter,
     LinearAdapter,
@@ -57,12 +58,22 @@ def _use(module: nn.Module, rows: LayerAdapter, role: Role = "normal") -> Use:
     return Use(module, rows, role, calls=own, own=own)
 
 
-def _expert_specs(name: str, module: nn.Module, param: nn.Parameter, sharing: WeightSharing) -> list[LayerSpec]:
+def _expert_specs(
+    name: str, module: nn.Module, pname: str, param: nn.Parameter, sharing: WeightSharing
+) -> list[LayerSpec]:
     """One linear layer per expert ``param[e]`` of a 3-d parameter of ``module``, captured at the
-    ``F.linear(x, param[e])`` calls of ``module``'s forward; the census checks that they are its only uses."""
+    ``F.linear(x, param[e])`` calls of ``module``'s forward or its grouped products; the census checks that they
+    are its only uses. transformers' experts stored ``(E, in, out)`` (``is_transposed``, GPT-OSS) are transposed
+    layers, with their bias ``<name>_bias`` (``has_bias``) a row of ``(E, out)`` each."""
+    transposed = getattr(module, "is_transposed", False) is True
+    out = param.shape[2] if transposed else param.shape[1]
+    bias = module._parameters.get(f"{pname}_bias") if getattr(module, "has_bias", False) is True else None
+    if bias is not None and tuple(bias.shape) != (param.shape[0], out):
+        bias = None
+    kind = Conv1DAdapter if transposed else LinearAdapter
     specs = []
     for e in range(param.shape[0]):
-        adapter = LinearAdapter(module, sharing, weight=Part(param, e))
+        adapter = kind(module, sharing, weight=Part(param, e), bias=Part(bias, e) if bias is not None else None)
         specs.append(LayerSpec(f"{name}.{e}", adapter, [Use(module, adapter, calls=True, own=True)]))
     return specs
 
@@ -176,7 +187,7 @@ def discover(
                 if any(fnmatch.fnmatchcase(n, pat) for n in (mname, full) for pat in exclude):
                     excluded[full] = "excluded by you"
                     continue
-                specs.extend(_expert_specs(full, module, p, weight_sharing))
+                specs.extend(_expert_specs(full, module, pname, p, weight_sharing))
             continue
         if any(fnmatch.fnmatchcase(mname, pat) for pat in exclude):
             for pname, _ in module.named_parameters():

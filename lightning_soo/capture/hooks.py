@@ -26,7 +26,7 @@ The census of the first statistics step, which checks that these calls are a wei
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any
 
 import torch
@@ -105,6 +105,7 @@ class Capture:
         function: str = "linear",
         own: bool = False,
         experts: Mapping[int, Mapping[int, OnCall]] | None = None,
+        transposed: Set[int] = frozenset(),
     ) -> None:
         """Capture the ``F.<function>`` calls (``linear`` by default; ``embedding``, ``conv2d``, ...) ``module``'s
         forward makes on the given weights (or on blocks of their rows): ``weights`` maps a parameter id to its
@@ -112,7 +113,8 @@ class Capture:
         is replaced by a function that hands those calls to their sinks. Calls made inside the ``outside`` modules
         (the weight's own modules, captured by their hooks) are not handed over twice. ``own``: only ``module``'s
         own call (``calls.own_call``: its weight, bias and settings) is handed over. ``experts`` maps a 3-d
-        parameter's id to its experts' sinks: a call on its slice ``p[e]`` goes to expert ``e``'s."""
+        parameter's id to its experts' sinks: a call on its slice ``p[e]`` goes to expert ``e``'s; ``transposed``:
+        those of them stored ``(E, in, out)``, whose grouped product takes the parameter itself."""
         by_expert = experts or {}
         saved: list[Any] = []
         depth = [0]
@@ -153,11 +155,10 @@ class Capture:
         # more names replaced during the forward: the experts' grouped product, a linear layer's ``x @ weight.T``
         patches = []
         if by_expert and GROUPED_MM is not None:  # ``F.grouped_mm`` calls it by this name
-            patches.append((torch, "_grouped_mm", self._grouped(by_expert, depth, GROUPED_MM)))
+            patches.append((torch, "_grouped_mm", self._grouped(by_expert, depth, GROUPED_MM, transposed)))
             if (fallback := _transformers_fallback()) is not None:  # what transformers calls in its place
-                patches.append(
-                    (torch.ops.transformers, "grouped_mm_fallback", self._grouped(by_expert, depth, fallback))
-                )
+                stand_in = self._grouped(by_expert, depth, fallback, transposed)
+                patches.append((torch.ops.transformers, "grouped_mm_fallback", stand_in))
         if own and function == "linear" and id(module.weight) in weights:
             patches += self._products(module, weights[id(module.weight)], depth)
             self._handles.append(module.register_forward_hook(self._by_forward(weights[id(module.weight)])))
@@ -226,7 +227,9 @@ class Capture:
 
         return forward_hook
 
-    def _grouped(self, by_expert: Mapping[int, Mapping[int, OnCall]], depth: list[int], original: Any) -> Any:
+    def _grouped(
+        self, by_expert: Mapping[int, Mapping[int, OnCall]], depth: list[int], original: Any, transposed: Set[int]
+    ) -> Any:
         """The stand-in for ``torch._grouped_mm`` (or ``original``, one of its meaning) during an experts module's
         forward: a grouped product of rows
         sorted by expert with ``p.transpose(-2, -1)`` (transformers' ``grouped_mm`` experts) hands each expert's
@@ -243,9 +246,10 @@ class Capture:
             if found is None or not isinstance(out, Tensor) or not out.requires_grad:
                 return out
             x, weight, offs = found
-            base = weight._base
-            sinks = by_expert.get(id(base)) if base is not None else None
-            if sinks is None or base is None or not expert_transposed(weight, base):
+            base = weight if weight._base is None else weight._base
+            sinks = by_expert.get(id(base))
+            stored = id(base) in transposed  # ``(E, in, out)``: the parameter itself, else its transpose
+            if sinks is None or not (weight is base if stored else expert_transposed(weight, base)):
                 return out  # another use: the census leaves the experts plain
             known = ends.get(id(offs))
             if known is None or known[0] is not offs:

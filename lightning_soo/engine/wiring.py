@@ -127,7 +127,11 @@ class Wiring:
             if lay.adapter.bias is not None and lay.adapter.bias.rows is None and not lay.adapter.transposed
         }
         experts = {id(lay.adapter.weight.param) for lay in self.layers.values() if _expert(lay.adapter)}
-        self.census = Census(self.model, owners, batch_size, own, biases, experts)
+        stored = {id(lay.adapter.weight.param) for lay in self.layers.values() if _expert(lay.adapter)
+                  and lay.adapter.transposed}  # fmt: skip
+        paired = {id(lay.adapter.bias.param): id(lay.adapter.weight.param) for lay in self.layers.values()
+                  if _expert(lay.adapter) and lay.adapter.bias is not None}  # fmt: skip
+        self.census = Census(self.model, owners, batch_size, own, biases, experts, stored, paired)
         # a compiled model runs this step eagerly: Dynamo tracing the census's Python fails on some models (ConvNeXt:
         # ``___get_torch_function_mode_stack_at``). Not with nn.MultiheadAttention: the replaced
         # ``linear`` its functional code calls is seen under Dynamo only when the first trace has the census's mode
@@ -202,7 +206,8 @@ class Wiring:
             return (
                 "a 3-d parameter whose experts are linear layers only where it is used as F.linear(x, p[e]) on one "
                 "expert's slice, with no bias, or as grouped_mm(x, p.transpose(-2, -1), offs=offs) on rows sorted by "
-                f"expert, in {kind}.forward; it is also used another way (`{hit}`)"
+                "expert (grouped_mm(x, p, offs=offs) where it is stored (E, in, out), each row's expert bias b[ids] "
+                f"added after), in {kind}.forward; it is also used another way (`{hit}`)"
             )
         bias = ", self.bias" if layer.adapter.has_bias else ""
         linear = function_name(layer.module) == "linear"
@@ -339,8 +344,9 @@ def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str,
                 wiring.capture.attach(use.module, sink)
     for module, function, own, weights in attention.values():
         wiring.capture.attach_calls(module, weights, function=function, own=own)
+    stored = {id(s.adapter.weight.param) for s in specs if _expert(s.adapter) and s.adapter.transposed}
     for module, sinks in experts.values():
-        wiring.capture.attach_calls(module, {}, experts=sinks)
+        wiring.capture.attach_calls(module, {}, experts=sinks, transposed=stored)
     return wiring
 
 
