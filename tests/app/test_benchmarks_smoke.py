@@ -79,3 +79,17 @@ def test_host_quick(tmp_path: Path) -> None:
     assert {r["method"] for r in rows} == {"kfac", "shampoo", "gauss_newton", "psgd"}
     assert all(100 < r["lines_per_layer"] < 1000 for r in rows)
     assert all("host_us_one_more_layer" in r for r in rows)
+
+
+def test_moe_quick(tmp_path: Path) -> None:
+    """A mixture-of-experts model, experts grouped and eager: every method preconditions almost all of it."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    out = tmp_path / "moe.json"
+    _quick("moe.py", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["experts"], r["method"]) for r in rows} == {
+        (e, m) for e in ("grouped_mm", "eager") for m in ("kfac", "shampoo", "psgd")
+    }
+    assert all(r["ratio"] > 0 and r["managed_share"] > 0.95 for r in rows)
