@@ -41,13 +41,14 @@ class LossExamples:
     the head's further calls in a pass (a siamese or contrastive model, a GAN discriminator on real and fake images:
     one loss over both calls' examples), whose counts the close adds to ``N`` (``ratio``)."""
 
-    __slots__ = ("_closed", "_first", "_head", "_repeated", "_total", "count", "fresh", "passes", "rows")
+    __slots__ = ("_closed", "_first", "_head", "_repeated", "_total", "count", "fresh", "passes", "rows", "step_passes")
 
     def __init__(self) -> None:
         self.fresh = True  # a forward pass ran since the last output gradient: the next one is the head's
         self.count: Count = 0
         self.rows = 0  # the head's examples at most (rows, padding included): a call with more has several per example
         self.passes = 0
+        self.step_passes = 0  # the backward passes since the statistics last closed
         self._head: object = None  # the use whose call set ``N``
         self._first: Count = 0  # the sum of the passes' ``N`` since the statistics last closed
         self._total: Count = 0  # the same with the head's further calls
@@ -69,8 +70,10 @@ class LossExamples:
                 return n
             if self._closed:
                 self._first, self._total, self._repeated, self._closed = 0, 0, False, False
+                self.step_passes = 0
             self.fresh, self.count, self._head, self.rows = False, n, use, rows
             self.passes += 1
+            self.step_passes += 1
             self._first, self._total = add_counts(self._first, n), add_counts(self._total, n)
         elif use is self._head:
             self._total, self._repeated = add_counts(self._total, n), True

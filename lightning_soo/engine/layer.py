@@ -61,6 +61,7 @@ class Layer:
     passes: int = 0  # the last backward pass (``LossExamples.passes``) whose examples its statistics counted
     own_count: bool = False  # its calls have more rows than the head: they keep their own count (``engine.examples``)
     counted: Count = 0  # the loss's examples of the passes it was called in since its statistics last closed
+    step_passes: int = 0  # how many of those passes
 
     def unready_reason(self) -> str:
         """Why this layer has no preconditioner yet, for the report of parameters that keep their plain gradient."""
@@ -235,7 +236,7 @@ def _loss_examples(
     first = layer.passes != examples.passes
     layer.passes = examples.passes
     if first:
-        layer.counted = add_counts(layer.counted, n)
+        layer.counted, layer.step_passes = add_counts(layer.counted, n), layer.step_passes + 1
     return dataclasses.replace(obs, n=n if first else 0), n
 
 
@@ -245,10 +246,11 @@ def count_missed_passes(layers: list[Layer], examples: LossExamples) -> None:
     which averages over every example of the step (``B = (1/ΣN) Σ_rows bbᵀ``); the rows it lacks there are zero.
     A layer not called at all folds nothing (its preconditioner stays; under data parallelism
     ``distributed.reduce_statistics`` counts this rank's examples where another rank had rows)."""
-    total = examples.step_count()
+    total, passes = examples.step_count(), examples.step_passes
     for layer in layers:
         counted, layer.counted = layer.counted, 0
-        if layer.own_count or (isinstance(counted, int) and counted == 0):
+        called, layer.step_passes = layer.step_passes, 0
+        if called in (0, passes) or layer.own_count:  # decided on the host: the usual layer costs nothing here
             continue
         missed = missed_count(total, counted)
         if missed is None:
