@@ -152,7 +152,8 @@ def reduce_statistics(layers: Sequence[Layer], examples: Count = 0) -> int:
             layer.preconditioner.gathered(result[offset : offset + len(rows)])
             offset += len(rows)
     if factors:
-        flags = torch.tensor([f.pending for f in factors], dtype=tensors[0].dtype, device=tensors[0].device)
+        held_rows = torch.tensor([f.pending for f in factors], dtype=tensors[0].dtype)  # on the host, then copied
+        flags = held_rows.to(tensors[0].device, non_blocking=True)  # without waiting for the device's queue
         tensors.append(flags)
         symmetric.append(False)
     sent += all_reduce_sum(tensors, symmetric) if tensors else 0
