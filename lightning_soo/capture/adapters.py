@@ -81,6 +81,8 @@ class LayerAdapter:
     module: nn.Module
     #: the weight is stored transposed (``d_in x d_out``)
     transposed = False
+    #: why the layer's rows cannot be captured ("": they can): only a method that fits from the gradient takes it
+    hooks_refused = ""
 
     def __init__(
         self,
@@ -252,15 +254,19 @@ class Conv1DAdapter(LayerAdapter):
 class ConvAdapter(LayerAdapter):
     """``nn.Conv1d/2d/3d``: input patches by unfolding; stride, padding (any mode), dilation honoured.
 
-    Grouped convolutions are refused (``UnsupportedLayerError``) and left to the plain gradient. Every spatial
+    A grouped convolution has no rows capture can take (``hooks_refused``): only methods that fit from the gradient
+    precondition it, its gradient as the matrix ``(out, in/groups · kernel)`` with the bias column. Every spatial
     position is a row and the batch dimension the example; the padding rule does not apply (positions with a zero
     gradient come from pooling and activations, not from padding).
     """
 
     def __init__(self, module: nn.Module, weight_sharing: WeightSharing = "expand") -> None:
         super().__init__(module, weight_sharing)
-        if module.groups != 1:
-            raise UnsupportedLayerError(f"grouped convolution (groups={module.groups}) is not preconditioned")
+        if module.groups != 1:  # its gradient is a matrix all the same: (out, in/groups * kernel) with the bias
+            self.hooks_refused = (
+                f"grouped convolution (groups={module.groups}): preconditioned only by methods that fit from the "
+                "gradient (PSGD, Shampoo with statistics='gradient')"
+            )
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
             raise UnsupportedLayerError("transposed convolutions are not preconditioned")
 

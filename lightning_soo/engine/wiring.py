@@ -323,6 +323,9 @@ def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str,
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         tied = spec.transposed_uses and method.supports_transposed
         pre = method.for_layer(adapter, dtype=dtype, device=w.device, options=options, transposed_uses=tied)
+        if adapter.hooks_refused and pre.uses_hooks:
+            wiring.leave_plain(spec.module, adapter.params, adapter.hooks_refused)
+            continue
         if spec.transposed_uses and pre.uses_hooks and not tied:
             why = f"weight tied in two orientations (embedding and head), not supported by {method.__name__}"
             wiring.leave_plain(spec.module, adapter.params, why)
