@@ -267,8 +267,6 @@ class ConvAdapter(LayerAdapter):
                 f"grouped convolution (groups={module.groups}): preconditioned only by methods that fit from the "
                 "gradient (PSGD, Shampoo with statistics='gradient')"
             )
-        if isinstance(module, nn.modules.conv._ConvTransposeNd):
-            raise UnsupportedLayerError("transposed convolutions are not preconditioned")
 
     def patches(self, x: Tensor) -> Tensor:
         """Input patches, shape (N, L, C*k1*k2*...), ordered as the flattened weight."""
@@ -348,10 +346,37 @@ def is_conv1d(module: nn.Module) -> bool:
     )
 
 
+class ConvTransposeAdapter(LayerAdapter):
+    """``nn.ConvTranspose1d/2d/3d`` of one group (GAN generators, decoders): the weight is stored ``(in, out,
+    kernel...)``; its gradient is the matrix ``(out, in · kernel)`` with the bias column. No rows capture can take:
+    only methods that fit from the gradient precondition it."""
+
+    hooks_refused = (
+        "transposed convolution: preconditioned only by methods that fit from the gradient (PSGD, Shampoo with "
+        "statistics='gradient')"
+    )
+
+    def __init__(self, module: nn.Module, weight_sharing: WeightSharing = "expand") -> None:
+        super().__init__(module, weight_sharing)
+        if module.groups != 1:
+            raise UnsupportedLayerError(f"transposed convolution with groups={module.groups} is not preconditioned")
+
+    def weight_matrix(self, w: Tensor) -> Tensor:
+        w = self.weight.of(w)
+        return w.transpose(0, 1).reshape(w.shape[1], -1)
+
+    def _blocks(self, m: Tensor) -> list[Tensor]:
+        w = m[:, :-1] if self.bias is not None else m
+        shape = self.weight.param.shape
+        w = w.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+        return [w, m[:, -1]] if self.bias is not None else [w]
+
+
 def make_adapter(module: nn.Module, weight_sharing: WeightSharing = "expand") -> LayerAdapter | None:
     """The adapter for ``module``, None for unsupported types; raises ``UnsupportedLayerError`` for refused
     configurations of supported types."""
-    supported = isinstance(module, (nn.Linear, nn.Embedding, *CONV_TYPES)) or is_conv1d(module)
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    supported = isinstance(module, (nn.Linear, nn.Embedding, *CONV_TYPES)) or is_conv1d(module) or transposed
     if supported and not isinstance(module._parameters.get("weight"), nn.Parameter):
         raise UnsupportedLayerError(
             "its weight is computed from other parameters (a parametrization such as weight_norm or spectral_norm): "
@@ -361,6 +386,8 @@ def make_adapter(module: nn.Module, weight_sharing: WeightSharing = "expand") ->
         return LinearAdapter(module, weight_sharing)
     if isinstance(module, CONV_TYPES):
         return ConvAdapter(module, weight_sharing)
+    if transposed:
+        return ConvTransposeAdapter(module, weight_sharing)
     if isinstance(module, nn.Embedding):
         return EmbeddingAdapter(module, weight_sharing)
     if is_conv1d(module):

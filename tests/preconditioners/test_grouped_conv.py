@@ -1,5 +1,6 @@
-"""Grouped and depthwise convolutions (ConvNeXt, RegNet, EfficientNet, MobileNet): no rows capture can take, but a
-gradient all the same, the matrix ``(out, in/groups · kernel)`` with the bias column. Methods that fit from the
+"""Grouped and depthwise convolutions (ConvNeXt, RegNet, EfficientNet, MobileNet) and transposed ones (GAN
+generators, decoders): no rows capture can take, but a gradient all the same, the matrix ``(out, in/groups ·
+kernel)`` with the bias column. Methods that fit from the
 gradient (PSGD, Shampoo with ``statistics="gradient"``) precondition it exactly as they precondition a linear layer
 with that gradient matrix (float64); the others leave it plain, with the reason."""
 
@@ -17,22 +18,28 @@ METHODS = [("psgd", {}), ("shampoo", {"statistics": "gradient"})]
 
 
 class Net(nn.Module):
-    """A depthwise convolution (groups = channels, with bias) and a grouped one (2 groups, no bias), then a head."""
+    """A depthwise convolution (groups = channels, with bias), a grouped one (2 groups, no bias), a transposed one
+    (with bias), then a head."""
 
     def __init__(self) -> None:
         super().__init__()
         self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
         self.grouped = nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False)
-        self.head = nn.Linear(6, 3)
+        self.up = nn.ConvTranspose2d(6, 2, 2, stride=2)
+        self.head = nn.Linear(2, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.grouped(torch.tanh(self.depthwise(x))))
+        h = torch.tanh(self.up(torch.tanh(self.grouped(torch.tanh(self.depthwise(x))))))
         return self.head(h.mean((2, 3)))
 
 
-def _matrix(conv: nn.Conv2d) -> Tensor:
-    """The convolution's gradient as the matrix ``(out, in/groups · k²)`` with the bias column."""
-    g = conv.weight.grad.reshape(conv.out_channels, -1)
+def _matrix(conv: nn.Module) -> Tensor:
+    """The convolution's gradient as the matrix ``(out, in/groups · k²)`` with the bias column (a transposed one's
+    weight is stored ``(in, out, k, k)``)."""
+    w = conv.weight.grad
+    if isinstance(conv, nn.ConvTranspose2d):
+        w = w.transpose(0, 1)
+    g = w.reshape(w.shape[0], -1)
     return torch.cat([g, conv.bias.grad[:, None]], 1) if conv.bias is not None else g
 
 
@@ -44,17 +51,18 @@ def test_grouped_convolutions_are_preconditioned_as_their_gradient_matrix(method
     model = Net()
     manager = PreconditionerManager(model, method, options, preconditioner_interval=1, warn=lambda m: None)
     twins = nn.ModuleDict({
-        "depthwise": nn.Linear(9, 4), "grouped": nn.Linear(18, 6, bias=False), "head": nn.Linear(6, 3)
+        "depthwise": nn.Linear(9, 4), "grouped": nn.Linear(18, 6, bias=False), "up": nn.Linear(24, 2),
+        "head": nn.Linear(2, 3),
     })  # fmt: skip
     reference = PreconditionerManager(twins, method, options, preconditioner_interval=1, warn=lambda m: None)
-    assert set(manager.layers) == {"depthwise", "grouped", "head"} and not manager.skipped
+    assert set(manager.layers) == {"depthwise", "grouped", "up", "head"} and not manager.skipped
     gen = torch.Generator().manual_seed(0)
     for step in range(4):
         x, y = torch.randn(5, 4, 6, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen)
         model.zero_grad()
         manager.begin_step(batch_size=5)
         F.cross_entropy(model(x), y).backward()
-        for name in ("depthwise", "grouped"):
+        for name in ("depthwise", "grouped", "up"):
             m = _matrix(getattr(model, name))
             twins[name].weight.grad = m[:, : twins[name].in_features].clone()
             if twins[name].bias is not None:
@@ -65,7 +73,7 @@ def test_grouped_convolutions_are_preconditioned_as_their_gradient_matrix(method
         reference.begin_step(batch_size=5)
         manager.step()
         reference.step()
-        for name in ("depthwise", "grouped"):
+        for name in ("depthwise", "grouped", "up"):
             want = twins[name].weight.grad
             if twins[name].bias is not None:
                 want = torch.cat([want, twins[name].bias.grad[:, None]], 1)
@@ -74,8 +82,10 @@ def test_grouped_convolutions_are_preconditioned_as_their_gradient_matrix(method
 
 
 @pytest.mark.parametrize("method", ["kfac", "shampoo", "gauss_newton"])
-def test_methods_that_need_rows_leave_grouped_convolutions_plain(method: str) -> None:
+def test_methods_that_need_rows_leave_them_plain(method: str) -> None:
     manager = PreconditionerManager(Net(), method, warn=lambda m: None)
     assert set(manager.layers) == {"head"}
     for name in ("depthwise.weight", "depthwise.bias", "grouped.weight"):
         assert "grouped convolution" in manager.skipped[name] and "PSGD" in manager.skipped[name]
+    for name in ("up.weight", "up.bias"):
+        assert "transposed convolution" in manager.skipped[name] and "PSGD" in manager.skipped[name]
