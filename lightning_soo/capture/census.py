@@ -1,10 +1,12 @@
 """The census: once, on the first statistics step, a ``TorchFunctionMode`` sees every torch call that uses a
 managed parameter (``capture.hooks`` captures the calls it checks), and reports the uses made outside the modules
-that capture it (``F.linear(x, wte.weight)``
-in a parent's forward, ``x @ w.T``). An ``F.linear`` call on the whole weight without a bias is then captured
-from the next statistics step on (``calls``); a parameter with any other such use stays plain, never gets one
-use's curvature applied to the gradient of all. It also reports a managed module whose output is broadcast
-along the batch (``broadcast``): that layer has no per-example output gradients. Other steps carry no mode.
+that capture it (``F.linear(x, wte.weight)`` in a parent's forward, ``x @ w.T``). An ``F.linear`` call on the whole
+weight without a bias is then captured from the next statistics step on (``calls``); a parameter with any other
+such use stays plain, never gets one use's curvature applied to the gradient of all. It also checks the uses inside
+the modules that capture a weight at a call (a subclass's own call, its ``x @ self.weight.T``, a mixture of
+experts' slices and grouped products, their biases gathered by expert), and reports a managed module whose output
+is broadcast along the batch (``broadcast``): that layer has no per-example output gradients. Other steps carry no
+mode.
 """
 
 from __future__ import annotations

@@ -194,9 +194,10 @@ class Capture:
             self._handles.append(other.register_forward_hook(leave, always_call=True))
 
     def _products(self, module: nn.Module, on_call: OnCall, depth: list[int]) -> list[tuple[Any, str, Any]]:
-        """A stand-in for the product ``x @ module.weight.T`` (the operator) during the
-        forward of a linear layer that computes itself that way (``FalconLinear``; its bias, added after, gets the
-        same output gradient): the call's input and output go to the layer's sink, as an ``F.linear`` call's."""
+        """A stand-in for the product ``x @ module.weight.T`` (the operator) during the forward of a linear layer
+        that computes itself that way (``FalconLinear``; its bias, added after, gets the same output gradient): the
+        call's input and output go to the layer's sink, as an ``F.linear`` call's (on the census step; from then on
+        its forward hook does, ``by_forward``)."""
 
         def stand_in(original: Any) -> Any:
             def product(a: Any, b: Any, *rest: Any, **kw: Any) -> Any:
@@ -230,12 +231,12 @@ class Capture:
     def _grouped(
         self, by_expert: Mapping[int, Mapping[int, OnCall]], depth: list[int], original: Any, transposed: Set[int]
     ) -> Any:
-        """The stand-in for ``torch._grouped_mm`` (or ``original``, one of its meaning) during an experts module's
-        forward: a grouped product of rows
-        sorted by expert with ``p.transpose(-2, -1)`` (transformers' ``grouped_mm`` experts) hands each expert's
-        rows ``x[offs[e-1]:offs[e]]`` to its sink, and the same rows of the output's gradient. The offsets are read
-        on the host once per forward (one synchronisation per experts module on statistics steps; the module's
-        products share one ``offs``): the rows of each expert are then known sizes, as in the eager loop."""
+        """The stand-in for ``torch._grouped_mm`` (or ``original``, an op of the same meaning) during an experts
+        module's forward: a grouped product of rows sorted by expert with ``p.transpose(-2, -1)`` (transformers'
+        ``grouped_mm`` experts; ``p`` itself where it is in ``transposed``) hands each expert's rows
+        ``x[offs[e-1]:offs[e]]`` to its sink, and the same rows of the output's gradient. The offsets are read on the
+        host once per forward (one synchronisation per experts module on statistics steps; the module's products
+        share one ``offs``): the rows of each expert are then known sizes, as in the eager loop."""
         ends: dict[int, tuple[Tensor, list[int]]] = {}  # id(offs) -> (offs, its values), for one forward
 
         def grouped(*args: Any, **kwargs: Any) -> Any:
