@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_soo.capture.rows import Count
 from lightning_soo.engine.layer import Layer
 from lightning_soo.preconditioners.statistics import Factor
 
@@ -109,14 +108,14 @@ def all_gather_rows(tensors: Sequence[Tensor]) -> tuple[list[Tensor], int]:
     return [torch.cat(parts) for parts in out], sent
 
 
-def reduce_statistics(layers: Sequence[Layer], examples: Count = 0) -> int:
+def reduce_statistics(layers: Sequence[Layer]) -> int:
     """Sum (or, for methods that keep examples, gather) this step's statistics of ``layers`` across ranks;
     returns the bytes sent.
 
-    Ranks may route differently (a mixture of experts): a layer this rank saw no call of in the step counts the
-    rank's ``examples`` (the loss's ``N``) where its method takes it, since the other ranks' rows are averaged over
-    those examples too, and a flag per factor (rows on this rank) travels with the sums, so a factor with rows on
-    any rank folds on every rank (one read of the flags, on a rank that lacked rows for some factor)."""
+    Ranks may route differently (a mixture of experts): a layer this rank saw no call of in the step has counted the
+    rank's examples already (``layer.count_missed_passes``), and a flag per factor (rows on this rank) travels with
+    the sums, so a factor with rows on any rank folds on every rank (one read of the flags, on a rank that lacked
+    rows for some factor)."""
     tensors: list[Tensor] = []
     symmetric: list[bool] = []
     factors: list[Factor] = []
@@ -130,12 +129,7 @@ def reduce_statistics(layers: Sequence[Layer], examples: Count = 0) -> int:
         if rows is not None:
             gather.append((layer, rows))
             continue
-        held = pre.statistics_factors()
-        if held and not layer.own_count and not any(f.pending for f, _ in held):  # no call of it on this rank
-            for f, loss_examples in held:
-                if loss_examples:
-                    f.count_examples(examples)
-        factors.extend(f for f, _ in held)
+        factors.extend(f for f, _ in pre.statistics_factors())
         stats = pre.statistics_tensors()
         if stats is None:
             raise RuntimeError(

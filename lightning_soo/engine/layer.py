@@ -240,23 +240,26 @@ def _loss_examples(
     return dataclasses.replace(obs, n=n if first else 0), n
 
 
-def count_missed_passes(layers: list[Layer], examples: LossExamples) -> None:
+def count_missed_passes(layers: list[Layer], examples: LossExamples, distributed: bool = False) -> None:
     """At a close of statistics: a layer taking the loss's ``N`` that was called in some of the step's backward
     passes only (an expert no token of one micro-batch was routed to) adds the ``N`` of the others to its divisor,
     which averages over every example of the step (``B = (1/ΣN) Σ_rows bbᵀ``); the rows it lacks there are zero.
-    A layer not called at all folds nothing (its preconditioner stays; under data parallelism
-    ``distributed.reduce_statistics`` counts this rank's examples where another rank had rows)."""
+    A layer not called at all folds nothing in one process; under data parallelism (``distributed``) it counts the
+    step's ``N`` too, as another rank's rows may be summed into it (``distributed.reduce_statistics``)."""
     total, passes = examples.step_count(), examples.step_passes
     for layer in layers:
         counted, layer.counted = layer.counted, 0
         called, layer.step_passes = layer.step_passes, 0
-        if called in (0, passes) or layer.own_count:  # decided on the host: the usual layer costs nothing here
+        skip = called == passes or (
+            called == 0 and not distributed
+        )  # decided on the host: the usual layer costs nothing
+        if skip or layer.own_count or not layer.preconditioner.uses_hooks:
             continue
         missed = missed_count(total, counted)
         if missed is None:
             continue
         for factor, takes_n in layer.preconditioner.statistics_factors():
-            if takes_n and factor.pending:
+            if takes_n and (factor.pending or called == 0):
                 factor.count_examples(missed)
 
 

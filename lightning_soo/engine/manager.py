@@ -240,9 +240,9 @@ class PreconditionerManager:
 
     def _close_statistics(self, layers: list[Layer], output_scale: float | Tensor) -> None:
         with self._timer.phase("statistics"):
-            count_missed_passes(layers, self.wiring.examples)  # an expert routed in some micro-batches only
+            count_missed_passes(layers, self.wiring.examples, world_size() > 1)  # an expert missing some passes
             if world_size() > 1:
-                sent = reduce_statistics(layers, self.wiring.examples.step_count())
+                sent = reduce_statistics(layers)
                 self.counters["bytes_reduced"] = self.counters.get("bytes_reduced", 0) + sent
             for layer in layers:
                 pre = layer.preconditioner
