@@ -32,6 +32,8 @@ class StepArguments(TypedDict, total=False):
         max_update_norm: cap on the Frobenius norm of each layer's preconditioned gradient (default None: no cap).
         grad_worker_fraction: under DDP each layer's preconditioner is computed by one owner rank; 1.0 (default)
             broadcasts it at refreshes, 1/world_size lets the owner precondition and broadcast the gradient.
+        precondition_vectors: PSGD and Shampoo with ``statistics="gradient"`` also precondition vector parameters
+            outside layers (norms' scales and shifts), each with a diagonal factor (default False).
     """
 
     statistics_interval: int
@@ -40,6 +42,7 @@ class StepArguments(TypedDict, total=False):
     loss_reduction: LossReduction
     max_update_norm: Optional[float]
     grad_worker_fraction: float
+    precondition_vectors: bool
 
 
 def _batch_size(batch: Any) -> int | None:

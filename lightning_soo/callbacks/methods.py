@@ -44,7 +44,7 @@ class KFACCallback(SecondOrderCallback):
             scaled down when a step would exceed it. None: off.
         grafting: ``"sgd"`` rescales each layer's ``P·G`` to ``‖G‖``; None (default) keeps K-FAC's step length.
         **kwargs: ``StepArguments`` (statistics_interval, exclude, weight_sharing, loss_reduction, max_update_norm,
-            grad_worker_fraction).
+            grad_worker_fraction, precondition_vectors).
 
     Raises:
         ValueError: when an argument is out of its range (the message names it and what is accepted).
@@ -70,8 +70,10 @@ class ShampooCallback(SecondOrderCallback):
     """Shampoo-preconditioned gradients (Gupta et al., 2018) for any LightningModule.
 
     Every Linear, Conv1d/2d/3d and Embedding layer gets ``(L+ρI)^(-e) G (R+ρI)^(-e)``, grafted to the plain
-    gradient's norm by default so the learning rate of your SGD set-up keeps its meaning; other parameters keep
-    their plain gradient.
+    gradient's norm by default so the learning rate of your SGD set-up keeps its meaning. With
+    ``statistics="gradient"`` the matrices outside those layers (``nn.LSTM``'s weights, bare parameters such as
+    litgpt's LoRA adapters, position tables) are preconditioned too, and vectors with ``precondition_vectors=True``;
+    other parameters keep their plain gradient.
 
     Args:
         damping: ``ρ``, relative to each factor block's largest eigenvalue (``damping_mode="relative"``) or
@@ -153,8 +155,11 @@ class PSGDCallback(SecondOrderCallback):
     """Xi-Lin Li's Kronecker-factored PSGD for any LightningModule, fitted a little every step.
 
     ``P = QᵀQ`` on every Linear, Conv1d/2d/3d and Embedding layer, fitted by Li's criterion one pair at a time;
-    its curvature improves with the number of fitting steps, not with the batch size (the seed's Figure 2). Other
-    parameters keep their plain gradient. PSGD has no damping.
+    its curvature improves with the number of fitting steps, not with the batch size (the seed's Figure 2). It fits
+    from the gradient, so every other matrix parameter is preconditioned too (``nn.LSTM``'s weights, bare
+    parameters such as litgpt's LoRA adapters, position tables, as Li's Kron does), and vectors and scalars (norms'
+    scales and shifts) with a diagonal ``Q`` under ``precondition_vectors=True``; the rest keep their plain gradient.
+    PSGD has no damping.
 
     Args:
         fit: ``"whitening"`` (pairs ``(v, g)`` of a random probe and the gradient: no extra pass) or ``"hessian"``

@@ -12,11 +12,11 @@ from lightning_soo.capture.adapters import (
     Part,
     Rows,
     UnsupportedLayerError,
-    make_adapter,
 )
 from lightning_soo.capture.census import Census
 from lightning_soo.capture.discovery import LayerSpec, Use, discover
 from lightning_soo.capture.hooks import Capture
+from lightning_soo.capture.make import make_adapter
 
 __all__ = [
     "Capture",

@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_soo.capture.calls import CONV_TYPES, functional_linear
 from lightning_soo.capture.rows import (
     Count,
     IndexRows,
@@ -50,6 +49,9 @@ from lightning_soo.capture.rows import (
 )
 from lightning_soo.linalg import host_decides
 from lightning_soo.options import WeightSharing
+
+#: the methods that take a layer from its gradient alone, named where a layer is left to them
+GRADIENT_METHODS = "PSGD and Shampoo with statistics='gradient'"
 
 
 class UnsupportedLayerError(ValueError):
@@ -83,6 +85,8 @@ class LayerAdapter:
     transposed = False
     #: why the layer's rows cannot be captured ("": they can): only a method that fits from the gradient takes it
     hooks_refused = ""
+    #: the matrix is one row (a vector parameter): methods that keep vectors' factors diagonal do (``ParameterAdapter``)
+    vector = False
 
     def __init__(
         self,
@@ -265,7 +269,7 @@ class ConvAdapter(LayerAdapter):
         if module.groups != 1:  # its gradient is a matrix all the same: (out, in/groups * kernel) with the bias
             self.hooks_refused = (
                 f"grouped convolution (groups={module.groups}): preconditioned only by methods that fit from the "
-                "gradient (PSGD, Shampoo with statistics='gradient')"
+                f"gradient ({GRADIENT_METHODS})"
             )
 
     def patches(self, x: Tensor) -> Tensor:
@@ -332,66 +336,3 @@ class EmbeddingAdapter(LayerAdapter):
         mask = token_mask(row_peaks(d))
         n = mask.sum()
         return Observation(IndexRows(x.reshape(-1), self.weight.param.shape[0], mask), d, n, n)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` by structure (no transformers import): a 2-d ``(nx, nf)`` weight and ``nf``."""
-    w, nf = getattr(module, "weight", None), getattr(module, "nf", None)
-    return (
-        type(module).__name__ == "Conv1D"
-        and isinstance(w, nn.Parameter)
-        and w.dim() == 2
-        and isinstance(nf, int)
-        and w.shape[1] == nf
-    )
-
-
-class ConvTransposeAdapter(LayerAdapter):
-    """``nn.ConvTranspose1d/2d/3d`` of one group (GAN generators, decoders): the weight is stored ``(in, out,
-    kernel...)``; its gradient is the matrix ``(out, in · kernel)`` with the bias column. No rows capture can take:
-    only methods that fit from the gradient precondition it."""
-
-    hooks_refused = (
-        "transposed convolution: preconditioned only by methods that fit from the gradient (PSGD, Shampoo with "
-        "statistics='gradient')"
-    )
-
-    def __init__(self, module: nn.Module, weight_sharing: WeightSharing = "expand") -> None:
-        super().__init__(module, weight_sharing)
-        if module.groups != 1:
-            raise UnsupportedLayerError(f"transposed convolution with groups={module.groups} is not preconditioned")
-
-    def weight_matrix(self, w: Tensor) -> Tensor:
-        w = self.weight.of(w)
-        return w.transpose(0, 1).reshape(w.shape[1], -1)
-
-    def _blocks(self, m: Tensor) -> list[Tensor]:
-        w = m[:, :-1] if self.bias is not None else m
-        shape = self.weight.param.shape
-        w = w.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1)
-        return [w, m[:, -1]] if self.bias is not None else [w]
-
-
-def make_adapter(module: nn.Module, weight_sharing: WeightSharing = "expand") -> LayerAdapter | None:
-    """The adapter for ``module``, None for unsupported types; raises ``UnsupportedLayerError`` for refused
-    configurations of supported types."""
-    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
-    supported = isinstance(module, (nn.Linear, nn.Embedding, *CONV_TYPES)) or is_conv1d(module) or transposed
-    if supported and not isinstance(module._parameters.get("weight"), nn.Parameter):
-        raise UnsupportedLayerError(
-            "its weight is computed from other parameters (a parametrization such as weight_norm or spectral_norm): "
-            "their gradients are not the weight's, which the preconditioner would rewrite"
-        )
-    if isinstance(module, nn.Linear):
-        return LinearAdapter(module, weight_sharing)
-    if isinstance(module, CONV_TYPES):
-        return ConvAdapter(module, weight_sharing)
-    if transposed:
-        return ConvTransposeAdapter(module, weight_sharing)
-    if isinstance(module, nn.Embedding):
-        return EmbeddingAdapter(module, weight_sharing)
-    if is_conv1d(module):
-        return Conv1DAdapter(module, weight_sharing)
-    if functional_linear(module):  # a router: captured at its F.linear call, if the census finds only that one
-        return LinearAdapter(module, weight_sharing)
-    return None

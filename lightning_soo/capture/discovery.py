@@ -10,7 +10,9 @@ elsewhere are found by the census (``hooks``) and added by ``functional_use``. A
 side is the layer's input side, ``"transposed"`` when the orientation is swapped: a weight tied between an
 ``nn.Embedding`` (layer ``W = weightᵀ``, vocabulary on the input side) and an ``nn.Linear`` head (vocabulary on
 its output side). Uses that capture cannot see (a tied weight in a convolution, a call of the weight outside its
-modules found by the census of ``hooks``) leave the whole parameter plain, with the reason.
+modules found by the census of ``hooks``) leave the whole parameter plain, with the reason. A trainable parameter
+outside every such layer is a layer of its own without uses (``ParameterAdapter``), which only the methods that
+fit from the gradient take.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from lightning_soo.capture.adapters import (
     Part,
     UnsupportedLayerError,
     WeightSharing,
-    make_adapter,
 )
 from lightning_soo.capture.calls import functional_linear, overridden_base
+from lightning_soo.capture.gradient_only import ParameterAdapter
+from lightning_soo.capture.make import make_adapter
 
 Role = Literal["normal", "transposed"]
 
@@ -239,8 +242,14 @@ def discover(
         if id(p) in covered or pname in plain or pname in excluded or not p.requires_grad:
             continue
         owner = raw_name.rsplit(".", 1)[0] if "." in raw_name else ""
+        if any(fnmatch.fnmatchcase(n, pat) for n in (eager_name(owner), pname) for pat in exclude):
+            excluded[pname] = "excluded by you"
+            continue
         module = model.get_submodule(owner) if owner else model
-        plain[pname] = f"{type(module).__name__}: not in a supported module"
+        if p.numel() == 0:
+            plain[pname] = f"{type(module).__name__}: not in a supported module (empty)"
+            continue
+        specs.append(LayerSpec(pname, ParameterAdapter(module, p, weight_sharing)))  # for gradient methods
     for spec in specs:
         if not all(p.requires_grad for p in spec.adapter.params):
             for p in spec.adapter.params:

@@ -326,6 +326,10 @@ def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str,
         if adapter.hooks_refused and pre.uses_hooks:
             wiring.leave_plain(spec.module, adapter.params, adapter.hooks_refused)
             continue
+        if adapter.vector and not options.precondition_vectors:
+            why = "a vector outside the layers capture knows (precondition_vectors=True has it preconditioned)"
+            wiring.leave_plain(spec.module, adapter.params, why)
+            continue
         if spec.transposed_uses and pre.uses_hooks and not tied:
             why = f"weight tied in two orientations (embedding and head), not supported by {method.__name__}"
             wiring.leave_plain(spec.module, adapter.params, why)

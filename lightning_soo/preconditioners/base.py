@@ -64,6 +64,8 @@ class Preconditioner:
     notice: str | None = None
     #: the method can take uses of the weight in the swapped orientation (a tied embedding and head)
     supports_transposed: ClassVar[bool] = False
+    #: a vector parameter (``ParameterAdapter``, the matrix ``(1, d)``) keeps a diagonal factor, as PSGD's Kron does
+    vectors_diagonal: ClassVar[bool] = False
 
     @classmethod
     def one_hot_diagonal(cls, options: StepOptions) -> bool:
@@ -85,6 +87,7 @@ class Preconditioner:
         d_out, d_in = adapter.shape
         opts = options if options is not None else cls.options_type()
         diagonal = isinstance(adapter, EmbeddingAdapter) and cls.one_hot_diagonal(opts)
+        diagonal = diagonal or (adapter.vector and cls.vectors_diagonal)
         return cls(
             d_out,
             d_in,

@@ -57,6 +57,7 @@ class PSGD(Preconditioner):
 
     options_type = PSGDOptions
     options: PSGDOptions
+    vectors_diagonal = True  # as Li's Kron and heavyball's: a norm's scale gets a diagonal Q
     state_numbers = ("updates", "steps_seen", "accumulated")
     state_tensors = ("q_l", "q_r", "p_l", "p_r")
     derived = ("p_l", "p_r")
@@ -68,7 +69,8 @@ class PSGD(Preconditioner):
         self.schedule = (o.max_update_probability, o.min_update_probability, o.update_decay, o.flat_steps)
         self.uses_hooks, self.uses_grad = False, o.fit == "whitening"
         d_out, d_in = self.d_out, self.d_in
-        self.diag_l, self.diag_r = d_out > o.max_factor_dim, d_in > o.max_factor_dim
+        vector = self.input_diagonal and d_out == 1  # a vector parameter: its Q diagonal, the left one a scalar
+        self.diag_l, self.diag_r = d_out > o.max_factor_dim or vector, d_in > o.max_factor_dim or self.input_diagonal
         self.q_l: Tensor | None = None
         self.q_r: Tensor | None = None
         self.p_l: Tensor | None = None  # Q_lᵀQ_l, formed at refresh

@@ -277,11 +277,13 @@ def test_transformers_batched_experts_stay_plain_with_the_call_named() -> None:
     assert dropped and all(f._sum_t is None for p in dropped for f in p._factors)  # the census's drops cost none
 
 
-@pytest.mark.parametrize("method", ["kfac", "psgd"])
-def test_3d_parameters_that_are_not_experts(method: str) -> None:
+@pytest.mark.parametrize(("method", "vectors"), [("kfac", False), ("psgd", False), ("psgd", True)])
+def test_3d_parameters_that_are_not_experts(method: str, vectors: bool) -> None:
     """A weight-normed convolution's ``original1`` (a 3-d parametrization parameter) and a per-head scale
-    ``(heads, 1, 1)`` are not experts: plain with their own reasons, their gradients untouched (PSGD rewrote the
-    convolution's as 32 "experts" while the report called it plain)."""
+    ``(heads, 1, 1)`` are not experts: the parametrization's stay plain with their reason, their gradients untouched
+    (PSGD rewrote the convolution's as 32 "experts" while the report called it plain); the scale is a bare
+    parameter, a vector, which PSGD preconditions with ``precondition_vectors`` (``ParameterAdapter``) and K-FAC
+    leaves plain."""
 
     class Scaled(nn.Module):
         def __init__(self) -> None:
@@ -296,7 +298,9 @@ def test_3d_parameters_that_are_not_experts(method: str) -> None:
 
     torch.manual_seed(0)
     model = Scaled()
-    manager = PreconditionerManager(model, method, preconditioner_interval=1, warn=lambda m: None)
+    manager = PreconditionerManager(
+        model, method, preconditioner_interval=1, warn=lambda m: None, precondition_vectors=vectors
+    )
     x, y = torch.randn(B, 4, C), torch.randint(0, V, (B, 4))
     for _ in range(2):
         model.zero_grad()
@@ -304,9 +308,11 @@ def test_3d_parameters_that_are_not_experts(method: str) -> None:
         F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1)).backward()
         plain = {n: p.grad.clone() for n, p in model.named_parameters()}
         manager.step()
-    assert set(manager.layers) == {"head"}
+    bare = {"scale"} if vectors else set()
+    assert set(manager.layers) == {"head"} | bare
     reasons = manager.plain_parameters()
     assert "computed from other parameters" in reasons["conv.parametrizations.weight.original1"]
-    assert "not in a supported module" in reasons["scale"]
+    why = "precondition_vectors=True" if method == "psgd" else "not in a supported module"
+    assert vectors or why in reasons["scale"]
     for name, p in model.named_parameters():
-        assert torch.equal(p.grad, plain[name]) == (not name.startswith("head")), name
+        assert torch.equal(p.grad, plain[name]) == (not name.startswith("head") and name not in bare), name

@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--float32", action="store_true", help="float32 model and statistics (default float64)")
     parser.add_argument("--interval", type=int, default=2, help="preconditioner_interval (not PSGD)")
     parser.add_argument("--model", default="mlp", choices=["mlp", "moe"], help="moe: ShardedMoE, global batch 8")
+    parser.add_argument("--vectors", action="store_true", help="PSGD's precondition_vectors (the LayerNorm's)")
     args = parser.parse_args()
     methods = args.method.split(",")
     if not set(methods) <= set(METHODS):
@@ -158,7 +159,7 @@ def fit(args: argparse.Namespace, method: str) -> tuple[L.Trainer, dict]:
         cb = GaussNewtonCallback(preconditioner_interval=args.interval, grad_worker_fraction=args.fraction)
     elif method.startswith("psgd"):
         form = "hessian" if method == "psgd_hessian" else "whitening"
-        cb = PSGDCallback(fit=form, grad_worker_fraction=args.fraction)
+        cb = PSGDCallback(fit=form, grad_worker_fraction=args.fraction, precondition_vectors=args.vectors)
     else:
         cb = KFACCallback(preconditioner_interval=args.interval, kl_clip=None, grad_worker_fraction=args.fraction)
     last = LastGrads(cb)

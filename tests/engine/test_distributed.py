@@ -43,6 +43,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
         "gauss_newton_ddp32": _run(tmp, 2, "gn_ddp32", "--steps", "5", "--method", "gauss_newton", "--float32"),
         "psgd_single": _run(tmp, 1, "psgd_single", "--steps", "5", "--method", "psgd"),
         "psgd_ddp": _run(tmp, 2, "psgd_ddp", "--steps", "5", "--method", "psgd", "--fraction", "0.5"),
+        "psgd_vectors_single": _run(tmp, 1, "psgdv_single", "--steps", "5", "--method", "psgd", "--vectors"),
+        "psgd_vectors_ddp": _run(
+            tmp, 2, "psgdv_ddp", "--steps", "5", "--method", "psgd", "--vectors", "--fraction", "0.5"
+        ),
         "psgd_hessian_single": _run(tmp, 1, "psgdh_single", "--steps", "5", "--method", "psgd_hessian"),
         "psgd_hessian_ddp": _run(tmp, 2, "psgdh_ddp", "--steps", "5", "--method", "psgd_hessian"),
         "device_single": _run(tmp, 1, "device_single", "--steps", "5", "--device-path"),
@@ -97,11 +101,12 @@ def test_shampoo_ddp_equals_single_process(runs: dict[str, list[dict]]) -> None:
         assert torch.equal(g0, g1)
 
 
-@pytest.mark.parametrize("method", ["gauss_newton", "psgd", "psgd_hessian"])
+@pytest.mark.parametrize("method", ["gauss_newton", "psgd", "psgd_vectors", "psgd_hessian"])
 def test_other_methods_ddp_equal_single_process(runs: dict[str, list[dict]], method: str) -> None:
     """Gauss-Newton gathers the examples of both ranks (its Gram is that of the global batch); PSGD fits its Q from
-    the all-reduced gradient with the same probes on every rank (here in gradient-broadcast mode), or in Newton form
-    from the ranks' Hessian-vector products averaged."""
+    the all-reduced gradient with the same probes on every rank (here in gradient-broadcast mode; with the
+    LayerNorm's scale and shift as layers of their own, ``precondition_vectors``), or in Newton form from the ranks'
+    Hessian-vector products averaged."""
     single = runs[f"{method}_single"][0]
     for rank in runs[f"{method}_ddp"]:
         for a, b in zip(single["params"], rank["params"], strict=True):
@@ -112,6 +117,8 @@ def test_other_methods_ddp_equal_single_process(runs: dict[str, list[dict]], met
     total = single["state"]["counters"]["refreshes"]
     per_rank = [r["state"]["counters"]["refreshes"] for r in runs[f"{method}_ddp"]]
     assert sum(per_rank) == total and all(0 < n < total for n in per_rank)  # each layer refreshed by its owner
+    if method == "psgd_vectors":  # the LayerNorm's two vectors are layers too
+        assert total > runs["psgd_single"][0]["state"]["counters"]["refreshes"]
 
 
 def test_ddp_checkpoint_resumes_on_one_and_two_processes(runs: dict[str, list[dict]]) -> None:

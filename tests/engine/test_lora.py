@@ -1,8 +1,9 @@
 """LoRA fine-tuning as people write it. PEFT's form (``lora_A``, ``lora_B`` as ``nn.Linear``, ``B`` starting at zero)
 is preconditioned from the second step: ``A`` sees no rows at the first refresh (its output gradient is zero behind
 ``B = 0``) and is refreshed again at the next statistics step instead of waiting a whole interval. litgpt's form
-(bare ``lora_A``/``lora_B`` parameters used with ``@``) cannot be captured: one warning at set-up says that nothing
-trainable is preconditioned."""
+(bare ``lora_A``/``lora_B`` parameters used with ``@``) cannot be captured: under the methods that need rows one
+warning at set-up says that nothing trainable is preconditioned (PSGD takes them from their gradient:
+``tests/capture/test_parameter_layers.py``)."""
 
 from __future__ import annotations
 

@@ -258,14 +258,14 @@ LR = {"resnet18 (torchvision)": 0.02, "vit (timm)": 0.02, "swin (torchvision)": 
 
 
 def coverage(
-    model: nn.Module, batch: Tensor, loss_fn, method: str, steps: int = 3, lr: float = 0.05
+    model: nn.Module, batch: Tensor, loss_fn, method: str, steps: int = 3, lr: float = 0.05, **options: object
 ) -> tuple[float, list[float]]:
     """(share of trainable elements whose gradient the manager rewrote at the last step, losses) over ``steps``
-    SGD steps on one batch."""
+    SGD steps on one batch; ``options`` go to the manager."""
     from lightning_soo import PreconditionerManager
 
     torch.manual_seed(0)
-    manager = PreconditionerManager(model, method, warn=lambda m: None)
+    manager = PreconditionerManager(model, method, warn=lambda m: None, **options)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     losses, share = [], 0.0
     for _ in range(steps):

@@ -28,15 +28,18 @@ TIED = ("gpt2", "llama tied", "gemma", "bart", "nanogpt tied", "nanogpt F.linear
 # BART's decoder positions (shape (1, t), broadcast along the batch) stay plain but for PSGD: 93.3% of its elements
 
 
-@pytest.mark.parametrize("method", ["kfac", "shampoo", "gauss_newton", "psgd"])
+@pytest.mark.parametrize("method", ["kfac", "shampoo", "gauss_newton", "psgd", "psgd vectors"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_coverage_and_falling_loss(name: str, method: str) -> None:
     torch.manual_seed(0)
     model, batch, loss_fn = CASES[name]()
-    share, losses = coverage(model, batch, loss_fn, method, steps=4, lr=LR.get(name, 0.05))
+    options = {"precondition_vectors": True} if method == "psgd vectors" else {}
+    share, losses = coverage(model, batch, loss_fn, method.split()[0], steps=4, lr=LR.get(name, 0.05), **options)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
-    if method == "gauss_newton" and name in TIED:  # a weight tied in two orientations stays plain (said why)
+    if options:  # fits from the gradient: every parameter, norms' scales and shifts included
+        assert share == 1.0, share
+    elif method == "gauss_newton" and name in TIED:  # a weight tied in two orientations stays plain (said why)
         assert share > 0.75
     elif name == "bart" and method != "psgd":
         assert share > 0.93, share
