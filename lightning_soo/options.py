@@ -63,6 +63,12 @@ class StepOptions:
             operations a step (they are not stacked: GPT-2's 50 vectors take PSGD's step from 2.2x to 4.6x the
             operations of SGD's). Matrices outside layers (litgpt's bare LoRA adapters,
             ``nn.LSTM``'s weights, position tables) are preconditioned by those methods either way.
+        max_conv_groups: the methods that take rows (K-FAC, Gauss-Newton, per-example Shampoo) precondition a
+            convolution of 2 to this many groups group by group, each group a layer of its own (its curvature
+            block-diagonal over the groups, as the layer is). 0 (default): grouped convolutions are left to the
+            methods that fit from the gradient. Each group costs what a layer costs: torchvision's
+            ``regnet_y_400mf`` (531 groups in 16 convolutions, 7.8% of its weights) takes K-FAC's step from 1.8x to
+            3.2x SGD's on a CPU, ``resnext50_32x4d`` (512 groups) from 2.4x to 3.0x.
     """
 
     #: the method has a damping (PSGD has none)
@@ -82,6 +88,7 @@ class StepOptions:
     freeze_patience: int = 3
     max_failures: int = 5
     precondition_vectors: bool = False
+    max_conv_groups: int = 0
 
     def __post_init__(self) -> None:
         if self.uses_damping:
@@ -102,6 +109,7 @@ class StepOptions:
         checks.check_int("freeze_patience", self.freeze_patience)
         checks.check_int("max_failures", self.max_failures)
         checks.check_choice("precondition_vectors", self.precondition_vectors, (True, False))
+        checks.check_int("max_conv_groups", self.max_conv_groups, 0)
 
     def updated(self, **changes: Any) -> StepOptions:
         """A copy with ``changes`` (checked); an unknown name raises ValueError listing the accepted ones."""

@@ -34,6 +34,8 @@ class StepArguments(TypedDict, total=False):
             broadcasts it at refreshes, 1/world_size lets the owner precondition and broadcast the gradient.
         precondition_vectors: PSGD and Shampoo with ``statistics="gradient"`` also precondition vector parameters
             outside layers (norms' scales and shifts), each with a diagonal factor (default False).
+        max_conv_groups: K-FAC, Gauss-Newton and per-example Shampoo precondition a convolution of at most this many
+            groups group by group, a layer per group (default 0: grouped convolutions are left to PSGD).
     """
 
     statistics_interval: int
@@ -43,6 +45,7 @@ class StepArguments(TypedDict, total=False):
     max_update_norm: Optional[float]
     grad_worker_fraction: float
     precondition_vectors: bool
+    max_conv_groups: int
 
 
 def _batch_size(batch: Any) -> int | None:

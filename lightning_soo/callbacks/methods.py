@@ -44,7 +44,7 @@ class KFACCallback(SecondOrderCallback):
             scaled down when a step would exceed it. None: off.
         grafting: ``"sgd"`` rescales each layer's ``P·G`` to ``‖G‖``; None (default) keeps K-FAC's step length.
         **kwargs: ``StepArguments`` (statistics_interval, exclude, weight_sharing, loss_reduction, max_update_norm,
-            grad_worker_fraction, precondition_vectors).
+            grad_worker_fraction, precondition_vectors, max_conv_groups).
 
     Raises:
         ValueError: when an argument is out of its range (the message names it and what is accepted).

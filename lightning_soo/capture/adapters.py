@@ -87,6 +87,8 @@ class LayerAdapter:
     hooks_refused = ""
     #: the matrix is one row (a vector parameter): methods that keep vectors' factors diagonal do (``ParameterAdapter``)
     vector = False
+    #: only the methods that take rows use this layer (one group of a convolution: ``GroupConvAdapter``)
+    hooks_only = False
 
     def __init__(
         self,
@@ -258,18 +260,24 @@ class Conv1DAdapter(LayerAdapter):
 class ConvAdapter(LayerAdapter):
     """``nn.Conv1d/2d/3d``: input patches by unfolding; stride, padding (any mode), dilation honoured.
 
-    A grouped convolution has no rows capture can take (``hooks_refused``): only methods that fit from the gradient
-    precondition it, its gradient as the matrix ``(out, in/groups · kernel)`` with the bias column. Every spatial
+    A grouped convolution is taken whole, its gradient as the matrix ``(out, in/groups · kernel)`` with the bias
+    column, only by the methods that fit from the gradient (``hooks_refused``); the methods that take rows take it
+    group by group (``GroupConvAdapter``) where it has at most ``max_conv_groups`` groups. Every spatial
     position is a row and the batch dimension the example; the padding rule does not apply (positions with a zero
     gradient come from pooling and activations, not from padding).
     """
 
+    #: a grouped convolution that the methods taking rows precondition group by group (``GroupConvAdapter``
+    #: layers beside this one, which the methods fitting from the gradient take whole): set by discovery
+    split_for_hooks = False
+
     def __init__(self, module: nn.Module, weight_sharing: WeightSharing = "expand") -> None:
         super().__init__(module, weight_sharing)
-        if module.groups != 1:  # its gradient is a matrix all the same: (out, in/groups * kernel) with the bias
+        groups = module.groups
+        if groups != 1:  # its gradient is a matrix all the same: (out, in/groups * kernel) with the bias
             self.hooks_refused = (
-                f"grouped convolution (groups={module.groups}): preconditioned only by methods that fit from the "
-                f"gradient ({GRADIENT_METHODS})"
+                f"grouped convolution (groups={groups}): preconditioned only by methods that fit from the gradient "
+                f"({GRADIENT_METHODS}), or group by group with max_conv_groups >= {groups}"
             )
 
     def patches(self, x: Tensor) -> Tensor:
@@ -315,6 +323,31 @@ class ConvAdapter(LayerAdapter):
         h, _ = self.input_rows(x)
         d, n = self.output_rows(g)
         return Observation(h, d, h.shape[0], n)
+
+
+class GroupConvAdapter(ConvAdapter):
+    """One group of a grouped convolution, for the methods that take rows (K-FAC, Gauss-Newton, per-example
+    Shampoo): output channels ``[g·o, (g+1)·o)`` computed from input channels ``[g·c, (g+1)·c)`` alone, so the
+    group is a convolution of its own (its weight rows and bias entries a block of the parameters) and the whole
+    layer's curvature block-diagonal over the groups, as the layer's own structure is."""
+
+    hooks_only = True
+
+    def __init__(self, module: nn.Module, group: int, weight_sharing: WeightSharing = "expand") -> None:
+        o, c = module.out_channels // module.groups, module.in_channels // module.groups
+        outputs = slice(group * o, (group + 1) * o)
+        bias = Part(module.bias, outputs) if module.bias is not None else None
+        LayerAdapter.__init__(self, module, weight_sharing, weight=Part(module.weight, outputs), bias=bias)
+        self.inputs, self.outputs = (group * c, c), (group * o, o)
+
+    def _channels(self, t: Tensor, span: tuple[int, int]) -> Tensor:
+        return t.narrow(0 if t.dim() == len(self.module.kernel_size) + 1 else 1, *span)  # unbatched: channels first
+
+    def input_rows(self, x: Tensor) -> tuple[Rows, int]:
+        return super().input_rows(self._channels(x, self.inputs))
+
+    def output_rows(self, g: Tensor) -> tuple[Tensor, int]:
+        return super().output_rows(self._channels(g, self.outputs))
 
 
 class EmbeddingAdapter(LayerAdapter):

@@ -27,7 +27,9 @@ from torch.nn.utils import parametrize
 
 from lightning_soo.capture.adapters import (
     Conv1DAdapter,
+    ConvAdapter,
     EmbeddingAdapter,
+    GroupConvAdapter,
     LayerAdapter,
     LinearAdapter,
     Part,
@@ -139,12 +141,13 @@ def eager_name(name: str) -> str:
 
 
 def discover(
-    model: nn.Module, exclude: Sequence[str] = (), weight_sharing: WeightSharing = "expand"
+    model: nn.Module, exclude: Sequence[str] = (), weight_sharing: WeightSharing = "expand", max_conv_groups: int = 0
 ) -> tuple[list[LayerSpec], dict[str, str], dict[str, str]]:
     """(managed layers, parameter name -> reason it stays plain, parameter name -> excluded by the user).
 
     Layers whose name matches an ``exclude`` pattern (``fnmatch``) are listed apart; frozen layers are managed (and
-    listed): they cost nothing while frozen and are preconditioned once unfrozen (fine-tuning).
+    listed): they cost nothing while frozen and are preconditioned once unfrozen (fine-tuning). A convolution of
+    2 to ``max_conv_groups`` groups is also a layer per group, for the methods that take rows.
     """
     by_param: dict[int, LayerSpec] = {}  # weight parameter -> its layer (a tied weight has one layer)
     specs: list[LayerSpec] = []
@@ -202,6 +205,11 @@ def discover(
             specs.extend(_attention_specs(mname, module, weight_sharing))
             continue
         assert adapter is not None
+        if isinstance(adapter, ConvAdapter) and 1 < module.groups <= max_conv_groups:  # for the methods taking rows
+            adapter.split_for_hooks = True
+            for g in range(module.groups):
+                group = GroupConvAdapter(module, g, weight_sharing)
+                specs.append(LayerSpec(f"{mname}.group{g}", group, [_use(module, group)]))
         known = by_param.get(id(adapter.weight.param))
         if known is None:
             spec = LayerSpec(mname, adapter, [_use(module, adapter)])

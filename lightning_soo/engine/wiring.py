@@ -305,7 +305,7 @@ def _watched(on_call: Any, seen: list[bool], i: int) -> Any:
 
 def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str, float]) -> Wiring:
     """Discover the layers of ``model``, build their preconditioners and attach the capture of their uses."""
-    specs, skipped, excluded = discover(model, options.exclude, options.weight_sharing)
+    specs, skipped, excluded = discover(model, options.exclude, options.weight_sharing, options.max_conv_groups)
     wiring = Wiring(
         model, skipped=skipped, excluded=excluded, method=method, options=options, timings=timings,
         mean=options.loss_reduction == "mean",
@@ -323,8 +323,11 @@ def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str,
         dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         tied = spec.transposed_uses and method.supports_transposed
         pre = method.for_layer(adapter, dtype=dtype, device=w.device, options=options, transposed_uses=tied)
+        if adapter.hooks_only and not pre.uses_hooks:  # a convolution's group: the whole layer is another spec
+            continue
         if adapter.hooks_refused and pre.uses_hooks:
-            wiring.leave_plain(spec.module, adapter.params, adapter.hooks_refused)
+            if not getattr(adapter, "split_for_hooks", False):  # else its groups are layers of their own
+                wiring.leave_plain(spec.module, adapter.params, adapter.hooks_refused)
             continue
         if adapter.vector and not options.precondition_vectors:
             why = "a vector outside the layers capture knows (precondition_vectors=True has it preconditioned)"

@@ -1,8 +1,8 @@
 """Grouped and depthwise convolutions (ConvNeXt, RegNet, EfficientNet, MobileNet) and transposed ones (GAN
-generators, decoders): no rows capture can take, but a gradient all the same, the matrix ``(out, in/groups ·
-kernel)`` with the bias column. Methods that fit from the
-gradient (PSGD, Shampoo with ``statistics="gradient"``) precondition it exactly as they precondition a linear layer
-with that gradient matrix (float64); the others leave it plain, with the reason."""
+generators, decoders) have a gradient that is a matrix, ``(out, in/groups · kernel)`` with the bias column. Methods
+that fit from the gradient (PSGD, Shampoo with ``statistics="gradient"``) precondition it exactly as they
+precondition a linear layer with that gradient matrix (float64); the others take a grouped one group by group and
+leave a transposed one plain, with the reason."""
 
 from __future__ import annotations
 
@@ -82,10 +82,17 @@ def test_grouped_convolutions_are_preconditioned_as_their_gradient_matrix(method
 
 
 @pytest.mark.parametrize("method", ["kfac", "shampoo", "gauss_newton"])
-def test_methods_that_need_rows_leave_them_plain(method: str) -> None:
-    manager = PreconditionerManager(Net(), method, warn=lambda m: None)
-    assert set(manager.layers) == {"head"}
+@pytest.mark.parametrize("max_conv_groups", [0, 4])
+def test_methods_that_need_rows_take_groups_when_asked_and_leave_transposed_plain(
+    method: str, max_conv_groups: int
+) -> None:
+    """Grouped convolutions are plain by default and taken group by group with ``max_conv_groups``
+    (``tests/capture/test_conv_groups.py``); the transposed one stays plain, with the reason."""
+    manager = PreconditionerManager(Net(), method, warn=lambda m: None, max_conv_groups=max_conv_groups)
+    groups = {f"depthwise.group{g}" for g in range(4)} | {"grouped.group0", "grouped.group1"}
+    assert set(manager.layers) == {"head"} | (groups if max_conv_groups else set())
     for name in ("depthwise.weight", "depthwise.bias", "grouped.weight"):
-        assert "grouped convolution" in manager.skipped[name] and "PSGD" in manager.skipped[name]
+        assert (name in manager.skipped) == (not max_conv_groups)
+        assert max_conv_groups or ("grouped convolution" in manager.skipped[name] and "PSGD" in manager.skipped[name])
     for name in ("up.weight", "up.bias"):
         assert "transposed convolution" in manager.skipped[name] and "PSGD" in manager.skipped[name]
