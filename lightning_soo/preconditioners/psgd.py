@@ -38,6 +38,7 @@ from lightning_soo.preconditioners.psgd_math import (
     criterion_terms,
     factor_gram,
     fit_stacked,
+    fit_stacked_diagonal,
     norm_lower_bound,
     solve_left_t,
     solve_right,
@@ -155,8 +156,10 @@ class PSGD(Preconditioner):
         self._dirty = True
 
     def _stackable(self) -> bool:
-        """Fits with others of its shape: dense factors past the first pair, decided on an accelerator."""
-        return self.q_l is not None and not (self.diag_l or self.diag_r) and linalg.stacks_on(self.q_l.device)
+        """Fits with others of its shape: dense factors, or a vector parameter's diagonal ones, past the first pair,
+        decided on an accelerator."""
+        dense, vector = not (self.diag_l or self.diag_r), self.diag_l and self.diag_r and self.d_out == 1
+        return self.q_l is not None and (dense or vector) and linalg.stacks_on(self.q_l.device)
 
     @classmethod
     def close_many(cls, pres: list[Preconditioner], output_scale: float | Tensor) -> list[Tensor | bool | None]:
@@ -170,7 +173,7 @@ class PSGD(Preconditioner):
             assert isinstance(p, PSGD)
             pair = p._take()
             if pair is not None and p._stackable():
-                key = (p.d_out, p.d_in, p.dtype, p.device, p.lr_preconditioner, p.updates % 100 == 99)
+                key = (p.d_out, p.d_in, p.dtype, p.device, p.lr_preconditioner, p.updates % 100 == 99, p.diag_l)
                 groups.setdefault(key, []).append((i, pair))
             elif pair is not None:
                 results[i] = p._fit_pair(*pair)
@@ -182,9 +185,11 @@ class PSGD(Preconditioner):
             v, h = (torch.stack([pair[k] for _, pair in members]) for k in (0, 1))
             ql, qr = torch.stack([p.q_l for p in group]), torch.stack([p.q_r for p in group])  # type: ignore[misc]
             lr, balance = key[4], key[5]
-            new_l, new_r = fit_stacked(ql, qr, h, v, lr, group[0].tiny, balance)
-            keep = linalg.is_finite(h.sum((1, 2)) + new_l.sum((1, 2)) + new_r.sum((1, 2)))
-            kept = keep.reshape(-1, 1, 1)
+            fit = fit_stacked_diagonal if key[6] else fit_stacked
+            new_l, new_r = fit(ql, qr, h, v, lr, group[0].tiny, balance)
+            dims = (1,) if key[6] else (1, 2)  # diagonal factors are stacked vectors
+            keep = linalg.is_finite(h.sum((1, 2)) + new_l.sum(dims) + new_r.sum(dims))
+            kept = keep.reshape(-1, *([1] * len(dims)))
             ql, qr = torch.where(kept, new_l, ql), torch.where(kept, new_r, qr)
             for k, ((i, _), p) in enumerate(zip(members, group, strict=True)):
                 p._fitted(ql[k], qr[k])

@@ -1,8 +1,8 @@
 """PSGD's linear algebra: the criterion's gradient terms, the spectral-norm bound that normalises its step, products
 with triangular factors, and one fitting step of a stack of equal layers' dense factors (``fit_stacked``: on an
 accelerator, each operation once per stack instead of once per layer; one more equal layer adds 2 launches to a
-fitting step instead of 93, ``tests/engine/test_launches.py``). A factor is an upper-triangular matrix, a diagonal
-stored as a vector, or a stack of triangular matrices.
+fitting step instead of 93, ``tests/engine/test_launches.py``) or diagonal ones (``fit_stacked_diagonal``). A
+factor is an upper-triangular matrix, a diagonal stored as a vector, or a stack of triangular matrices.
 """
 
 from __future__ import annotations
@@ -62,6 +62,25 @@ def fit_stacked(
         t1, t2 = criterion_terms(a, b, left, False)
         step = lr / (norm_lower_bound_many(t1 + t2) + tiny)
         new.append(q - step.reshape(-1, 1, 1) * triu_matmul(t1 - t2, q))
+    return new[0], new[1]
+
+
+def fit_stacked_diagonal(
+    ql: Tensor, qr: Tensor, h: Tensor, v: Tensor, lr: float, tiny: float, balance: bool
+) -> tuple[Tensor, Tensor]:
+    """``fit_stacked`` for diagonal factors on both sides (stacked ``L x d_out`` and ``L x d_in``: the vector
+    parameters of ``precondition_vectors``), elementwise, each operation once per stack."""
+    if balance:
+        nl, nr = ql.abs().amax(1, keepdim=True), qr.abs().amax(1, keepdim=True)
+        g = (nl * nr).sqrt()
+        ql, qr = ql * (g / nl), qr * (g / nr)
+    a = ql.unsqueeze(2) * h * qr.unsqueeze(1)  # Q_l H Q_r, as ``PSGD._update`` takes it one layer at a time
+    b = v / ql.unsqueeze(2) / qr.unsqueeze(1)
+    new = []
+    for q, dim in ((ql, 2), (qr, 1)):
+        t1, t2 = a.square().sum(dim), b.square().sum(dim)
+        step = lr / ((t1 + t2).abs().amax(1, keepdim=True) + tiny)
+        new.append(q - step * (t1 - t2) * q)
     return new[0], new[1]
 
 

@@ -117,6 +117,22 @@ def test_gradient_shampoo_takes_them_and_hook_methods_say_who_would() -> None:
         )
 
 
+def test_equal_vectors_fit_as_one_stack_on_the_accelerators_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an accelerator the vectors of one length fit as one stack (``fit_stacked_diagonal``: the norm's scale and
+    shift here): the same updates as one by one on that path, and as the host's path."""
+    from lightning_soo import linalg
+
+    runs = []
+    for host, batch in ((True, False), (False, False), (False, True)):
+        monkeypatch.setattr(linalg, "HOST_DECIDES_ON_CPU", host)
+        monkeypatch.setattr(linalg, "BATCH_ON_CPU", batch)
+        runs.append(_run("psgd", steps=4, precondition_vectors=True)[2])
+    for other in runs[1:]:
+        for (plain, rewritten), (plain2, rewritten2) in zip(runs[0], other, strict=True):
+            torch.testing.assert_close(plain2, plain, rtol=1e-12, atol=1e-15)
+            torch.testing.assert_close(rewritten2, rewritten, rtol=1e-12, atol=1e-15)
+
+
 def test_vectors_stay_plain_unless_asked_for() -> None:
     """By default PSGD takes the matrices outside layers and leaves vectors and scalars plain, saying how to have
     them preconditioned; ``precondition_vectors`` is checked at construction."""
