@@ -86,3 +86,9 @@ def factored_damping_dense(a: Tensor, b: Tensor, damping: float) -> Tensor:
     pi = ((a.trace() / a.shape[0]) / (b.trace() / b.shape[0])).sqrt()
     ra, rb = damping**0.5 * pi, damping**0.5 / pi
     return torch.kron(b + rb * torch.eye(b.shape[0], dtype=b.dtype), a + ra * torch.eye(a.shape[0], dtype=a.dtype))
+
+
+def spd(n: int, spread: float, g: torch.Generator) -> Tensor:
+    """A random float64 SPD matrix with eigenvalues log-spaced over ``spread`` (random eigenvectors)."""
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (q * torch.logspace(0, torch.log10(torch.tensor(spread)), n, dtype=torch.float64)) @ q.T

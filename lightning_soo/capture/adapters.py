@@ -89,6 +89,9 @@ class LayerAdapter:
     vector = False
     #: only the methods that take rows use this layer (one group of a convolution: ``GroupConvAdapter``)
     hooks_only = False
+    #: the methods that take rows precondition this layer by other specs, its parts (a convolution's groups, set by
+    #: discovery for ``max_conv_groups``); the methods fitting from the gradient take it whole
+    split_for_hooks = False
 
     def __init__(
         self,
@@ -266,10 +269,6 @@ class ConvAdapter(LayerAdapter):
     position is a row and the batch dimension the example; the padding rule does not apply (positions with a zero
     gradient come from pooling and activations, not from padding).
     """
-
-    #: a grouped convolution that the methods taking rows precondition group by group (``GroupConvAdapter``
-    #: layers beside this one, which the methods fitting from the gradient take whole): set by discovery
-    split_for_hooks = False
 
     def __init__(self, module: nn.Module, weight_sharing: WeightSharing = "expand") -> None:
         super().__init__(module, weight_sharing)

@@ -326,7 +326,7 @@ def wire(model: nn.Module, method: Any, options: StepOptions, timings: dict[str,
         if adapter.hooks_only and not pre.uses_hooks:  # a convolution's group: the whole layer is another spec
             continue
         if adapter.hooks_refused and pre.uses_hooks:
-            if not getattr(adapter, "split_for_hooks", False):  # else its groups are layers of their own
+            if not adapter.split_for_hooks:  # else its groups are layers of their own
                 wiring.leave_plain(spec.module, adapter.params, adapter.hooks_refused)
             continue
         if adapter.vector and not options.precondition_vectors:

@@ -17,6 +17,7 @@ from lightning_soo import PreconditionerManager
 from lightning_soo.capture import discover
 from lightning_soo.capture.gradient_only import ParameterAdapter
 from lightning_soo.preconditioners import PSGD
+from tests.reference import spd
 
 
 class Odd(nn.Module):
@@ -211,7 +212,7 @@ def test_newton_form_fits_the_inverse_hessian_of_a_bare_parameter() -> None:
     from lightning_soo.diagnostics.newton import fit_hessian
 
     g = torch.Generator().manual_seed(1)
-    a, b = (_spd(n, c, g) for n, c in ((4, 20.0), (3, 5.0)))
+    a, b = spd(4, 20.0, g), spd(3, 5.0, g)
     model = nn.Module()
     model.w = nn.Parameter(torch.randn(4, 1, 3, generator=g, dtype=torch.float64))
     manager = PreconditionerManager(
@@ -236,8 +237,3 @@ def test_newton_form_fits_the_inverse_hessian_of_a_bare_parameter() -> None:
     p = torch.stack([pre.precondition(e.reshape(4, 3)).reshape(-1) for e in eye], 1)
     lam = torch.linalg.eigvals(p @ hessian).real
     assert float(lam.max() / lam.min()) < 1.5 and torch.linalg.cond(hessian) > 90
-
-
-def _spd(n: int, cond: float, g: torch.Generator) -> Tensor:
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return q @ torch.diag(torch.logspace(0, float(torch.log10(torch.tensor(cond))), n, dtype=torch.float64)) @ q.T

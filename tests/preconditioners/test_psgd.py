@@ -10,14 +10,9 @@ from lightning_soo import PreconditionerManager
 from lightning_soo.diagnostics import fit_hessian
 from lightning_soo.preconditioners import PSGD
 from lightning_soo.preconditioners.psgd import norm_lower_bound, update_probability
+from tests.reference import spd
 
 F64, CPU = torch.float64, torch.device("cpu")
-
-
-def _spd(n: int, spread: float, g: torch.Generator) -> Tensor:
-    """A random SPD matrix with eigenvalues log-spaced over ``spread`` (random eigenvectors)."""
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
-    return (q * torch.logspace(0, torch.log10(torch.tensor(spread)), n, dtype=F64)) @ q.T
 
 
 def _sqrt(m: Tensor) -> Tensor:
@@ -38,7 +33,7 @@ def test_whitening_fixed_point(max_factor_dim: int) -> None:
     preconditioner's step annealed, as for any stochastic fixed point) P·G is white: spread under 1.5."""
     g = torch.Generator().manual_seed(0)
     d_out, d_in = 5, 4
-    left, right = _spd(d_out, 10.0, g), _spd(d_in, 10.0, g)  # vec covariance kron(L, R): spread 100
+    left, right = spd(d_out, 10.0, g), spd(d_in, 10.0, g)  # vec covariance kron(L, R): spread 100
     if max_factor_dim < d_out:
         left = torch.diag(torch.logspace(0, 1, d_out, dtype=F64))  # a diagonal factor whitens a diagonal side
     sl, sr = _sqrt(left), _sqrt(right)
@@ -68,7 +63,7 @@ def _accepted(flag: Tensor | None) -> bool:
 def test_newton_form_fits_inverse_hessian_of_a_quadratic() -> None:
     """loss = ½ tr(Wᵀ A W B) has the Kronecker Hessian B ⊗ A; the Newton form drives P·H towards the identity."""
     g = torch.Generator().manual_seed(1)
-    a, b = _spd(4, 20.0, g), _spd(3, 5.0, g)
+    a, b = spd(4, 20.0, g), spd(3, 5.0, g)
     lin = nn.Linear(3, 4, bias=False).double()
     manager = PreconditionerManager(
         lin, "psgd", {"fit": "hessian", "min_update_probability": 1.0}, preconditioner_interval=1
