@@ -58,10 +58,11 @@ class StepOptions:
         max_failures: consecutive failed refreshes of one layer before an error is raised.
         precondition_vectors: the methods that fit from the gradient (PSGD, Shampoo with ``statistics="gradient"``)
             also precondition vector and scalar parameters outside the layers capture knows (norms' scales and
-            shifts, biases of ``nn.LSTM``), each a layer of its own with a diagonal factor under PSGD. Off by
-            default: they are a few per cent of a model's elements, and on an accelerator each costs about 14
-            operations a step (vectors of one length fit as one stack; their products and post-processing are
-            per layer): GPT-2's 50 norm vectors take PSGD's step from 2.2x to 2.8x the operations of SGD's.
+            shifts, biases of ``nn.LSTM``), each a layer of its own with diagonal factors (PSGD's Q, Shampoo's
+            right side). Off by default: they are a few per cent of a model's elements, and on an accelerator each
+            costs about 14 operations a step (vectors of one length fit as one stack; their products and
+            post-processing are per layer): GPT-2's 50 norm vectors take PSGD's step from 2.2x to 2.8x the
+            operations of SGD's.
             Matrices outside layers (litgpt's bare LoRA adapters, ``nn.LSTM``'s weights, position tables) are
             preconditioned by those methods either way.
         max_conv_groups: the methods that take rows (K-FAC, Gauss-Newton, per-example Shampoo) precondition a

@@ -64,7 +64,7 @@ class Preconditioner:
     notice: str | None = None
     #: the method can take uses of the weight in the swapped orientation (a tied embedding and head)
     supports_transposed: ClassVar[bool] = False
-    #: a vector parameter (``ParameterAdapter``, the matrix ``(1, d)``) keeps a diagonal factor, as PSGD's Kron does
+    #: a vector parameter (``ParameterAdapter``, the matrix ``(1, d)``) keeps a diagonal input-side factor
     vectors_diagonal: ClassVar[bool] = False
 
     @classmethod

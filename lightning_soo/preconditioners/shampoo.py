@@ -47,6 +47,7 @@ class Shampoo(Preconditioner):
     count_scaled_rows = True  # both sides are quadratic in the output gradients: a count tensor at the close
     config_keys = ("exponent", "damping_mode", "max_factor_dim", "statistics")
     supports_transposed = True
+    vectors_diagonal = True  # a norm's scale (``precondition_vectors``): a diagonal R, not one eigh of d x d per vector
 
     @classmethod
     def one_hot_diagonal(cls, options: StepOptions) -> bool:

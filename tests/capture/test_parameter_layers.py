@@ -108,6 +108,8 @@ def test_psgd_preconditions_every_parameter_as_the_kronecker_product_says() -> N
 def test_gradient_shampoo_takes_them_and_hook_methods_say_who_would() -> None:
     _, manager, history, _ = _run("shampoo", steps=2, statistics="gradient", precondition_vectors=True)
     assert set(MATRICES) <= set(manager.wiring.layers)
+    for name, shape in MATRICES.items():  # vectors: a diagonal right factor (no eigendecomposition of d x d)
+        assert manager.wiring.layers[name].preconditioner.right.diagonal == (shape[0] == 1)
     assert all(not torch.equal(history[-1][1][n], history[-1][0][n]) for n in MATRICES)
     for method in ("kfac", "shampoo", "gauss_newton"):
         _, manager, history, messages = _run(method, steps=2)
