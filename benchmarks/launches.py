@@ -39,7 +39,9 @@ NOT_KERNELS = {"_local_scalar_dense", "scalar_tensor", "detach", "lift_fresh"}
 METHODS = ("kfac", "shampoo", "gauss_newton", "psgd")
 
 
-class _Count(TorchDispatchMode):
+class OperationCount(TorchDispatchMode):
+    """The ATen operations run inside it, by name (views and host reads left out): kernel launches on a GPU."""
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
@@ -73,7 +75,7 @@ def count(method: str | None, key: str, frozen: bool, stacked: bool, quick: bool
             if manager is not None and frozen and step == 1:
                 manager.freeze()
             opt.zero_grad(set_to_none=True)
-            with _Count() as counted:
+            with OperationCount() as counted:
                 if manager is not None:
                     manager.begin_step(batch_size=s.batch)
                 nn.functional.cross_entropy(model(x), y).backward()

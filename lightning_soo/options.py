@@ -71,7 +71,7 @@ class StepOptions:
             methods that fit from the gradient. Each group costs what a layer costs: torchvision's
             ``regnet_y_400mf`` (531 groups in 16 convolutions, 7.8% of its weights) takes K-FAC's step from 1.8x to
             3.2x SGD's on a CPU, ``resnext50_32x4d`` (512 groups) from 2.4x to 3.0x; on an accelerator each group
-            adds about 16 operations a step (regnet_y_400mf: 3.3x to 15x SGD's operation count).
+            adds about 16 operations a step (regnet_y_400mf: 3.3x to 17x SGD's operation count).
     """
 
     #: the method has a damping (PSGD has none)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -93,3 +95,15 @@ def test_moe_quick(tmp_path: Path) -> None:
         (e, m) for e in ("grouped_mm", "eager") for m in ("kfac", "shampoo", "psgd")
     }
     assert all(r["ratio"] > 0 and r["managed_share"] > 0.95 for r in rows)
+
+
+def test_options_cost_quick(tmp_path: Path) -> None:
+    """Each coverage option manages more of its model, and costs layers and operations."""
+    out = tmp_path / "options_cost.json"
+    proc = _quick("options_cost.py", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"regnet_y_400mf", "gpt2"} and "operations" in proc.stdout
+    for off, on in zip(rows[::2], rows[1::2], strict=True):
+        assert on["managed_share"] > off["managed_share"] and on["layers"] > off["layers"]
+        assert on["operations"] > off["operations"] > on["sgd_operations"] and on["ratio"] > 0
+    assert [r["managed_share"] for r in rows[1::2]] == [pytest.approx(0.993, abs=1e-3), 1.0]
