@@ -43,7 +43,8 @@ class StepOptions:
         damping: see the module docstring for its meaning per method.
         statistics_interval: collect statistics every this many optimizer steps.
         preconditioner_interval: refresh preconditioners every this many steps; None: only at step 0, then frozen.
-        exclude: module-name patterns (``fnmatch``) left to the plain gradient.
+        exclude: module-name patterns (``fnmatch``) left to the plain gradient: a layer is excluded when its name
+            or the name of a module it lies in matches (``"decoder"``: everything under it).
         weight_sharing: ``"expand"`` (every sequence / spatial position a row) or ``"reduce"`` (positions merged).
         loss_reduction: ``"mean"`` if the loss averages over examples (its 1/N is undone), ``"sum"`` otherwise.
         kl_clip: scale all preconditioned gradients of a step by ``min(1, √(kl_clip / Σ lr²⟨P·G, G⟩))``

@@ -140,14 +140,29 @@ def eager_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
+def excluded_by(name: str, patterns: Sequence[str]) -> bool:
+    """``name`` or one of the modules it lies in matches a pattern (``fnmatch``): ``"decoder"`` excludes every layer
+    under the module ``decoder``, ``"*.out_proj"`` every ``out_proj``."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))] if name else [""]
+    return any(fnmatch.fnmatchcase(prefix, pat) for prefix in prefixes for pat in patterns)
+
+
+def unmatched_patterns(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """The ``exclude`` patterns that match no module or parameter name of ``model`` (eager names)."""
+    names = [eager_name(n) for n, _ in model.named_modules()] + [eager_name(n) for n, _ in model.named_parameters()]
+    return [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
+
+
 def discover(
     model: nn.Module, exclude: Sequence[str] = (), weight_sharing: WeightSharing = "expand", max_conv_groups: int = 0
 ) -> tuple[list[LayerSpec], dict[str, str], dict[str, str]]:
     """(managed layers, parameter name -> reason it stays plain, parameter name -> excluded by the user).
 
-    Layers whose name matches an ``exclude`` pattern (``fnmatch``) are listed apart; frozen layers are managed (and
-    listed): they cost nothing while frozen and are preconditioned once unfrozen (fine-tuning). A convolution of
-    2 to ``max_conv_groups`` groups is also a layer per group, for the methods that take rows.
+    Layers whose name, or the name of a module they lie in, matches an ``exclude`` pattern (``excluded_by``) are
+    listed apart; frozen layers are managed (and listed): they cost nothing while frozen and are preconditioned once
+    unfrozen (fine-tuning). A convolution of 2 to ``max_conv_groups`` groups is also a layer per group, for the
+    methods that take rows.
     """
     by_param: dict[int, LayerSpec] = {}  # weight parameter -> its layer (a tied weight has one layer)
     specs: list[LayerSpec] = []
@@ -190,12 +205,12 @@ def discover(
                 if seen:
                     continue
                 full = f"{mname}.{pname}" if mname else pname
-                if any(fnmatch.fnmatchcase(n, pat) for n in (mname, full) for pat in exclude):
+                if excluded_by(full, exclude):
                     excluded[full] = "excluded by you"
                     continue
                 specs.extend(_expert_specs(full, module, pname, p, weight_sharing))
             continue
-        if any(fnmatch.fnmatchcase(mname, pat) for pat in exclude):
+        if excluded_by(mname, exclude):
             for pname, _ in module.named_parameters():
                 excluded[f"{mname}.{pname}" if mname else pname] = "excluded by you"
             inside_attention.update(id(m) for m in module.modules())
@@ -250,7 +265,7 @@ def discover(
         if id(p) in covered or pname in plain or pname in excluded or not p.requires_grad:
             continue
         owner = raw_name.rsplit(".", 1)[0] if "." in raw_name else ""
-        if any(fnmatch.fnmatchcase(n, pat) for n in (eager_name(owner), pname) for pat in exclude):
+        if excluded_by(pname, exclude):
             excluded[pname] = "excluded by you"
             continue
         module = model.get_submodule(owner) if owner else model

@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_soo.capture import Capture, Census, LayerAdapter, discover
 from lightning_soo.capture.calls import function_name, overridden_base
-from lightning_soo.capture.discovery import functional_use
+from lightning_soo.capture.discovery import functional_use, unmatched_patterns
 from lightning_soo.engine.examples import LossExamples
 from lightning_soo.engine.layer import Layer, use_sink
 from lightning_soo.options import StepOptions
@@ -65,6 +65,15 @@ class Wiring:
             f"{len(self.layers)} layer(s) are frozen (preconditioned once unfrozen), and the {len(trainable)} "
             f"trainable parameter tensor(s) keep their plain gradient ({why})"
         )
+
+    def exclude_warning(self) -> str:
+        """What to say at set-up about ``exclude`` patterns that match no module or parameter (a typo excludes
+        nothing, silently otherwise); "" when each matches something."""
+        patterns = self.options.exclude if self.options is not None else ()
+        unmatched = unmatched_patterns(self.model, patterns)
+        if not unmatched:
+            return ""
+        return f"exclude pattern(s) {unmatched} match no module or parameter name of {type(self.model).__name__}"
 
     def leave_plain(self, module: nn.Module, params: list[nn.Parameter], why: str) -> None:
         for p in params:
