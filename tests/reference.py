@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -92,3 +93,35 @@ def spd(n: int, spread: float, g: torch.Generator) -> Tensor:
     """A random float64 SPD matrix with eigenvalues log-spaced over ``spread`` (random eigenvectors)."""
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     return (q * torch.logspace(0, torch.log10(torch.tensor(spread)), n, dtype=torch.float64)) @ q.T
+
+
+def newton_fit_conditions(model: nn.Module, layer: str, weight: Callable[[], Tensor]) -> tuple[float, float]:
+    """PSGD's Newton form (``fit_hessian``) fitted 3000 steps on ``½ tr(Wᵀ A W B)`` for ``W = weight()`` (4 x 3,
+    float64; the Hessian ``A ⊗ B`` in row-major ``vec(W)``, cond 100): ``(cond(P·H) from its eigenvalues' real
+    parts, cond(H))``. The fit drives ``P·H`` towards the identity."""
+    from lightning_soo import PreconditionerManager
+    from lightning_soo.diagnostics.newton import fit_hessian
+
+    g = torch.Generator().manual_seed(1)
+    a, b = spd(4, 20.0, g), spd(3, 5.0, g)
+    manager = PreconditionerManager(
+        model, "psgd", {"fit": "hessian", "min_update_probability": 1.0}, preconditioner_interval=1
+    )
+    pre = manager.layers[layer].preconditioner
+
+    def loss() -> Tensor:
+        w = weight()
+        return 0.5 * torch.trace(w.T @ a @ w @ b)
+
+    for step in range(3000):
+        if step == 2000:
+            pre.lr_preconditioner = 0.02  # type: ignore[attr-defined]
+        manager.begin_step()
+        model.zero_grad()
+        loss().backward()
+        assert fit_hessian(manager, loss, model) == 1
+        manager.step()
+    hessian = torch.kron(a, b)
+    p = torch.stack([pre.precondition(e.reshape(4, 3)).reshape(-1) for e in torch.eye(12, dtype=torch.float64)], 1)
+    lam = torch.linalg.eigvals(p @ hessian).real
+    return float(lam.max() / lam.min()), float(torch.linalg.cond(hessian))

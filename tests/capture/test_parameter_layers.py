@@ -17,7 +17,7 @@ from lightning_soo import PreconditionerManager
 from lightning_soo.capture import discover
 from lightning_soo.capture.gradient_only import ParameterAdapter
 from lightning_soo.preconditioners import PSGD
-from tests.reference import spd
+from tests.reference import newton_fit_conditions
 
 
 class Odd(nn.Module):
@@ -211,31 +211,7 @@ def test_newton_form_fits_the_inverse_hessian_of_a_bare_parameter() -> None:
     """The Newton form (``fit_hessian``) hands a bare ``(4, 1, 3)`` parameter its Hessian-vector products in its
     matrix view: on ``½ tr(Wᵀ A W B)`` (Hessian ``A ⊗ B`` for ``W`` the ``4 x 3`` view) P·H tends to the identity,
     as for a linear layer (``tests/preconditioners/test_psgd.py``)."""
-    from lightning_soo.diagnostics.newton import fit_hessian
-
-    g = torch.Generator().manual_seed(1)
-    a, b = spd(4, 20.0, g), spd(3, 5.0, g)
     model = nn.Module()
-    model.w = nn.Parameter(torch.randn(4, 1, 3, generator=g, dtype=torch.float64))
-    manager = PreconditionerManager(
-        model, "psgd", {"fit": "hessian", "min_update_probability": 1.0}, preconditioner_interval=1
-    )
-    pre = manager.layers["w"].preconditioner
-
-    def loss() -> Tensor:
-        w = model.w.squeeze(1)
-        return 0.5 * torch.trace(w.T @ a @ w @ b)
-
-    for step in range(3000):
-        if step == 2000:
-            pre.lr_preconditioner = 0.02
-        manager.begin_step()
-        model.zero_grad()
-        loss().backward()
-        assert fit_hessian(manager, loss, model) == 1
-        manager.step()
-    hessian = torch.kron(a, b)
-    eye = torch.eye(12, dtype=torch.float64)
-    p = torch.stack([pre.precondition(e.reshape(4, 3)).reshape(-1) for e in eye], 1)
-    lam = torch.linalg.eigvals(p @ hessian).real
-    assert float(lam.max() / lam.min()) < 1.5 and torch.linalg.cond(hessian) > 90
+    model.w = nn.Parameter(torch.randn(4, 1, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    fitted, hessian = newton_fit_conditions(model, "w", lambda: model.w.squeeze(1))
+    assert fitted < 1.5 and hessian > 90
