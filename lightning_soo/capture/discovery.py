@@ -173,13 +173,16 @@ def discover(
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), eager_name(n))
 
+    refused: dict[str, tuple[nn.Module, str]] = {}  # parameter name -> (module, why its layer's rows are refused)
+
     def skip(mname: str, module: nn.Module, reason: str) -> None:
-        """Every direct parameter of ``module`` stays plain, and those of its parametrizations (weight_norm's)."""
+        """Every direct parameter of ``module``, and those of its parametrizations (weight_norm's), has no layer
+        rows: each is a parameter of its own for the methods that fit from the gradient, plain for the others."""
         own = list(module.named_parameters(recurse=False))
         if parametrize.is_parametrized(module):
             own += module.get_submodule("parametrizations").named_parameters(prefix="parametrizations")
         for pname, _ in own:
-            plain.setdefault(f"{mname}.{pname}" if mname else pname, f"{type(module).__name__}: {reason}")
+            refused.setdefault(f"{mname}.{pname}" if mname else pname, (module, reason))
 
     broken: dict[int, str] = {}  # tied weights with a use capture cannot see
     experts: dict[int, nn.Module] = {}  # 3-d parameter -> its module (its experts are layers)
@@ -268,11 +271,11 @@ def discover(
         if excluded_by(pname, exclude):
             excluded[pname] = "excluded by you"
             continue
-        module = model.get_submodule(owner) if owner else model
+        module, why = refused.get(pname, (model.get_submodule(owner) if owner else model, ""))
         if p.numel() == 0:
-            plain[pname] = f"{type(module).__name__}: not in a supported module (empty)"
+            plain[pname] = f"{type(module).__name__}: {why or 'not in a supported module'} (empty)"
             continue
-        specs.append(LayerSpec(pname, ParameterAdapter(module, p, weight_sharing)))  # for gradient methods
+        specs.append(LayerSpec(pname, ParameterAdapter(module, p, weight_sharing, why)))  # for gradient methods
     for spec in specs:
         if not all(p.requires_grad for p in spec.adapter.params):
             for p in spec.adapter.params:

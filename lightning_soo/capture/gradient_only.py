@@ -39,19 +39,22 @@ class ConvTransposeAdapter(LayerAdapter):
 
 class ParameterAdapter(LayerAdapter):
     """A trainable parameter outside every layer capture knows (a norm's scale and shift, LoRA's bare ``lora_A``
-    and ``lora_B``, a class token, a learned position table), seen from its gradient alone: the matrix of its shape
-    without size-1 dimensions, a vector as one row ``(1, d)``, a scalar ``(1, 1)``, three or more dimensions
-    ``(first, rest)``. Only methods that fit from the gradient take it (PSGD, as Li's Kron and Distributed Shampoo
-    precondition every parameter; Shampoo with ``statistics="gradient"``), a vector or scalar (``vector``) only
-    with ``precondition_vectors``; the others leave it plain."""
+    and ``lora_B``, a class token, a learned position table), or of a layer whose rows are refused (``why``: a
+    weight computed by a parametrization, weight_norm's ``original0/1``, spectral_norm's ``original``), seen from
+    its gradient alone: the matrix of its shape without size-1 dimensions, a vector as one row ``(1, d)``, a scalar
+    ``(1, 1)``, three or more dimensions ``(first, rest)``. Only methods that fit from the gradient take it (PSGD, as
+    Li's Kron and Distributed Shampoo precondition every parameter; Shampoo with ``statistics="gradient"``), a
+    vector or scalar (``vector``) only with ``precondition_vectors``; the others leave it plain."""
 
-    def __init__(self, module: nn.Module, param: nn.Parameter, weight_sharing: WeightSharing = "expand") -> None:
+    def __init__(
+        self, module: nn.Module, param: nn.Parameter, weight_sharing: WeightSharing = "expand", why: str = ""
+    ) -> None:
         super().__init__(module, weight_sharing, weight=Part(param))
         dims = [d for d in param.shape if d != 1]
         self.matrix: tuple[int, int] = (1, dims[0] if dims else 1) if len(dims) < 2 else (dims[0], math.prod(dims[1:]))
         self.vector = self.matrix[0] == 1
         asked = " with precondition_vectors=True" if self.vector else ""
-        self.hooks_refused = f"not in a supported module ({GRADIENT_METHODS} precondition it{asked})"
+        self.hooks_refused = f"{why or 'not in a supported module'} ({GRADIENT_METHODS} precondition it{asked})"
 
     def weight_matrix(self, w: Tensor) -> Tensor:
         return self.weight.of(w).reshape(self.matrix)
