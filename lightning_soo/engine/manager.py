@@ -101,9 +101,8 @@ class PreconditionerManager:
         self.skipped, self.excluded = self.wiring.skipped, self.wiring.excluded
         self._optimizers = OptimizerLayers(model, self.warn, check_lrs=self.options.kl_clip is not None)
         self._census_due = self.capture.attached
-        for message in (self.wiring.setup_warning(self.method.__name__), self.wiring.exclude_warning()):
-            if message:
-                self.warn(message)
+        for message in self.wiring.setup_warnings(self.method.__name__):
+            self.warn(message)
 
     # -- the step -------------------------------------------------------------------------------------
     def begin_step(self, batch_size: int | None = None) -> None:

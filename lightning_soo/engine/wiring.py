@@ -66,6 +66,10 @@ class Wiring:
             f"trainable parameter tensor(s) keep their plain gradient ({why})"
         )
 
+    def setup_warnings(self, method: str) -> list[str]:
+        """What to say once the model is wired: ``setup_warning`` and ``exclude_warning``, those that say something."""
+        return [m for m in (self.setup_warning(method), self.exclude_warning()) if m]
+
     def exclude_warning(self) -> str:
         """What to say at set-up about ``exclude`` patterns that match no module or parameter (a typo excludes
         nothing, silently otherwise); "" when each matches something."""
